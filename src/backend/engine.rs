@@ -1,0 +1,665 @@
+//! [`Engine`]: one NIXL agent's backend instance.
+//!
+//! Every method takes `&self` and is safe to call from any thread at any
+//! time: NIXL may race every call against every other.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use log::{debug, info};
+use parking_lot::{Mutex, RwLock};
+
+use super::notifs::{Inbox, Notification};
+use super::options::Options;
+use super::progress::{Job, Worker};
+use super::registry::{LocalRegion, Registry, random_u128};
+use super::requests::RequestSlab;
+use super::{AgentName, Endpoint, Error, Result, Status};
+use crate::transport::inproc::{self, CopyJob, Delivery};
+use crate::transport::{self, Op, Plan, RouteKind, Segment, Transfer};
+use crate::wire::conn_info::{ConnInfo, HostIdentity};
+use crate::wire::region::RegionPublic;
+
+/// Id of a metadata object (`nixlBackendMD`) handed to NIXL; never 0.
+pub type MdId = u64;
+/// Id of a request handle (`nixlBackendReqH`) handed to NIXL; never 0.
+pub type ReqId = u64;
+
+/// A transfer descriptor as NIXL passes it, flattened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    /// Start address (local, or in the remote agent's address space).
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The metadata object NIXL attached to the descriptor.
+    pub md: MdId,
+}
+
+/// How an engine is created.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    /// NIXL's `localAgent`.
+    pub local_agent: Vec<u8>,
+    /// NIXL's `customParams`, as key/value pairs.
+    pub params: Vec<(String, String)>,
+    /// NIXL's `enableProgTh`.
+    pub progress_thread: bool,
+    /// NIXL's `pthrDelay`.
+    pub progress_delay: Duration,
+}
+
+/// Transfers up to this size run inline in `postXfer` (lowest latency).
+const INLINE_BYTES: u64 = 64 << 10;
+/// ... provided they have at most this many segments.
+const INLINE_SEGMENTS: usize = 256;
+/// Without a progress thread, steps of work done inside one call.
+const STEPS_PER_CALL: usize = 8;
+
+/// A metadata object: one of our registrations, or a peer's region.
+#[derive(Debug, Clone)]
+enum Md {
+    Local(Arc<LocalRegion>),
+    /// A region of `agent` (ourselves for `loadLocalMD`).
+    Remote {
+        agent: AgentName,
+        region: RegionPublic,
+    },
+}
+
+/// How one peer is reached.
+#[derive(Debug, Clone)]
+enum Route {
+    InProcess(Weak<Endpoint>),
+}
+
+#[derive(Debug)]
+struct Peer {
+    info: ConnInfo,
+    route: Result<Route>,
+}
+
+/// Where a request's data goes.
+#[derive(Debug, Clone)]
+enum Target {
+    /// Ourselves.
+    Loopback,
+    /// An engine of this process.
+    InProcess(AgentName, Weak<Endpoint>),
+}
+
+struct Request {
+    plan: Arc<Plan>,
+    target: Target,
+    current: Mutex<Option<Arc<CopyJob>>>,
+}
+
+/// One agent's backend engine.
+pub struct Engine {
+    endpoint: Arc<Endpoint>,
+    options: Options,
+    conn_info: ConnInfo,
+    conn_blob: Vec<u8>,
+    mds: RwLock<HashMap<MdId, Md>>,
+    next_md: AtomicU64,
+    peers: RwLock<HashMap<AgentName, Arc<Peer>>>,
+    requests: RequestSlab<Arc<Request>>,
+    worker: Arc<Worker>,
+}
+
+impl Engine {
+    /// Creates an engine.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParam`] for an invalid option value,
+    /// [`Error::Backend`] when the progress thread cannot start.
+    pub fn new(config: EngineConfig) -> Result<Engine> {
+        let options = Options::parse(config.params.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let name = AgentName::from(config.local_agent.as_slice());
+        let endpoint = Arc::new(Endpoint {
+            name: name.clone(),
+            token: random_u128(),
+            registry: Registry::default(),
+            inbox: Inbox::default(),
+        });
+        let conn_info = ConnInfo {
+            agent: config.local_agent.clone(),
+            token: endpoint.token,
+            host: HostIdentity::current(),
+            pid: std::process::id(),
+            endpoints: Vec::new(),
+        };
+        let worker = Worker::start(config.progress_thread, config.progress_delay)
+            .map_err(|e| Error::Backend(format!("cannot start the progress thread: {e}")))?;
+        inproc::publish(&endpoint);
+        info!(
+            "Mooncake: engine for agent {name} created (protocol={}, progress thread {})",
+            options.protocol.as_str(),
+            if config.progress_thread { "on" } else { "off" }
+        );
+        Ok(Engine {
+            conn_blob: conn_info.encode(),
+            endpoint,
+            options,
+            conn_info,
+            mds: RwLock::new(HashMap::new()),
+            next_md: AtomicU64::new(1),
+            peers: RwLock::new(HashMap::new()),
+            requests: RequestSlab::default(),
+            worker,
+        })
+    }
+
+    /// This agent's name.
+    pub fn name(&self) -> &AgentName {
+        &self.endpoint.name
+    }
+
+    /// The validated options.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// True when a progress thread runs transfers.
+    pub fn has_progress_thread(&self) -> bool {
+        self.worker.has_thread()
+    }
+
+    // ---- connection info -------------------------------------------------
+
+    /// `getConnInfo`: the blob peers pass to [`Self::load_remote_conn_info`].
+    pub fn conn_info(&self) -> &[u8] {
+        &self.conn_blob
+    }
+
+    /// `loadRemoteConnInfo`: learns how to reach `agent`. Loading the same
+    /// info twice is a no-op; new info for a known agent (it restarted)
+    /// replaces the old.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParam`] when the blob is malformed or names another agent.
+    pub fn load_remote_conn_info(&self, agent: &[u8], blob: &[u8]) -> Result<()> {
+        let name = AgentName::from(agent);
+        let info = ConnInfo::decode(blob)
+            .map_err(|e| Error::InvalidParam(format!("connection info of agent {name}: {e}")))?;
+        if info.agent != agent {
+            return Err(Error::InvalidParam(format!(
+                "connection info of agent {} was presented as agent {name}",
+                AgentName::from(info.agent.as_slice())
+            )));
+        }
+        if let Some(old) = self.peers.read().get(&name) {
+            if old.info.token == info.token {
+                return Ok(());
+            }
+            info!("Mooncake: agent {name} has new connection info (it restarted); replacing");
+        }
+        let route =
+            transport::select(&self.conn_info, &info, self.options.protocol).and_then(|kind| {
+                match kind {
+                    RouteKind::InProcess => inproc::find(info.token)
+                        .map(Route::InProcess)
+                        .ok_or_else(|| {
+                            Error::RemoteDisconnect(format!(
+                                "agent {name}'s engine no longer exists in this process"
+                            ))
+                        }),
+                }
+            });
+        match &route {
+            Ok(Route::InProcess(_)) => {
+                debug!("Mooncake: agent {name} is in this process: direct copy")
+            }
+            Err(e) => info!("Mooncake: agent {name} is not reachable: {e}"),
+        }
+        self.peers
+            .write()
+            .insert(name, Arc::new(Peer { info, route }));
+        Ok(())
+    }
+
+    /// `connect`: checks that `agent` is reachable (connections are otherwise
+    /// made lazily, on the first transfer).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an agent whose connection info was never
+    /// loaded; the route's error when no transport reaches it.
+    pub fn connect(&self, agent: &[u8]) -> Result<()> {
+        if agent == self.name().as_bytes() {
+            return Ok(());
+        }
+        self.peer(agent)?.route.clone().map(drop)
+    }
+
+    /// `disconnect`: forgets `agent`'s connection info.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown agent.
+    pub fn disconnect(&self, agent: &[u8]) -> Result<()> {
+        if agent == self.name().as_bytes() {
+            return Ok(());
+        }
+        let name = AgentName::from(agent);
+        self.peers
+            .write()
+            .remove(&name)
+            .map(drop)
+            .ok_or_else(|| Error::NotFound(format!("disconnect: unknown agent {name}")))
+    }
+
+    fn peer(&self, agent: &[u8]) -> Result<Arc<Peer>> {
+        let name = AgentName::from(agent);
+        self.peers.read().get(&name).cloned().ok_or_else(|| {
+            Error::NotFound(format!(
+                "agent {name}: its connection info was never loaded"
+            ))
+        })
+    }
+
+    // ---- memory ------------------------------------------------------------
+
+    fn new_md(&self, md: Md) -> MdId {
+        let id = self.next_md.fetch_add(1, Ordering::Relaxed);
+        self.mds.write().insert(id, md);
+        id
+    }
+
+    /// `registerMem`.
+    ///
+    /// # Errors
+    /// See [`Registry::register`].
+    pub fn register_mem(&self, addr: u64, len: u64, mem_type: u32, dev_id: u64) -> Result<MdId> {
+        let region = self
+            .endpoint
+            .registry
+            .register(addr, len, mem_type, dev_id)?;
+        Ok(self.new_md(Md::Local(region)))
+    }
+
+    /// `deregisterMem`: after return no byte moves into or out of the region.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when `md` is not one of our registrations.
+    pub fn deregister_mem(&self, md: MdId) -> Result<()> {
+        let mut mds = self.mds.write();
+        match mds.get(&md) {
+            Some(Md::Local(region)) => {
+                let key = region.key;
+                mds.remove(&md);
+                drop(mds);
+                self.endpoint.registry.deregister(key)
+            }
+            Some(Md::Remote { .. }) => Err(Error::InvalidParam(format!(
+                "deregisterMem: metadata {md} is a remote region (use unloadMD)"
+            ))),
+            None => Err(Error::NotFound(format!(
+                "deregisterMem: unknown metadata {md}"
+            ))),
+        }
+    }
+
+    /// `getPublicData`: what a peer needs to address the region.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when `md` is not one of our registrations.
+    pub fn public_data(&self, md: MdId) -> Result<Vec<u8>> {
+        match self.mds.read().get(&md) {
+            Some(Md::Local(region)) => Ok(region.public(self.endpoint.token).encode()),
+            _ => Err(Error::NotFound(format!(
+                "getPublicData: {md} is not a local registration"
+            ))),
+        }
+    }
+
+    /// `loadRemoteMD`: a peer's region, from the descriptor NIXL received and
+    /// the public data our peer produced.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an agent whose connection info is unknown,
+    /// [`Error::InvalidParam`] for malformed or inconsistent metadata.
+    pub fn load_remote_md(
+        &self,
+        addr: u64,
+        len: u64,
+        mem_type: u32,
+        blob: &[u8],
+        agent: &[u8],
+    ) -> Result<MdId> {
+        let name = AgentName::from(agent);
+        let region = RegionPublic::decode(blob)
+            .map_err(|e| Error::InvalidParam(format!("loadRemoteMD from agent {name}: {e}")))?;
+        let owner = if agent == self.name().as_bytes() {
+            self.endpoint.token
+        } else {
+            self.peer(agent)?.info.token
+        };
+        if region.owner != owner {
+            return Err(Error::InvalidParam(format!(
+                "loadRemoteMD: region metadata does not belong to the engine of agent {name} \
+                 we know (stale metadata from an earlier run?)"
+            )));
+        }
+        if region.mem_type != mem_type || !region.contains(addr, len) {
+            return Err(Error::InvalidParam(format!(
+                "loadRemoteMD: descriptor {addr:#x}+{len} (type {mem_type}) does not match agent \
+                 {name}'s registration {:#x}+{} (type {})",
+                region.addr, region.len, region.mem_type
+            )));
+        }
+        Ok(self.new_md(Md::Remote {
+            agent: name,
+            region,
+        }))
+    }
+
+    /// `loadLocalMD`: a self-contained remote-style view of our own region,
+    /// for loopback transfers.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when `md` is not one of our registrations.
+    pub fn load_local_md(&self, md: MdId) -> Result<MdId> {
+        let region = match self.mds.read().get(&md) {
+            Some(Md::Local(region)) => region.public(self.endpoint.token),
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "loadLocalMD: {md} is not a local registration"
+                )));
+            }
+        };
+        Ok(self.new_md(Md::Remote {
+            agent: self.name().clone(),
+            region,
+        }))
+    }
+
+    /// `unloadMD`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] when `md` is not a loaded remote metadata object.
+    pub fn unload_md(&self, md: MdId) -> Result<()> {
+        let mut mds = self.mds.write();
+        match mds.get(&md) {
+            Some(Md::Remote { .. }) => {
+                mds.remove(&md);
+                Ok(())
+            }
+            Some(Md::Local(_)) => Err(Error::InvalidParam(format!(
+                "unloadMD: metadata {md} is a local registration (use deregisterMem)"
+            ))),
+            None => Err(Error::NotFound(format!("unloadMD: unknown metadata {md}"))),
+        }
+    }
+
+    // ---- transfers -----------------------------------------------------------
+
+    /// `prepXfer`: validates the descriptor lists and builds a reusable request.
+    ///
+    /// # Errors
+    /// [`Error::Mismatch`] for lists of different counts or lengths,
+    /// [`Error::InvalidParam`] / [`Error::NotFound`] for descriptors whose
+    /// metadata is unknown, of the wrong agent, or whose range lies outside
+    /// it, and the route's error when the agent cannot be reached.
+    pub fn prep_xfer(
+        &self,
+        op: Op,
+        local: &[Desc],
+        remote: &[Desc],
+        agent: &[u8],
+    ) -> Result<ReqId> {
+        let name = AgentName::from(agent);
+        if local.len() != remote.len() {
+            return Err(Error::Mismatch(format!(
+                "prepXfer: {} local descriptors but {} remote",
+                local.len(),
+                remote.len()
+            )));
+        }
+        let target = if name == *self.name() {
+            Target::Loopback
+        } else {
+            match self.peer(agent)?.route.clone()? {
+                Route::InProcess(ep) => Target::InProcess(name.clone(), ep),
+            }
+        };
+        let plan = self.plan(op, local, remote, &name)?;
+        let id = self.requests.insert(Arc::new(Request {
+            plan: Arc::new(plan),
+            target,
+            current: Mutex::new(None),
+        }));
+        Ok(id)
+    }
+
+    fn plan(&self, op: Op, local: &[Desc], remote: &[Desc], agent: &AgentName) -> Result<Plan> {
+        let mds = self.mds.read();
+        let mut local_index: HashMap<MdId, u32> = HashMap::new();
+        let mut remote_index: HashMap<MdId, u32> = HashMap::new();
+        let mut plan = Plan {
+            op,
+            segments: Vec::with_capacity(local.len()),
+            local_regions: Vec::new(),
+            remote_regions: Vec::new(),
+            remote_extent: Vec::new(),
+            total_bytes: 0,
+        };
+        for (i, (l, r)) in local.iter().zip(remote).enumerate() {
+            if l.len != r.len {
+                return Err(Error::Mismatch(format!(
+                    "prepXfer: descriptor {i} is {} bytes locally but {} remotely",
+                    l.len, r.len
+                )));
+            }
+            let li = match local_index.get(&l.md) {
+                Some(&x) => x,
+                None => {
+                    let Some(Md::Local(region)) = mds.get(&l.md) else {
+                        return Err(Error::InvalidParam(format!(
+                            "prepXfer: local descriptor {i} does not carry one of our registrations"
+                        )));
+                    };
+                    plan.local_regions.push(region.clone());
+                    let x = (plan.local_regions.len() - 1) as u32;
+                    local_index.insert(l.md, x);
+                    x
+                }
+            };
+            if !plan.local_regions[li as usize].contains(l.addr, l.len) {
+                return Err(Error::InvalidParam(format!(
+                    "prepXfer: local descriptor {i} ({:#x}+{}) lies outside its registration",
+                    l.addr, l.len
+                )));
+            }
+            let ri = match remote_index.get(&r.md) {
+                Some(&x) => x,
+                None => {
+                    let region = match mds.get(&r.md) {
+                        Some(Md::Remote { agent: a, region }) if a == agent => *region,
+                        Some(Md::Remote { agent: a, .. }) => {
+                            return Err(Error::InvalidParam(format!(
+                                "prepXfer: remote descriptor {i} belongs to agent {a}, not {agent}"
+                            )));
+                        }
+                        _ => {
+                            return Err(Error::InvalidParam(format!(
+                                "prepXfer: remote descriptor {i} carries no loaded metadata of agent {agent}"
+                            )));
+                        }
+                    };
+                    plan.remote_regions.push(region);
+                    plan.remote_extent.push((u64::MAX, 0));
+                    let x = (plan.remote_regions.len() - 1) as u32;
+                    remote_index.insert(r.md, x);
+                    x
+                }
+            };
+            if !plan.remote_regions[ri as usize].contains(r.addr, r.len) {
+                return Err(Error::InvalidParam(format!(
+                    "prepXfer: remote descriptor {i} ({:#x}+{}) lies outside agent {agent}'s registration",
+                    r.addr, r.len
+                )));
+            }
+            let extent = &mut plan.remote_extent[ri as usize];
+            extent.0 = extent.0.min(r.addr);
+            extent.1 = extent.1.max(r.addr + r.len);
+            plan.total_bytes += l.len;
+            plan.segments.push(Segment {
+                local: li,
+                remote: ri,
+                local_addr: l.addr,
+                remote_addr: r.addr,
+                len: l.len,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// `postXfer`: starts (or restarts) a prepped request. `notif` is
+    /// delivered to the remote agent after all of this post's data landed.
+    ///
+    /// Returns [`Status::Success`] when the transfer finished inline, else
+    /// [`Status::InProg`].
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown handle, [`Error::RepostActive`]
+    /// while the previous post runs, [`Error::RemoteDisconnect`] when the
+    /// peer is gone, [`Error::NotAllowed`] when the peer refuses a range.
+    pub fn post_xfer(&self, id: ReqId, notif: Option<&[u8]>) -> Result<Status> {
+        let req = self.request(id, "postXfer")?;
+        let mut current = req.current.lock();
+        if current
+            .as_ref()
+            .is_some_and(|t| t.completion().in_progress())
+        {
+            return Err(Error::RepostActive(format!(
+                "postXfer: request {id:#x} is still in flight"
+            )));
+        }
+        let target = match &req.target {
+            Target::Loopback => self.endpoint.clone(),
+            Target::InProcess(name, ep) => ep.upgrade().ok_or_else(|| {
+                Error::RemoteDisconnect(format!("agent {name}'s engine was destroyed"))
+            })?,
+        };
+        let notif = notif.map(|msg| Delivery {
+            from: self.name().clone(),
+            msg: msg.to_vec(),
+        });
+        let job = Arc::new(CopyJob::new(req.plan.clone(), target, notif)?);
+        *current = Some(job.clone());
+        drop(current);
+
+        let plan = &req.plan;
+        if plan.total_bytes <= INLINE_BYTES && plan.segments.len() <= INLINE_SEGMENTS {
+            job.step(usize::MAX);
+        } else {
+            self.worker.submit(job.clone());
+            if !self.worker.has_thread() {
+                self.worker.drive(STEPS_PER_CALL);
+            }
+        }
+        job.completion().result()
+    }
+
+    /// `checkXfer`: where the last post of the request stands. Without a
+    /// progress thread, also advances queued work.
+    ///
+    /// # Errors
+    /// The error the transfer ended with; [`Error::NotPosted`-like]
+    /// [`Error::NotFound`] for an unknown handle.
+    pub fn check_xfer(&self, id: ReqId) -> Result<Status> {
+        let req = self.request(id, "checkXfer")?;
+        let Some(job) = req.current.lock().clone() else {
+            return Err(Error::InvalidParam(format!(
+                "checkXfer: request {id:#x} was never posted"
+            )));
+        };
+        if job.completion().in_progress() && !self.worker.has_thread() {
+            self.worker.drive(STEPS_PER_CALL);
+        }
+        job.completion().result()
+    }
+
+    /// `releaseReqH`: frees the request; a transfer still in flight is
+    /// cancelled first. Never blocks for longer than one bounded copy step.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown handle.
+    pub fn release_req(&self, id: ReqId) -> Result<()> {
+        let req = self
+            .requests
+            .remove(id)
+            .ok_or_else(|| Error::NotFound(format!("releaseReqH: unknown request {id:#x}")))?;
+        if let Some(job) = req.current.lock().take() {
+            Transfer::cancel(job.as_ref());
+        }
+        Ok(())
+    }
+
+    fn request(&self, id: ReqId, what: &str) -> Result<Arc<Request>> {
+        self.requests
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("{what}: unknown request {id:#x}")))
+    }
+
+    /// Number of live request handles.
+    pub fn live_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    // ---- notifications ---------------------------------------------------------
+
+    /// `getNotifs`: every notification received since the last call.
+    pub fn get_notifs(&self) -> Vec<Notification> {
+        self.endpoint.inbox.drain()
+    }
+
+    /// `genNotif`: sends `msg` to `agent` (which may be ourselves).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown agent, the route's error when it
+    /// cannot be reached.
+    pub fn gen_notif(&self, agent: &[u8], msg: &[u8]) -> Result<()> {
+        let target = if agent == self.name().as_bytes() {
+            self.endpoint.clone()
+        } else {
+            match self.peer(agent)?.route.clone()? {
+                Route::InProcess(ep) => ep.upgrade().ok_or_else(|| {
+                    Error::RemoteDisconnect(format!(
+                        "genNotif: agent {}'s engine was destroyed",
+                        AgentName::from(agent)
+                    ))
+                })?,
+            }
+        };
+        target.inbox.push(self.name().clone(), msg.to_vec());
+        Ok(())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        inproc::withdraw(self.endpoint.token);
+        self.worker.shutdown();
+        for req in self.requests.drain() {
+            if let Some(job) = req.current.lock().take() {
+                Transfer::cancel(job.as_ref());
+            }
+        }
+        // Peers may still hold our regions in their jobs: make sure none of
+        // them touches our memory once we are gone.
+        for md in self.mds.get_mut().values() {
+            if let Md::Local(region) = md {
+                let _ = self.endpoint.registry.deregister(region.key);
+            }
+        }
+        info!(
+            "Mooncake: engine for agent {} destroyed",
+            self.endpoint.name
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

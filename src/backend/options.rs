@@ -1,0 +1,213 @@
+//! Backend options: the `customParams` NIXL hands to `create_engine`, their
+//! defaults (reported through `get_backend_options`), and their validation.
+
+use std::net::IpAddr;
+
+use log::warn;
+
+use super::status::{Error, Result};
+
+/// Which transport to use for peers in other processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Pick per peer: same-host memory access where it works, else RDMA, else TCP.
+    Auto,
+    /// Always TCP.
+    Tcp,
+    /// Always cross-memory attach (same host only); fail otherwise.
+    Cma,
+    /// Always RDMA; fail if no device is usable.
+    Rdma,
+}
+
+impl Protocol {
+    fn parse(value: &str) -> Option<Protocol> {
+        Some(match value.to_ascii_lowercase().as_str() {
+            "auto" => Protocol::Auto,
+            "tcp" => Protocol::Tcp,
+            "cma" => Protocol::Cma,
+            "rdma" => Protocol::Rdma,
+            _ => return None,
+        })
+    }
+
+    /// The option's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Auto => "auto",
+            Protocol::Tcp => "tcp",
+            Protocol::Cma => "cma",
+            Protocol::Rdma => "rdma",
+        }
+    }
+}
+
+/// One documented option: its name, default and meaning.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionSpec {
+    /// The key in `customParams`.
+    pub name: &'static str,
+    /// The default value, as reported by `get_backend_options`.
+    pub default: &'static str,
+    /// What the option means (README and manifest carry the same text).
+    pub help: &'static str,
+}
+
+/// Every option this backend understands, in the order they are documented.
+pub const OPTION_SPECS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "protocol",
+        default: "auto",
+        help: "transport for peers in other processes: auto, tcp, cma or rdma \
+               (peers in the same process always use a direct copy)",
+    },
+    OptionSpec {
+        name: "ip_addr",
+        default: "",
+        help: "IP address to listen on and publish; empty: NIXL_MOONCAKE_IP_ADDR, \
+               else the first UP non-loopback IPv4 address, else 127.0.0.1",
+    },
+    OptionSpec {
+        name: "port",
+        default: "0",
+        help: "TCP port to listen on; 0 picks an ephemeral port",
+    },
+    OptionSpec {
+        name: "device_name",
+        default: "",
+        help: "RDMA device(s) to use, comma-separated (e.g. mlx5_0); empty: all active devices",
+    },
+];
+
+/// Validated options of one engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Transport selection for cross-process peers.
+    pub protocol: Protocol,
+    /// Address to listen on; `None` means pick one automatically.
+    pub ip_addr: Option<IpAddr>,
+    /// TCP port; 0 = ephemeral.
+    pub port: u16,
+    /// RDMA devices to use; empty = all.
+    pub device_names: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            protocol: Protocol::Auto,
+            ip_addr: None,
+            port: 0,
+            device_names: Vec::new(),
+        }
+    }
+}
+
+impl Options {
+    /// Parses `customParams`. Unknown keys are logged as warnings and ignored;
+    /// an invalid value is an error naming the option.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParam`] when a known option has a value it cannot take.
+    pub fn parse<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Options> {
+        let mut opts = Options::default();
+        for (key, value) in params {
+            let value = value.trim();
+            match key {
+                "protocol" => {
+                    opts.protocol = Protocol::parse(value).ok_or_else(|| {
+                        invalid(key, value, "expected one of auto, tcp, cma, rdma")
+                    })?;
+                }
+                "ip_addr" => {
+                    opts.ip_addr =
+                        if value.is_empty() {
+                            None
+                        } else {
+                            Some(value.parse().map_err(|_| {
+                                invalid(key, value, "expected an IPv4 or IPv6 address")
+                            })?)
+                        };
+                }
+                "port" => {
+                    opts.port = value
+                        .parse()
+                        .map_err(|_| invalid(key, value, "expected a port number 0-65535"))?;
+                }
+                "device_name" => {
+                    opts.device_names = value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|d| !d.is_empty())
+                        .map(String::from)
+                        .collect();
+                    if let Some(bad) = opts.device_names.iter().find(|d| {
+                        !d.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+                    }) {
+                        return Err(invalid(
+                            key,
+                            value,
+                            &format!("device name {bad:?} has characters no RDMA device name has"),
+                        ));
+                    }
+                }
+                _ => warn!("Mooncake: ignoring unknown backend option {key:?} (value {value:?})"),
+            }
+        }
+        Ok(opts)
+    }
+}
+
+fn invalid(key: &str, value: &str, why: &str) -> Error {
+    Error::InvalidParam(format!("backend option {key}={value:?}: {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_to_default_options() {
+        let parsed = Options::parse(OPTION_SPECS.iter().map(|s| (s.name, s.default))).unwrap();
+        assert_eq!(parsed, Options::default());
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let o = Options::parse([
+            ("protocol", "TCP"),
+            ("ip_addr", "127.0.0.1"),
+            ("port", "12345"),
+            ("device_name", "mlx5_0, mlx5_1"),
+        ])
+        .unwrap();
+        assert_eq!(o.protocol, Protocol::Tcp);
+        assert_eq!(o.ip_addr, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(o.port, 12345);
+        assert_eq!(o.device_names, vec!["mlx5_0", "mlx5_1"]);
+    }
+
+    #[test]
+    fn invalid_values_name_the_option() {
+        for (k, v) in [
+            ("protocol", "bogus"),
+            ("ip_addr", "1.2.3"),
+            ("port", "70000"),
+            ("port", "-1"),
+            ("device_name", "mlx5 0;rm"),
+        ] {
+            let err = Options::parse([(k, v)]).unwrap_err();
+            assert!(matches!(err, Error::InvalidParam(_)));
+            assert!(err.to_string().contains(k), "{err} should name {k}");
+        }
+    }
+
+    #[test]
+    fn unknown_options_are_ignored() {
+        assert_eq!(
+            Options::parse([("no_such_option", "1")]).unwrap(),
+            Options::default()
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! The registry of local memory regions.
+//!
+//! Each registration gets a random 64-bit access key. Peers name the key and a
+//! range in every access; the registry checks both before any byte moves.
+//! A region can be *pinned* for the duration of one copy: deregistration waits
+//! for pinned copies to finish and afterwards no new pin succeeds, so no byte
+//! is ever written into memory after its `deregisterMem` returned.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::{RwLock, RwLockReadGuard};
+
+use super::status::{Error, Result};
+use crate::wire::region::{RegionPublic, range_within};
+
+/// `nixl_mem_t::DRAM_SEG`.
+pub const DRAM_SEG: u32 = 0;
+/// `nixl_mem_t::VRAM_SEG`.
+pub const VRAM_SEG: u32 = 1;
+
+/// One registered local region. Address, length and key never change.
+#[derive(Debug)]
+pub struct LocalRegion {
+    /// The random access key.
+    pub key: u64,
+    /// Start address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// NIXL memory type.
+    pub mem_type: u32,
+    /// Device id from the registration.
+    pub dev_id: u64,
+    live: RwLock<bool>,
+}
+
+/// Proof that a region stays registered while the guard lives.
+pub type Pin<'a> = RwLockReadGuard<'a, bool>;
+
+impl LocalRegion {
+    /// Pins the region for one access, or `None` once it was deregistered.
+    pub fn pin(&self) -> Option<Pin<'_>> {
+        let guard = self.live.read();
+        (*guard).then_some(guard)
+    }
+
+    /// True when `[addr, addr+len)` lies inside the region.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        range_within(self.addr, self.len, addr, len)
+    }
+
+    /// Whether the region is still registered.
+    pub fn is_live(&self) -> bool {
+        *self.live.read()
+    }
+
+    /// The data a peer needs to address this region.
+    pub fn public(&self, owner: u128) -> RegionPublic {
+        RegionPublic {
+            owner,
+            key: self.key,
+            addr: self.addr,
+            len: self.len,
+            mem_type: self.mem_type,
+            dev_id: self.dev_id,
+        }
+    }
+}
+
+/// All live registrations of one engine, by access key.
+#[derive(Debug, Default)]
+pub struct Registry {
+    by_key: RwLock<HashMap<u64, Arc<LocalRegion>>>,
+}
+
+impl Registry {
+    /// Registers `[addr, addr+len)` of host memory.
+    ///
+    /// # Errors
+    /// [`Error::NotSupported`] for memory types other than DRAM,
+    /// [`Error::InvalidParam`] for a null address or a range that wraps.
+    pub fn register(
+        &self,
+        addr: u64,
+        len: u64,
+        mem_type: u32,
+        dev_id: u64,
+    ) -> Result<Arc<LocalRegion>> {
+        if mem_type != DRAM_SEG {
+            let what = if mem_type == VRAM_SEG {
+                "VRAM (GPU memory)".to_owned()
+            } else {
+                format!("memory type {mem_type}")
+            };
+            return Err(Error::NotSupported(format!(
+                "registerMem: {what} is not supported yet; only DRAM can be registered"
+            )));
+        }
+        if addr == 0 {
+            return Err(Error::InvalidParam("registerMem: null address".into()));
+        }
+        if addr.checked_add(len).is_none() {
+            return Err(Error::InvalidParam(format!(
+                "registerMem: range {addr:#x}+{len} wraps around the address space"
+            )));
+        }
+        let mut map = self.by_key.write();
+        let key = loop {
+            let k = random_u64();
+            if k != 0 && !map.contains_key(&k) {
+                break k;
+            }
+        };
+        let region = Arc::new(LocalRegion {
+            key,
+            addr,
+            len,
+            mem_type,
+            dev_id,
+            live: RwLock::new(true),
+        });
+        map.insert(key, region.clone());
+        Ok(region)
+    }
+
+    /// Removes a registration. Waits for copies that pinned it; no access
+    /// succeeds afterwards.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] if the key is not registered.
+    pub fn deregister(&self, key: u64) -> Result<()> {
+        let region = self.by_key.write().remove(&key).ok_or_else(|| {
+            Error::NotFound(format!("deregisterMem: no region with key {key:#x}"))
+        })?;
+        *region.live.write() = false;
+        Ok(())
+    }
+
+    /// The target-side check of a peer's access: the key must name a live
+    /// registration that contains `[addr, addr+len)`.
+    ///
+    /// # Errors
+    /// [`Error::NotAllowed`] naming what failed.
+    pub fn resolve(&self, key: u64, addr: u64, len: u64) -> Result<Arc<LocalRegion>> {
+        let region =
+            self.by_key.read().get(&key).cloned().ok_or_else(|| {
+                Error::NotAllowed(format!("no registered region has key {key:#x}"))
+            })?;
+        if !region.contains(addr, len) {
+            return Err(Error::NotAllowed(format!(
+                "range {addr:#x}+{len} lies outside region {:#x}+{} (key {key:#x})",
+                region.addr, region.len
+            )));
+        }
+        Ok(region)
+    }
+
+    /// Number of live registrations.
+    pub fn len(&self) -> usize {
+        self.by_key.read().len()
+    }
+
+    /// True when nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A random 64-bit value from the operating system.
+pub fn random_u64() -> u64 {
+    getrandom::u64().expect("the OS random source is available on Linux")
+}
+
+/// A random 128-bit value from the operating system.
+pub fn random_u128() -> u128 {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the OS random source is available on Linux");
+    u128::from_ne_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_resolve_deregister() {
+        let reg = Registry::default();
+        let r = reg.register(0x1000, 4096, DRAM_SEG, 0).unwrap();
+        assert_eq!(reg.len(), 1);
+        assert!(Arc::ptr_eq(&reg.resolve(r.key, 0x1000, 4096).unwrap(), &r));
+        assert!(reg.resolve(r.key, 0x1800, 2048).is_ok());
+        assert!(matches!(
+            reg.resolve(r.key, 0x1800, 2049),
+            Err(Error::NotAllowed(_))
+        ));
+        assert!(matches!(
+            reg.resolve(r.key ^ 1, 0x1000, 1),
+            Err(Error::NotAllowed(_))
+        ));
+        assert!(r.pin().is_some());
+        reg.deregister(r.key).unwrap();
+        assert!(r.pin().is_none(), "no access after deregistration");
+        assert!(reg.resolve(r.key, 0x1000, 1).is_err());
+        assert!(matches!(reg.deregister(r.key), Err(Error::NotFound(_))));
+        assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn keys_are_distinct_and_random() {
+        let reg = Registry::default();
+        let keys: std::collections::HashSet<u64> = (0..1000)
+            .map(|i| reg.register(0x1000 + i, 1, DRAM_SEG, 0).unwrap().key)
+            .collect();
+        assert_eq!(keys.len(), 1000);
+    }
+
+    #[test]
+    fn refuses_vram_null_and_wrapping_ranges() {
+        let reg = Registry::default();
+        let e = reg.register(0x1000, 1, VRAM_SEG, 0).unwrap_err();
+        assert!(matches!(e, Error::NotSupported(_)) && e.to_string().contains("VRAM"));
+        assert!(matches!(
+            reg.register(0, 1, DRAM_SEG, 0),
+            Err(Error::InvalidParam(_))
+        ));
+        assert!(matches!(
+            reg.register(u64::MAX, 2, DRAM_SEG, 0),
+            Err(Error::InvalidParam(_))
+        ));
+    }
+
+    #[test]
+    fn deregistration_waits_for_a_pinned_copy() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let reg = Arc::new(Registry::default());
+        let r = reg.register(0x1000, 16, DRAM_SEG, 0).unwrap();
+        let copy_done = Arc::new(AtomicBool::new(false));
+        let key = r.key;
+        let pin = r.pin().unwrap();
+        let t = {
+            let (reg, copy_done) = (reg.clone(), copy_done.clone());
+            std::thread::spawn(move || {
+                reg.deregister(key).unwrap();
+                // Deregistration can only return after the pin was dropped.
+                assert!(copy_done.load(Ordering::SeqCst));
+            })
+        };
+        std::thread::yield_now();
+        copy_done.store(true, Ordering::SeqCst);
+        drop(pin);
+        t.join().unwrap();
+    }
+}

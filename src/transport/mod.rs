@@ -1,0 +1,149 @@
+//! Transports: how bytes move. They know nothing of NIXL.
+//!
+//! The backend hands a transport a [`Plan`] (which local range goes to or
+//! comes from which remote range) and gets back a [`Transfer`] whose
+//! [`Completion`] it polls. Which transport serves a peer is decided in one
+//! place, [`select`].
+
+pub mod inproc;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use parking_lot::Mutex;
+
+use crate::backend::options::Protocol;
+use crate::backend::registry::LocalRegion;
+use crate::backend::{Error, Result, Status};
+use crate::wire::conn_info::ConnInfo;
+use crate::wire::region::RegionPublic;
+
+/// Direction of a transfer, seen from the initiator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Remote memory into local memory.
+    Read,
+    /// Local memory into remote memory.
+    Write,
+}
+
+/// One contiguous piece of a transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Index into [`Plan::local_regions`].
+    pub local: u32,
+    /// Index into [`Plan::remote_regions`].
+    pub remote: u32,
+    /// Local start address.
+    pub local_addr: u64,
+    /// Remote start address (in the peer's address space).
+    pub remote_addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Everything that must move for one request, validated against the
+/// registrations known at prep time. Immutable; shared by every post.
+#[derive(Debug)]
+pub struct Plan {
+    /// Read or write.
+    pub op: Op,
+    /// The pieces, in the caller's order.
+    pub segments: Vec<Segment>,
+    /// Distinct local regions the segments use.
+    pub local_regions: Vec<Arc<LocalRegion>>,
+    /// Distinct remote regions the segments use, as the peer published them.
+    pub remote_regions: Vec<RegionPublic>,
+    /// Per remote region, the lowest and highest address the segments touch
+    /// (`[lo, hi)`), so the target can check all of them at once.
+    pub remote_extent: Vec<(u64, u64)>,
+    /// Sum of segment lengths.
+    pub total_bytes: u64,
+}
+
+/// The outcome slot of one post: in progress, then exactly one result.
+#[derive(Debug)]
+pub struct Completion {
+    code: AtomicI32,
+    error: Mutex<Option<Error>>,
+}
+
+impl Default for Completion {
+    fn default() -> Self {
+        Completion {
+            code: AtomicI32::new(Status::InProg.code()),
+            error: Mutex::new(None),
+        }
+    }
+}
+
+impl Completion {
+    /// Records the result; only the first call has an effect.
+    pub fn finish(&self, result: Result<()>) {
+        let mut slot = self.error.lock();
+        if self.code.load(Ordering::Acquire) != Status::InProg.code() {
+            return;
+        }
+        let code = match result {
+            Ok(()) => Status::Success.code(),
+            Err(e) => {
+                let code = e.status().code();
+                *slot = Some(e);
+                code
+            }
+        };
+        self.code.store(code, Ordering::Release);
+    }
+
+    /// `Ok(InProg)`, `Ok(Success)`, or the error the transfer ended with.
+    pub fn result(&self) -> Result<Status> {
+        match Status::from_code(self.code.load(Ordering::Acquire)) {
+            Some(s @ (Status::InProg | Status::Success)) => Ok(s),
+            _ => Err(self.error.lock().clone().unwrap_or_else(|| {
+                Error::Backend("transfer failed without a recorded error".into())
+            })),
+        }
+    }
+
+    /// True while the transfer runs.
+    pub fn in_progress(&self) -> bool {
+        self.code.load(Ordering::Acquire) == Status::InProg.code()
+    }
+}
+
+/// A posted transfer, as the backend sees it.
+pub trait Transfer: Send + Sync {
+    /// Where the transfer stands.
+    fn completion(&self) -> &Completion;
+    /// Cancels the transfer. After return, no byte of it is written anywhere
+    /// and its notification is not delivered.
+    fn cancel(&self);
+}
+
+/// How an engine reaches one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    /// The peer is an engine in this very process: direct copy.
+    InProcess,
+}
+
+/// Chooses the transport for a peer, or says why none can serve it.
+///
+/// # Errors
+/// [`Error::NotSupported`] when no transport of this build reaches the peer
+/// under the configured protocol.
+pub fn select(local: &ConnInfo, remote: &ConnInfo, protocol: Protocol) -> Result<RouteKind> {
+    if local.same_process(remote) {
+        // Whatever the protocol, a peer in this process is served by a copy:
+        // no network or kernel path can beat it.
+        return Ok(RouteKind::InProcess);
+    }
+    Err(Error::NotSupported(format!(
+        "agent {:?} runs in another process (pid {} on host {:?}); protocol {:?} has no \
+         cross-process transport in this build yet",
+        String::from_utf8_lossy(&remote.agent),
+        remote.pid,
+        remote.host.hostname,
+        protocol.as_str()
+    )))
+}

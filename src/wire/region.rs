@@ -1,0 +1,94 @@
+//! A registered region's public data: what `getPublicData` returns and
+//! `loadRemoteMD` receives back on the peer, through NIXL's metadata.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Envelope, WireError};
+
+const ENVELOPE: Envelope = Envelope {
+    magic: b"MCrg",
+    version: 1,
+    kind: "region public data",
+};
+
+/// What a peer needs to address one of our registered regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionPublic {
+    /// The owning engine's token (see [`super::conn_info::ConnInfo::token`]).
+    pub owner: u128,
+    /// Random access key of the registration; every access must name it.
+    pub key: u64,
+    /// Start address in the owner's address space.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// NIXL memory type (`nixl_mem_t`).
+    pub mem_type: u32,
+    /// Device id (GPU index for VRAM, 0 for DRAM).
+    pub dev_id: u64,
+}
+
+impl RegionPublic {
+    /// Encodes into the blob NIXL carries.
+    pub fn encode(&self) -> Vec<u8> {
+        ENVELOPE.encode(self)
+    }
+
+    /// Decodes a peer's blob.
+    ///
+    /// # Errors
+    /// A [`WireError`] when the blob is not region data of this version.
+    pub fn decode(blob: &[u8]) -> Result<RegionPublic, WireError> {
+        ENVELOPE.decode(blob)
+    }
+
+    /// True when `[addr, addr+len)` lies inside this region (overflow-safe).
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        range_within(self.addr, self.len, addr, len)
+    }
+}
+
+/// True when `[addr, addr+len)` lies inside `[base, base+size)`, without overflow.
+pub fn range_within(base: u64, size: u64, addr: u64, len: u64) -> bool {
+    addr >= base && len <= size && addr - base <= size - len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: RegionPublic = RegionPublic {
+        owner: 42,
+        key: 0xdead_beef,
+        addr: 0x7f00_0000_1000,
+        len: 1 << 20,
+        mem_type: 0,
+        dev_id: 0,
+    };
+
+    #[test]
+    fn round_trips_and_rejects_truncation() {
+        let blob = SAMPLE.encode();
+        assert_eq!(RegionPublic::decode(&blob).unwrap(), SAMPLE);
+        for cut in 0..blob.len() {
+            assert!(RegionPublic::decode(&blob[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn is_not_confused_with_conn_info() {
+        let blob = SAMPLE.encode();
+        assert!(super::super::conn_info::ConnInfo::decode(&blob).is_err());
+    }
+
+    #[test]
+    fn range_checks_are_overflow_safe() {
+        assert!(SAMPLE.contains(SAMPLE.addr, SAMPLE.len));
+        assert!(SAMPLE.contains(SAMPLE.addr + 10, 0));
+        assert!(!SAMPLE.contains(SAMPLE.addr - 1, 1));
+        assert!(!SAMPLE.contains(SAMPLE.addr + 1, SAMPLE.len));
+        assert!(!SAMPLE.contains(u64::MAX, 2));
+        assert!(!SAMPLE.contains(SAMPLE.addr, u64::MAX));
+        assert!(range_within(0, u64::MAX, u64::MAX - 1, 1));
+    }
+}
