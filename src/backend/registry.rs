@@ -40,8 +40,11 @@ pub type Pin<'a> = RwLockReadGuard<'a, bool>;
 
 impl LocalRegion {
     /// Pins the region for one access, or `None` once it was deregistered.
+    ///
+    /// Pins are recursive: one thread may pin a region several times even
+    /// while a deregistration waits.
     pub fn pin(&self) -> Option<Pin<'_>> {
-        let guard = self.live.read();
+        let guard = self.live.read_recursive();
         (*guard).then_some(guard)
     }
 

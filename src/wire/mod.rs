@@ -6,6 +6,7 @@
 //! trailing bytes, so hostile or corrupted metadata is an error, never a crash.
 
 pub mod conn_info;
+pub mod frame;
 pub mod region;
 
 use serde::{Serialize, de::DeserializeOwned};

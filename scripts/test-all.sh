@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every test of the project: the README's test command, and what CI runs.
+#
+#   1. cargo test         unit tests, the mooncake_backend_test port (C++ through
+#                         the exported entry point) and the manifest check
+#   2. cargo build --release, then the end-to-end suite through the real NIXL 1.5.1
+#      (PyPI wheel nixl-cu12, in a venv made by scripts/setup-venv.sh), including
+#      the wheel's own nixl_example C++ program against backend "Mooncake"
+#
+# Needs: Rust, gcc/g++, Python 3 with venv. Everything else is installed here.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Wherever NIXL runs: keep UCX away from a system EFA provider (it crashes the
+# wheel's UCX at exit once Debian's ibverbs providers are installed) and on loopback.
+export UCX_MODULES='^efa'
+export UCX_NET_DEVICES=lo
+
+echo "== cargo test"
+cargo test --all-targets
+
+echo "== cargo build --release"
+cargo build --release
+
+echo "== Python venv with nixl-cu12==1.5.1"
+venv=$(scripts/setup-venv.sh)
+
+echo "== end-to-end tests through the real NIXL"
+MOONCAKE_PLUGIN="$PWD/target/release/libplugin_Mooncake.so" \
+    "$venv/bin/python" -m pytest tests/e2e -v "$@"
