@@ -9,6 +9,8 @@
 #
 # Needs: Rust, gcc/g++, Python 3 with venv. Everything else is installed here.
 set -euo pipefail
+# The plugin's TCP listener: loopback only, in every test (cargo test and e2e).
+export NIXL_MOONCAKE_IP_ADDR=127.0.0.1
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Wherever NIXL runs: keep UCX away from a system EFA provider (it crashes the

@@ -12,14 +12,16 @@ use log::{debug, info};
 use parking_lot::{Mutex, RwLock};
 
 use super::notifs::{Inbox, Notification};
-use super::options::Options;
+use super::options::{Options, Protocol};
 use super::progress::{Job, Worker};
 use super::registry::{LocalRegion, Registry, random_u128};
 use super::requests::RequestSlab;
 use super::{AgentName, Endpoint, Error, Result, Status};
-use crate::transport::inproc::{self, CopyJob, Delivery};
+use crate::transport::cma::{self, CmaCopy, CmaPeer, Cookie};
+use crate::transport::inproc::{self, Delivery, InProcCopy};
+use crate::transport::tcp::{self, PeerLink, TcpConfig, TcpServer};
 use crate::transport::{self, Op, Plan, RouteKind, Segment, Transfer};
-use crate::wire::conn_info::{ConnInfo, HostIdentity};
+use crate::wire::conn_info::{self, ConnInfo, HostIdentity};
 use crate::wire::region::RegionPublic;
 
 /// Id of a metadata object (`nixlBackendMD`) handed to NIXL; never 0.
@@ -70,30 +72,52 @@ enum Md {
 }
 
 /// How one peer is reached.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Route {
     InProcess(Weak<Endpoint>),
+    Tcp(Arc<PeerLink>),
+    /// Cross-memory attach to `peer`; control over `link`.
+    Cma {
+        link: Arc<PeerLink>,
+        peer: Arc<CmaPeer>,
+    },
 }
 
-#[derive(Debug)]
+impl Route {
+    /// The TCP link the route uses, if any.
+    fn link(&self) -> Option<&Arc<PeerLink>> {
+        match self {
+            Route::InProcess(_) => None,
+            Route::Tcp(link) | Route::Cma { link, .. } => Some(link),
+        }
+    }
+}
+
 struct Peer {
     info: ConnInfo,
     route: Result<Route>,
 }
 
 /// Where a request's data goes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 enum Target {
     /// Ourselves.
     Loopback,
     /// An engine of this process.
     InProcess(AgentName, Weak<Endpoint>),
+    /// A peer over TCP.
+    Tcp(Arc<PeerLink>),
+    /// A peer on this host, by cross-memory attach.
+    Cma {
+        link: Arc<PeerLink>,
+        peer: Arc<CmaPeer>,
+    },
 }
 
 struct Request {
     plan: Arc<Plan>,
     target: Target,
-    current: Mutex<Option<Arc<CopyJob>>>,
+    current: Mutex<Option<Arc<dyn Transfer>>>,
 }
 
 /// One agent's backend engine.
@@ -107,6 +131,11 @@ pub struct Engine {
     peers: RwLock<HashMap<AgentName, Arc<Peer>>>,
     requests: RequestSlab<Arc<Request>>,
     worker: Arc<Worker>,
+    tcp_server: Arc<TcpServer>,
+    tcp_config: TcpConfig,
+    /// What same-host peers read to probe cross-memory attach (kept alive
+    /// for as long as the connection info that names it).
+    _cma_cookie: Option<Cookie>,
 }
 
 impl Engine {
@@ -124,12 +153,31 @@ impl Engine {
             registry: Registry::default(),
             inbox: Inbox::default(),
         });
+        let addr =
+            tcp::listen_address(options.ip_addr, options.port).map_err(Error::InvalidParam)?;
+        let tcp_server =
+            TcpServer::start(endpoint.clone(), addr, options.timeout).map_err(|e| {
+                Error::InvalidParam(format!(
+                    "cannot listen on {addr} (backend options ip_addr and port, or ${}): {e}",
+                    tcp::IP_ENV
+                ))
+            })?;
+        let tcp_config = TcpConfig {
+            streams: options.streams.unwrap_or_else(tcp::default_streams),
+            stall_timeout: options.timeout,
+            ..TcpConfig::default()
+        };
+        let cma_cookie = matches!(options.protocol, Protocol::Auto | Protocol::Cma).then(|| {
+            cma::allow_peers();
+            Cookie::new(endpoint.token)
+        });
         let conn_info = ConnInfo {
             agent: config.local_agent.clone(),
             token: endpoint.token,
             host: HostIdentity::current(),
             pid: std::process::id(),
-            endpoints: Vec::new(),
+            endpoints: vec![conn_info::Endpoint::Tcp(tcp_server.local_addr())],
+            cma_probe: cma_cookie.as_ref().map(Cookie::addr),
         };
         let worker = Worker::start(config.progress_thread, config.progress_delay)
             .map_err(|e| Error::Backend(format!("cannot start the progress thread: {e}")))?;
@@ -149,6 +197,9 @@ impl Engine {
             peers: RwLock::new(HashMap::new()),
             requests: RequestSlab::default(),
             worker,
+            tcp_server,
+            tcp_config,
+            _cma_cookie: cma_cookie,
         })
     }
 
@@ -206,18 +257,43 @@ impl Engine {
                                 "agent {name}'s engine no longer exists in this process"
                             ))
                         }),
+                    RouteKind::Tcp(addr) => Ok(Route::Tcp(self.link(&name, info.token, addr))),
+                    RouteKind::Cma { peer, control } => Ok(Route::Cma {
+                        link: self.link(&name, info.token, control),
+                        peer: Arc::new(peer),
+                    }),
                 }
             });
         match &route {
             Ok(Route::InProcess(_)) => {
                 debug!("Mooncake: agent {name} is in this process: direct copy")
             }
+            Ok(Route::Tcp(_)) => debug!("Mooncake: agent {name} is reached over TCP"),
+            Ok(Route::Cma { peer, .. }) => debug!(
+                "Mooncake: agent {name} is on this host (pid {}): cross-memory attach",
+                peer.pid()
+            ),
             Err(e) => info!("Mooncake: agent {name} is not reachable: {e}"),
         }
-        self.peers
+        let old = self
+            .peers
             .write()
             .insert(name, Arc::new(Peer { info, route }));
+        if let Some(Ok(link)) = old.as_deref().map(|p| p.route.as_ref().map(Route::link)) {
+            link.inspect(|l| l.close());
+        }
         Ok(())
+    }
+
+    fn link(&self, peer: &AgentName, token: u128, addr: std::net::SocketAddr) -> Arc<PeerLink> {
+        Arc::new(PeerLink::new(
+            self.name().clone(),
+            self.endpoint.token,
+            peer.clone(),
+            token,
+            addr,
+            self.tcp_config,
+        ))
     }
 
     /// `connect`: checks that `agent` is reachable (connections are otherwise
@@ -230,7 +306,10 @@ impl Engine {
         if agent == self.name().as_bytes() {
             return Ok(());
         }
-        self.peer(agent)?.route.clone().map(drop)
+        match self.peer(agent)?.route.clone()? {
+            Route::InProcess(_) => Ok(()),
+            Route::Tcp(link) | Route::Cma { link, .. } => link.ensure_connected(),
+        }
     }
 
     /// `disconnect`: forgets `agent`'s connection info.
@@ -242,11 +321,15 @@ impl Engine {
             return Ok(());
         }
         let name = AgentName::from(agent);
-        self.peers
+        let peer = self
+            .peers
             .write()
             .remove(&name)
-            .map(drop)
-            .ok_or_else(|| Error::NotFound(format!("disconnect: unknown agent {name}")))
+            .ok_or_else(|| Error::NotFound(format!("disconnect: unknown agent {name}")))?;
+        if let Some(link) = peer.route.as_ref().ok().and_then(Route::link) {
+            link.close();
+        }
+        Ok(())
     }
 
     fn peer(&self, agent: &[u8]) -> Result<Arc<Peer>> {
@@ -421,6 +504,8 @@ impl Engine {
         } else {
             match self.peer(agent)?.route.clone()? {
                 Route::InProcess(ep) => Target::InProcess(name.clone(), ep),
+                Route::Tcp(link) => Target::Tcp(link),
+                Route::Cma { link, peer } => Target::Cma { link, peer },
             }
         };
         let plan = self.plan(op, local, remote, &name)?;
@@ -436,6 +521,8 @@ impl Engine {
         let mds = self.mds.read();
         let mut local_index: HashMap<MdId, u32> = HashMap::new();
         let mut remote_index: HashMap<MdId, u32> = HashMap::new();
+        let mut last_local: Option<(MdId, u32)> = None;
+        let mut last_remote: Option<(MdId, u32)> = None;
         let mut plan = Plan {
             op,
             segments: Vec::with_capacity(local.len()),
@@ -451,49 +538,59 @@ impl Engine {
                     l.len, r.len
                 )));
             }
-            let li = match local_index.get(&l.md) {
-                Some(&x) => x,
-                None => {
-                    let Some(Md::Local(region)) = mds.get(&l.md) else {
-                        return Err(Error::InvalidParam(format!(
-                            "prepXfer: local descriptor {i} does not carry one of our registrations"
-                        )));
-                    };
-                    plan.local_regions.push(region.clone());
-                    let x = (plan.local_regions.len() - 1) as u32;
-                    local_index.insert(l.md, x);
-                    x
-                }
+            // Consecutive descriptors nearly always share their metadata:
+            // skip the lookups then.
+            let li = match last_local {
+                Some((md, x)) if md == l.md => x,
+                _ => match local_index.get(&l.md) {
+                    Some(&x) => x,
+                    None => {
+                        let Some(Md::Local(region)) = mds.get(&l.md) else {
+                            return Err(Error::InvalidParam(format!(
+                                "prepXfer: local descriptor {i} does not carry one of our registrations"
+                            )));
+                        };
+                        plan.local_regions.push(region.clone());
+                        let x = (plan.local_regions.len() - 1) as u32;
+                        local_index.insert(l.md, x);
+                        x
+                    }
+                },
             };
+            last_local = Some((l.md, li));
             if !plan.local_regions[li as usize].contains(l.addr, l.len) {
                 return Err(Error::InvalidParam(format!(
                     "prepXfer: local descriptor {i} ({:#x}+{}) lies outside its registration",
                     l.addr, l.len
                 )));
             }
-            let ri = match remote_index.get(&r.md) {
-                Some(&x) => x,
-                None => {
-                    let region = match mds.get(&r.md) {
-                        Some(Md::Remote { agent: a, region }) if a == agent => *region,
-                        Some(Md::Remote { agent: a, .. }) => {
-                            return Err(Error::InvalidParam(format!(
-                                "prepXfer: remote descriptor {i} belongs to agent {a}, not {agent}"
-                            )));
-                        }
-                        _ => {
-                            return Err(Error::InvalidParam(format!(
-                                "prepXfer: remote descriptor {i} carries no loaded metadata of agent {agent}"
-                            )));
-                        }
-                    };
-                    plan.remote_regions.push(region);
-                    plan.remote_extent.push((u64::MAX, 0));
-                    let x = (plan.remote_regions.len() - 1) as u32;
-                    remote_index.insert(r.md, x);
-                    x
-                }
+            let ri = match last_remote {
+                Some((md, x)) if md == r.md => x,
+                _ => match remote_index.get(&r.md) {
+                    Some(&x) => x,
+                    None => {
+                        let region = match mds.get(&r.md) {
+                            Some(Md::Remote { agent: a, region }) if a == agent => *region,
+                            Some(Md::Remote { agent: a, .. }) => {
+                                return Err(Error::InvalidParam(format!(
+                                    "prepXfer: remote descriptor {i} belongs to agent {a}, not {agent}"
+                                )));
+                            }
+                            _ => {
+                                return Err(Error::InvalidParam(format!(
+                                    "prepXfer: remote descriptor {i} carries no loaded metadata of agent {agent}"
+                                )));
+                            }
+                        };
+                        plan.remote_regions.push(region);
+                        plan.remote_extent.push((u64::MAX, 0));
+                        let x = (plan.remote_regions.len() - 1) as u32;
+                        remote_index.insert(r.md, x);
+                        x
+                    }
+                },
             };
+            last_remote = Some((r.md, ri));
             if !plan.remote_regions[ri as usize].contains(r.addr, r.len) {
                 return Err(Error::InvalidParam(format!(
                     "prepXfer: remote descriptor {i} ({:#x}+{}) lies outside agent {agent}'s registration",
@@ -541,16 +638,37 @@ impl Engine {
             Target::InProcess(name, ep) => ep.upgrade().ok_or_else(|| {
                 Error::RemoteDisconnect(format!("agent {name}'s engine was destroyed"))
             })?,
+            Target::Tcp(link) => {
+                let post = link.post(req.plan.clone(), notif.map(<[u8]>::to_vec))?;
+                *current = Some(post.clone());
+                return post.completion().result();
+            }
+            Target::Cma { link, peer } => {
+                let notif = notif.map(<[u8]>::to_vec);
+                let job = Arc::new(CmaCopy::job(
+                    req.plan.clone(),
+                    peer.clone(),
+                    link.clone(),
+                    notif,
+                ));
+                *current = Some(job.clone());
+                drop(current);
+                return self.run(job, &req.plan);
+            }
         };
         let notif = notif.map(|msg| Delivery {
             from: self.name().clone(),
             msg: msg.to_vec(),
         });
-        let job = Arc::new(CopyJob::new(req.plan.clone(), target, notif)?);
+        let job = Arc::new(InProcCopy::job(req.plan.clone(), target, notif)?);
         *current = Some(job.clone());
         drop(current);
+        self.run(job, &req.plan)
+    }
 
-        let plan = &req.plan;
+    /// Runs a copy job: small ones inline (lowest latency), others on the
+    /// progress worker (or in bounded steps inside this call without one).
+    fn run<J: Job + Transfer + 'static>(&self, job: Arc<J>, plan: &Plan) -> Result<Status> {
         if plan.total_bytes <= INLINE_BYTES && plan.segments.len() <= INLINE_SEGMENTS {
             job.step(usize::MAX);
         } else {
@@ -566,8 +684,8 @@ impl Engine {
     /// progress thread, also advances queued work.
     ///
     /// # Errors
-    /// The error the transfer ended with; [`Error::NotPosted`-like]
-    /// [`Error::NotFound`] for an unknown handle.
+    /// The error the transfer ended with; [`Error::NotFound`] for an
+    /// unknown handle, [`Error::InvalidParam`] for one never posted.
     pub fn check_xfer(&self, id: ReqId) -> Result<Status> {
         let req = self.request(id, "checkXfer")?;
         let Some(job) = req.current.lock().clone() else {
@@ -575,8 +693,14 @@ impl Engine {
                 "checkXfer: request {id:#x} was never posted"
             )));
         };
-        if job.completion().in_progress() && !self.worker.has_thread() {
-            self.worker.drive(STEPS_PER_CALL);
+        if job.completion().in_progress() {
+            match &req.target {
+                Target::Tcp(link) => link.watchdog(),
+                _ if !self.worker.has_thread() => {
+                    self.worker.drive(STEPS_PER_CALL);
+                }
+                _ => {}
+            }
         }
         job.completion().result()
     }
@@ -592,7 +716,7 @@ impl Engine {
             .remove(id)
             .ok_or_else(|| Error::NotFound(format!("releaseReqH: unknown request {id:#x}")))?;
         if let Some(job) = req.current.lock().take() {
-            Transfer::cancel(job.as_ref());
+            job.cancel();
         }
         Ok(())
     }
@@ -631,6 +755,7 @@ impl Engine {
                         AgentName::from(agent)
                     ))
                 })?,
+                Route::Tcp(link) | Route::Cma { link, .. } => return link.notify(msg.to_vec()),
             }
         };
         target.inbox.push(self.name().clone(), msg.to_vec());
@@ -644,9 +769,15 @@ impl Drop for Engine {
         self.worker.shutdown();
         for req in self.requests.drain() {
             if let Some(job) = req.current.lock().take() {
-                Transfer::cancel(job.as_ref());
+                job.cancel();
             }
         }
+        for (_, peer) in self.peers.get_mut().drain() {
+            if let Some(link) = peer.route.as_ref().ok().and_then(Route::link) {
+                link.close();
+            }
+        }
+        self.tcp_server.shutdown();
         // Peers may still hold our regions in their jobs: make sure none of
         // them touches our memory once we are gone.
         for md in self.mds.get_mut().values() {

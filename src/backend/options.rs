@@ -2,6 +2,7 @@
 //! defaults (reported through `get_backend_options`), and their validation.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use log::warn;
 
@@ -10,7 +11,8 @@ use super::status::{Error, Result};
 /// Which transport to use for peers in other processes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// Pick per peer: same-host memory access where it works, else RDMA, else TCP.
+    /// Pick per peer: a direct copy in the same process, else the best
+    /// transport this build has for the peer.
     Auto,
     /// Always TCP.
     Tcp,
@@ -58,8 +60,8 @@ pub const OPTION_SPECS: &[OptionSpec] = &[
     OptionSpec {
         name: "protocol",
         default: "auto",
-        help: "transport for peers in other processes: auto, tcp, cma or rdma \
-               (peers in the same process always use a direct copy)",
+        help: "transport to use: auto picks per peer (same process: direct copy, \
+               else TCP); tcp, cma or rdma force that transport for every peer",
     },
     OptionSpec {
         name: "ip_addr",
@@ -71,6 +73,18 @@ pub const OPTION_SPECS: &[OptionSpec] = &[
         name: "port",
         default: "0",
         help: "TCP port to listen on; 0 picks an ephemeral port",
+    },
+    OptionSpec {
+        name: "streams",
+        default: "auto",
+        help: "TCP connections per peer: a number from 1 to 64, or auto \
+               (the core count, clamped to 2..8)",
+    },
+    OptionSpec {
+        name: "timeout_ms",
+        default: "30000",
+        help: "a peer that answers nothing for this long while transfers to it are \
+               outstanding is declared dead (NIXL_ERR_REMOTE_DISCONNECT); 0 disables",
     },
     OptionSpec {
         name: "device_name",
@@ -88,6 +102,10 @@ pub struct Options {
     pub ip_addr: Option<IpAddr>,
     /// TCP port; 0 = ephemeral.
     pub port: u16,
+    /// TCP streams per peer; `None` = per core count.
+    pub streams: Option<usize>,
+    /// Stall timeout; zero disables.
+    pub timeout: Duration,
     /// RDMA devices to use; empty = all.
     pub device_names: Vec<String>,
 }
@@ -98,6 +116,8 @@ impl Default for Options {
             protocol: Protocol::Auto,
             ip_addr: None,
             port: 0,
+            streams: None,
+            timeout: Duration::from_secs(30),
             device_names: Vec::new(),
         }
     }
@@ -133,6 +153,28 @@ impl Options {
                     opts.port = value
                         .parse()
                         .map_err(|_| invalid(key, value, "expected a port number 0-65535"))?;
+                }
+                "streams" => {
+                    opts.streams = if value.eq_ignore_ascii_case("auto") {
+                        None
+                    } else {
+                        match value.parse::<usize>() {
+                            Ok(n @ 1..=64) => Some(n),
+                            _ => {
+                                return Err(invalid(
+                                    key,
+                                    value,
+                                    "expected auto or a number from 1 to 64",
+                                ));
+                            }
+                        }
+                    };
+                }
+                "timeout_ms" => {
+                    let ms: u64 = value
+                        .parse()
+                        .map_err(|_| invalid(key, value, "expected milliseconds (0 disables)"))?;
+                    opts.timeout = Duration::from_millis(ms);
                 }
                 "device_name" => {
                     opts.device_names = value
@@ -179,12 +221,16 @@ mod tests {
             ("protocol", "TCP"),
             ("ip_addr", "127.0.0.1"),
             ("port", "12345"),
+            ("streams", "3"),
+            ("timeout_ms", "1500"),
             ("device_name", "mlx5_0, mlx5_1"),
         ])
         .unwrap();
         assert_eq!(o.protocol, Protocol::Tcp);
         assert_eq!(o.ip_addr, Some("127.0.0.1".parse().unwrap()));
         assert_eq!(o.port, 12345);
+        assert_eq!(o.streams, Some(3));
+        assert_eq!(o.timeout, Duration::from_millis(1500));
         assert_eq!(o.device_names, vec!["mlx5_0", "mlx5_1"]);
     }
 
@@ -195,6 +241,9 @@ mod tests {
             ("ip_addr", "1.2.3"),
             ("port", "70000"),
             ("port", "-1"),
+            ("streams", "0"),
+            ("streams", "many"),
+            ("timeout_ms", "soon"),
             ("device_name", "mlx5 0;rm"),
         ] {
             let err = Options::parse([(k, v)]).unwrap_err();

@@ -11,8 +11,8 @@ use std::sync::{Arc, LazyLock, Weak};
 
 use parking_lot::Mutex;
 
-use super::{Completion, Op, Plan, Transfer};
-use crate::backend::progress::Job;
+use super::job::{Mover, SegmentJob};
+use super::{Op, Plan};
 use crate::backend::registry::LocalRegion;
 use crate::backend::{AgentName, Endpoint, Error, Result};
 
@@ -45,32 +45,25 @@ pub struct Delivery {
     pub msg: Vec<u8>,
 }
 
-#[derive(Debug, Default)]
-struct Cursor {
-    segment: usize,
-    offset: u64,
-    stopped: bool,
-}
-
-/// One post of a plan, executed by memory copies.
-pub struct CopyJob {
-    plan: Arc<Plan>,
-    /// The target's regions, index-aligned with `plan.remote_regions`.
+/// Moves a plan's bytes with a memory copy into an engine of this process.
+pub struct InProcCopy {
+    /// The target's regions, index-aligned with the plan's remote regions.
     targets: Vec<Arc<LocalRegion>>,
     target: Arc<Endpoint>,
     notif: Option<Delivery>,
-    cursor: Mutex<Cursor>,
-    completion: Completion,
 }
 
-impl CopyJob {
+/// One post to an engine of this process.
+pub type CopyJob = SegmentJob<InProcCopy>;
+
+impl InProcCopy {
     /// Prepares one post: the target checks every remote range against its
     /// registry, as a remote peer would before touching a byte.
     ///
     /// # Errors
     /// [`Error::NotAllowed`] when a key is unknown to the target or a range
     /// lies outside its registration.
-    pub fn new(plan: Arc<Plan>, target: Arc<Endpoint>, notif: Option<Delivery>) -> Result<CopyJob> {
+    pub fn job(plan: Arc<Plan>, target: Arc<Endpoint>, notif: Option<Delivery>) -> Result<CopyJob> {
         let targets = plan
             .remote_regions
             .iter()
@@ -81,21 +74,41 @@ impl CopyJob {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(CopyJob {
+        Ok(SegmentJob::new(
             plan,
-            targets,
-            target,
-            notif,
-            cursor: Mutex::new(Cursor::default()),
-            completion: Completion::default(),
-        })
+            InProcCopy {
+                targets,
+                target,
+                notif,
+            },
+        ))
     }
+}
 
-    /// Copies one piece. Both regions are pinned by the caller.
-    fn copy(&self, local_addr: u64, remote_addr: u64, len: u64) {
-        let (src, dst) = match self.plan.op {
-            Op::Write => (local_addr, remote_addr),
-            Op::Read => (remote_addr, local_addr),
+impl Mover for InProcCopy {
+    fn move_bytes(&self, plan: &Plan, segment: usize, offset: u64, budget: u64) -> Result<u64> {
+        let s = plan.segments[segment];
+        let len = (s.len - offset).min(budget);
+        if len == 0 {
+            return Ok(0);
+        }
+        let local = &plan.local_regions[s.local as usize];
+        let _local_pin = local.pin().ok_or_else(|| {
+            Error::InvalidParam(format!(
+                "local region {:#x}+{} was deregistered during the transfer",
+                local.addr, local.len
+            ))
+        })?;
+        let _remote_pin = self.targets[s.remote as usize].pin().ok_or_else(|| {
+            Error::RemoteDisconnect(format!(
+                "agent {} deregistered the target region during the transfer",
+                self.target.name
+            ))
+        })?;
+        let (l, r) = (s.local_addr + offset, s.remote_addr + offset);
+        let (src, dst) = match plan.op {
+            Op::Write => (l, r),
+            Op::Read => (r, l),
         };
         // SAFETY: both ranges lie inside live registrations of this process
         // (local ranges were checked at prep time against our registry, remote
@@ -103,81 +116,13 @@ impl CopyJob {
         // are pinned, so they stay registered for the duration of the copy.
         // `copy` (memmove) is used because a loopback transfer may overlap.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len as usize) };
+        Ok(len)
     }
 
-    fn fail(&self, cursor: &mut Cursor, error: Error) {
-        cursor.stopped = true;
-        self.completion.finish(Err(error));
-    }
-}
-
-impl Job for CopyJob {
-    fn step(&self, budget: usize) -> bool {
-        let mut c = self.cursor.lock();
-        if c.stopped {
-            return true;
-        }
-        let segments = &self.plan.segments;
-        let mut moved = 0u64;
-        while c.segment < segments.len() && moved < budget as u64 {
-            let s = segments[c.segment];
-            let chunk = (s.len - c.offset).min(budget as u64 - moved);
-            if chunk > 0 {
-                let local = &self.plan.local_regions[s.local as usize];
-                let Some(_local_pin) = local.pin() else {
-                    let e = Error::InvalidParam(format!(
-                        "local region {:#x}+{} was deregistered during the transfer",
-                        local.addr, local.len
-                    ));
-                    self.fail(&mut c, e);
-                    return true;
-                };
-                let Some(_remote_pin) = self.targets[s.remote as usize].pin() else {
-                    let e = Error::RemoteDisconnect(format!(
-                        "agent {} deregistered the target region during the transfer",
-                        self.target.name
-                    ));
-                    self.fail(&mut c, e);
-                    return true;
-                };
-                self.copy(s.local_addr + c.offset, s.remote_addr + c.offset, chunk);
-            }
-            c.offset += chunk;
-            moved += chunk;
-            if c.offset == s.len {
-                c.segment += 1;
-                c.offset = 0;
-            }
-        }
-        if c.segment < segments.len() {
-            return false;
-        }
-        // Every byte is in place: the notification may now be seen.
+    fn finished(&self) -> Result<()> {
         if let Some(n) = &self.notif {
             self.target.inbox.push(n.from.clone(), n.msg.clone());
         }
-        c.stopped = true;
-        self.completion.finish(Ok(()));
-        true
-    }
-
-    fn cancel(&self) {
-        let mut c = self.cursor.lock();
-        if !c.stopped {
-            c.stopped = true;
-            self.completion.finish(Err(Error::Canceled(
-                "the request was released while in flight".into(),
-            )));
-        }
-    }
-}
-
-impl Transfer for CopyJob {
-    fn completion(&self) -> &Completion {
-        &self.completion
-    }
-
-    fn cancel(&self) {
-        Job::cancel(self);
+        Ok(())
     }
 }

@@ -5,7 +5,10 @@
 //! [`Completion`] it polls. Which transport serves a peer is decided in one
 //! place, [`select`].
 
+pub mod cma;
 pub mod inproc;
+pub mod job;
+pub mod tcp;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -15,7 +18,7 @@ use parking_lot::Mutex;
 use crate::backend::options::Protocol;
 use crate::backend::registry::LocalRegion;
 use crate::backend::{Error, Result, Status};
-use crate::wire::conn_info::ConnInfo;
+use crate::wire::conn_info::{ConnInfo, Endpoint};
 use crate::wire::region::RegionPublic;
 
 /// Direction of a transfer, seen from the initiator.
@@ -121,29 +124,78 @@ pub trait Transfer: Send + Sync {
 }
 
 /// How an engine reaches one peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum RouteKind {
     /// The peer is an engine in this very process: direct copy.
     InProcess,
+    /// TCP to the peer's listener.
+    Tcp(std::net::SocketAddr),
+    /// Cross-memory attach to process `pid` on this host; control messages
+    /// and notifications over TCP to `control`.
+    Cma {
+        /// The probed peer process.
+        peer: cma::CmaPeer,
+        /// The peer's TCP listener.
+        control: std::net::SocketAddr,
+    },
 }
 
 /// Chooses the transport for a peer, or says why none can serve it.
+///
+/// `auto`: a direct copy in the same process, cross-memory attach on the same
+/// host when the probe succeeds (else TCP, with one log line saying why),
+/// TCP otherwise. `tcp`, `cma`, `rdma` force that transport.
 ///
 /// # Errors
 /// [`Error::NotSupported`] when no transport of this build reaches the peer
 /// under the configured protocol.
 pub fn select(local: &ConnInfo, remote: &ConnInfo, protocol: Protocol) -> Result<RouteKind> {
-    if local.same_process(remote) {
-        // Whatever the protocol, a peer in this process is served by a copy:
-        // no network or kernel path can beat it.
+    if protocol == Protocol::Auto && local.same_process(remote) {
+        // No network or kernel path beats a copy inside the process.
         return Ok(RouteKind::InProcess);
     }
-    Err(Error::NotSupported(format!(
-        "agent {:?} runs in another process (pid {} on host {:?}); protocol {:?} has no \
-         cross-process transport in this build yet",
-        String::from_utf8_lossy(&remote.agent),
-        remote.pid,
-        remote.host.hostname,
-        protocol.as_str()
-    )))
+    let agent = String::from_utf8_lossy(&remote.agent);
+    let tcp = remote
+        .endpoints
+        .iter()
+        .map(|Endpoint::Tcp(addr)| *addr)
+        .next();
+    let no_tcp = || Error::NotSupported(format!("agent {agent:?} publishes no TCP endpoint"));
+    let same_host = local.host.same_host(&remote.host);
+    let cma = || -> std::result::Result<RouteKind, String> {
+        if !same_host {
+            return Err(format!(
+                "it runs on another host or PID namespace (host {:?})",
+                remote.host.hostname
+            ));
+        }
+        let probe_addr = remote
+            .cma_probe
+            .ok_or("it does not accept cross-memory attach (its protocol option excludes it)")?;
+        let control = tcp.ok_or("it publishes no TCP endpoint for control messages")?;
+        let peer = cma::probe(remote.pid, probe_addr, remote.token)?;
+        Ok(RouteKind::Cma { peer, control })
+    };
+    match protocol {
+        Protocol::Auto => cma().or_else(|why| {
+            if same_host {
+                log::warn!(
+                    "Mooncake: agent {agent:?} is on this host but cross-memory attach is not \
+                     possible ({why}); using TCP"
+                );
+            }
+            tcp.map(RouteKind::Tcp).ok_or_else(no_tcp)
+        }),
+        Protocol::Tcp => tcp.map(RouteKind::Tcp).ok_or_else(no_tcp),
+        Protocol::Cma => cma().map_err(|why| {
+            Error::NotSupported(format!(
+                "protocol=cma: agent {agent:?} cannot be reached with cross-memory attach: {why}"
+            ))
+        }),
+        Protocol::Rdma => Err(Error::NotSupported(format!(
+            "protocol=rdma is not available in this build; agent {agent:?} (pid {} on host {:?}) \
+             cannot be reached with it (use protocol=auto)",
+            remote.pid, remote.host.hostname
+        ))),
+    }
 }

@@ -75,6 +75,9 @@ pub struct ConnInfo {
     pub pid: u32,
     /// Endpoints this engine serves on (may be empty).
     pub endpoints: Vec<Endpoint>,
+    /// Address of the cookie a same-host peer reads to probe cross-memory
+    /// attach (it holds `token`); `None` when this engine does not accept it.
+    pub cma_probe: Option<u64>,
 }
 
 impl ConnInfo {
@@ -108,6 +111,7 @@ mod tests {
             host: HostIdentity::current(),
             pid: std::process::id(),
             endpoints: vec![Endpoint::Tcp("127.0.0.1:5555".parse().unwrap())],
+            cma_probe: Some(0x7f00_0000_0040),
         }
     }
 

@@ -214,12 +214,17 @@ pub fn encode_segs(segs: &[Seg], out: &mut Vec<u8>) {
     }
 }
 
-/// Decodes a segment table of `count` entries and checks the data size the
-/// frame declares (`data_len`) against the segments' total.
+/// Decodes a segment table of `count` entries. For a Write, `data_len` is
+/// the data the frame carries, which must equal the segments' total; for a
+/// ReadReq it is `None`. The total never exceeds [`MAX_DATA`].
 ///
 /// # Errors
 /// [`FrameError::Size`] when the table length or the data size disagree.
-pub fn decode_segs(table: &[u8], count: usize, data_len: u64) -> Result<Vec<Seg>, FrameError> {
+pub fn decode_segs(
+    table: &[u8],
+    count: usize,
+    data_len: Option<u64>,
+) -> Result<Vec<Seg>, FrameError> {
     if count == 0 || count > MAX_SEGS || table.len() != count * SEG_LEN {
         return Err(FrameError::Size(format!(
             "segment table of {} bytes for {count} segments",
@@ -235,9 +240,9 @@ pub fn decode_segs(table: &[u8], count: usize, data_len: u64) -> Result<Vec<Seg>
         })
         .collect();
     let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
-    if total != data_len || total > MAX_DATA {
+    if total > MAX_DATA || data_len.is_some_and(|d| d != total) {
         return Err(FrameError::Size(format!(
-            "segments total {total} bytes but the frame carries {data_len} (limit {MAX_DATA})"
+            "segments total {total} bytes (limit {MAX_DATA}) but the frame carries {data_len:?}"
         )));
     }
     Ok(segs)
@@ -355,10 +360,22 @@ mod tests {
         ];
         let mut b = Vec::new();
         encode_segs(&segs, &mut b);
-        assert_eq!(decode_segs(&b, 2, 10), Ok(segs));
-        assert!(decode_segs(&b, 2, 11).is_err());
-        assert!(decode_segs(&b[..39], 2, 10).is_err());
-        assert!(decode_segs(&b, 1, 10).is_err());
+        assert_eq!(decode_segs(&b, 2, Some(10)), Ok(segs.clone()));
+        assert_eq!(decode_segs(&b, 2, None), Ok(segs));
+        assert!(decode_segs(&b, 2, Some(11)).is_err());
+        assert!(decode_segs(&b[..39], 2, Some(10)).is_err());
+        assert!(decode_segs(&b, 1, Some(10)).is_err());
+        let huge = [Seg {
+            key: 1,
+            addr: 0,
+            len: u32::MAX,
+        }];
+        let mut h = Vec::new();
+        encode_segs(&huge, &mut h);
+        assert!(
+            decode_segs(&h, 1, None).is_err(),
+            "a read larger than a frame"
+        );
     }
 
     #[test]
@@ -383,7 +400,8 @@ mod tests {
             }
             let _ = Hello::decode(&body);
             let count = body.len() / SEG_LEN;
-            let _ = decode_segs(&body, count, body.len() as u64);
+            let _ = decode_segs(&body, count, Some(body.len() as u64));
+            let _ = decode_segs(&body, count, None);
         }
 
         /// Headers that pass decoding are exactly the ones whose fields are in range.

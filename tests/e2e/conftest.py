@@ -13,8 +13,11 @@ Environment:
     E2E_TIMEOUT      per-scenario timeout in seconds, default 120.
 
 Every scenario runs with UCX_MODULES=^efa and UCX_NET_DEVICES=lo (see
-shared/nixl-abi.md section 7) and, by default, with NIXL_PLUGIN_DIR pointing at a
-private directory holding a copy of the plugin named libplugin_<backend>.so.
+shared/nixl-abi.md section 7), with NIXL_MOONCAKE_IP_ADDR=127.0.0.1 (the plugin's
+TCP listener never uses a non-loopback address) and, by default, with
+NIXL_PLUGIN_DIR pointing at a private directory holding a copy of the plugin named
+libplugin_<backend>.so.  A scenario may start peer processes (the cross-process
+ones do); they share its process group, which is killed whole on a timeout.
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ class Runner:
         """location "dir": NIXL_PLUGIN_DIR = private dir; "wheel": unset (wheel's plugins/)."""
         env = dict(os.environ)
         env.update(UCX_MODULES="^efa", UCX_NET_DEVICES="lo", E2E_BACKEND=BACKEND,
-                   PYTHONUNBUFFERED="1")
+                   NIXL_MOONCAKE_IP_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
         # Only the directory we choose may be scanned.
         env.pop("NIXL_PLUGIN_DIR", None)
         env.pop("NIXL_CONFIG_FILE", None)

@@ -5,7 +5,8 @@ Every scenario runs in its own process (NIXL's plugin manager is a process-wide
 singleton, and a crash in a plugin must not take the test runner down); the
 pytest side lives in ``test_e2e.py`` / ``conftest.py``.  Run one by hand with
 
-    UCX_MODULES=^efa UCX_NET_DEVICES=lo NIXL_PLUGIN_DIR=<dir with libplugin_Mooncake.so> \\
+    UCX_MODULES=^efa UCX_NET_DEVICES=lo NIXL_MOONCAKE_IP_ADDR=127.0.0.1 \\
+        NIXL_PLUGIN_DIR=<dir with libplugin_Mooncake.so> \\
         python tests/e2e/scenarios.py <scenario> [options]
 
 Environment:
@@ -28,6 +29,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,13 +43,14 @@ OP_TIMEOUT = float(os.environ.get("E2E_OP_TIMEOUT", "60"))
 KiB = 1 << 10
 MiB = 1 << 20
 
-# The two-process scenario's peer uses its stdout as a message channel. Move the
-# real stdout away before NIXL (or anything else) can write to it, and send all
-# stray output to stderr instead.
+# The peer processes of the two-process scenarios use their stdout as a message
+# channel. Move the real stdout away before NIXL (or anything else) can write to
+# it, and send all stray output to stderr instead.
+PEER_COMMANDS = ("_twoproc_peer", "_xp_target")
 _CHANNEL_OUT = None
 _LOG_PREFIX = ""
-if len(sys.argv) > 1 and sys.argv[1] == "_twoproc_peer":
-    _LOG_PREFIX = "[peer]"
+if len(sys.argv) > 1 and sys.argv[1] in PEER_COMMANDS:
+    _LOG_PREFIX = f"[peer {os.getpid()}]"
     sys.stdout.flush()
     _CHANNEL_OUT = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
@@ -117,6 +120,13 @@ def pattern(nbytes: int, seed: int) -> np.ndarray:
     """A writable uint8 buffer filled with reproducible pseudo-random bytes."""
     rng = np.random.default_rng(seed)
     return np.frombuffer(bytearray(rng.bytes(nbytes)), dtype=np.uint8)
+
+
+def fast_pattern(nbytes: int, seed: int) -> np.ndarray:
+    """Like pattern(), several times faster for hundreds of MiB; reproducible in any
+    process of this venv (a peer regenerates what the other side holds from the seed)."""
+    words = np.random.default_rng(seed).random((nbytes + 7) // 8)
+    return words.view(np.uint8)[:nbytes]
 
 
 def filled(nbytes: int, value: int = 0) -> np.ndarray:
@@ -452,11 +462,18 @@ def sc_two_agents(args) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def block_table(buf: np.ndarray, nblocks: int, block: int, stride: int) -> np.ndarray:
-    """Nx3 (addr, len, devId) array of `nblocks` blocks spaced `stride` apart."""
-    t = np.zeros((nblocks, 3), dtype=np.uint64)
-    t[:, 0] = addr(buf) + np.arange(nblocks, dtype=np.uint64) * np.uint64(stride)
-    t[:, 1] = block
+def block_table(buf, nblocks: int, block: int, stride: int) -> np.ndarray:
+    """Nx3 (addr, len, devId) array of `nblocks` blocks spaced `stride` apart, from
+    the start of `buf` (a numpy buffer, or an address in another process)."""
+    base = buf if isinstance(buf, int) else addr(buf)
+    return desc_table(base + np.arange(nblocks, dtype=np.uint64) * np.uint64(stride), block)
+
+
+def desc_table(addrs, length: int) -> np.ndarray:
+    """Nx3 (addr, len, devId) array of descriptors of `length` bytes at `addrs`."""
+    t = np.zeros((len(addrs), 3), dtype=np.uint64)
+    t[:, 0] = np.asarray(addrs, dtype=np.uint64)
+    t[:, 1] = length
     return t
 
 
@@ -973,6 +990,539 @@ def sc_twoproc_peer(args) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# Cross-process scenarios: the initiator is this process, the target a peer process
+# (this file's _xp_target command) that this process spawns, talks to over a
+# message channel (its stdin/stdout), and always reaps (killing it on failure).
+# --------------------------------------------------------------------------------------
+
+
+def backend_params(protocol: str) -> dict:
+    """create_backend options for `protocol` (only our plugin knows the option)."""
+    return {"protocol": protocol} if BACKEND == "Mooncake" else {}
+
+
+def new_agent_with(name: str, protocol: str, **kw) -> nixl_agent:
+    """An agent whose backend is created by create_backend(BACKEND, {protocol: ...})."""
+    agent = new_agent(name, create=False, **kw)
+    agent.create_backend(BACKEND, backend_params(protocol))
+    assert BACKEND in agent.backends, f"agent {name!r}: backend {BACKEND!r} was not created"
+    return agent
+
+
+class TargetProcess:
+    """A target agent in a peer process.
+
+    `bufs` lists the buffers it registers: {"name", "size"} and either "seed"
+    (fast_pattern contents) or "fill" (a byte value, default 0).
+    """
+
+    def __init__(self, name: str, protocol: str, bufs: list[dict], prog_thread: bool = True):
+        self.name = name
+        self.sizes = {b["name"]: b["size"] for b in bufs}
+        cmd = [sys.executable, os.path.abspath(__file__), "_xp_target"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            self.chan = Channel(self.proc.stdout, self.proc.stdin)
+            hello = self.request("setup", name=name, protocol=protocol, bufs=bufs,
+                                 prog_thread=prog_thread)
+        except BaseException:
+            self.cleanup()
+            raise
+        self.md = unb64(hello["md"])
+        self.pid = hello["pid"]
+        self.addrs: dict[str, int] = hello["bufs"]
+        log(f"target {name!r} is process {self.pid}, protocol={protocol}, "
+            f"progress thread {'on' if prog_thread else 'off'}")
+
+    def request(self, cmd: str, timeout: float = OP_TIMEOUT, **fields) -> dict:
+        """Sends a command and waits for its answer; the target's failure fails us."""
+        self.chan.send(cmd=cmd, **fields)
+        reply = self.chan.recv(timeout)
+        assert reply.get("ok"), f"target {self.name!r}, command {cmd!r}: {reply.get('error')}"
+        return reply
+
+    def check(self, what: str, sender: str, notifs: Optional[list[bytes]] = None,
+              data: tuple = ()) -> None:
+        """The target checks that exactly `notifs` arrived from `sender` (None: skip)
+        and, for each (buf, offset, length, sha256) of `data`, its memory."""
+        self.request("check", what=what, sender=sender,
+                     notifs=None if notifs is None else [b64(n) for n in notifs],
+                     data=[list(d) for d in data])
+
+    def descs(self, agent: nixl_agent, buf: str, offset: int = 0, length: Optional[int] = None):
+        """Transfer descriptors of one of the target's buffers (or a part of it)."""
+        size = length if length is not None else self.sizes[buf] - offset
+        return agent.get_xfer_descs([(self.addrs[buf] + offset, size, 0)], "DRAM")
+
+    def quit(self) -> None:
+        """Clean exit: the target answers, then must exit with status 0."""
+        self.request("quit")
+        rc = self.proc.wait(timeout=OP_TIMEOUT)
+        assert rc == 0, f"target {self.name!r} exited with {rc}"
+
+    def kill(self) -> float:
+        """SIGKILLs the target; returns time.monotonic() right after the signal."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        t = time.monotonic()
+        self.proc.wait(timeout=OP_TIMEOUT)
+        return t
+
+    def cleanup(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # only our own child, on failure
+            self.proc.wait(timeout=OP_TIMEOUT)
+
+
+@contextlib.contextmanager
+def target_process(name: str, protocol: str, bufs: list[dict], prog_thread: bool = True):
+    """A TargetProcess that is always reaped (killed if still running on the way out)."""
+    t = TargetProcess(name, protocol, bufs, prog_thread)
+    try:
+        yield t
+    finally:
+        t.cleanup()
+
+
+def sc_xp_target(args) -> None:
+    """The peer side: one target agent, driven by commands on the channel.
+
+    Commands: setup, check (notifications and memory), quiet (no notification
+    for a while), idle (no NIXL call at all until a deadline), quit.
+    """
+    chan = Channel(sys.stdin, _CHANNEL_OUT)
+    setup = chan.recv()
+    assert setup["cmd"] == "setup", setup
+    agent = new_agent_with(setup["name"], setup["protocol"], prog_thread=setup["prog_thread"])
+    bufs: dict[str, np.ndarray] = {}
+    for spec in setup["bufs"]:
+        bufs[spec["name"]] = (fast_pattern(spec["size"], spec["seed"]) if "seed" in spec
+                              else filled(spec["size"], spec.get("fill", 0)))
+    register(agent, *bufs.values())
+    notifs = Notifs(agent)
+    chan.send(ok=True, md=b64(agent.get_agent_metadata()), pid=os.getpid(),
+              bufs={k: addr(v) for k, v in bufs.items()})
+    while True:
+        msg = chan.recv()
+        cmd = msg["cmd"]
+        if cmd == "quit":
+            chan.send(ok=True)
+            return
+        if cmd == "idle":
+            # From here until the deadline this process makes no NIXL call: only
+            # the plugin's own threads serve the initiator.
+            until = time.monotonic() + msg["seconds"]
+            chan.send(ok=True, until=until)
+            while time.monotonic() < until:
+                time.sleep(0.05)  # the point of the scenario, not a synchronisation
+            log(f"target: idle for {msg['seconds']} s, no NIXL call made; awake again")
+            continue
+        try:
+            if cmd == "check":
+                if msg["notifs"] is not None:
+                    notifs.expect(msg["sender"], [unb64(n) for n in msg["notifs"]], msg["what"])
+                for buf, off, length, digest in msg["data"]:
+                    got = sha256(bufs[buf][off:off + length])
+                    assert got == digest, (f"{msg['what']}: buffer {buf!r} [{off}, +{length}) "
+                                           f"differs from what the initiator expects")
+                reply = {"woke": time.monotonic()}
+            elif cmd == "quiet":
+                notifs.expect_quiet(msg["seconds"], msg["what"])
+                reply = {}
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            log(f"target: {cmd} {msg.get('what', '')!r} ok")
+            chan.send(ok=True, **reply)
+        except Exception as e:  # noqa: BLE001 - reported to the initiator
+            chan.send(ok=False, error=f"{type(e).__name__}: {e}")
+
+
+# a. several hundred MiB in blocks of 4 KiB to 64 MiB ---------------------------------
+
+# (block size, blocks): 192 MiB per direction.
+BULK_GROUPS = [(4 * KiB, 2048), (64 * KiB, 128), (MiB, 16), (16 * MiB, 2), (64 * MiB, 2)]
+
+
+def sc_xp_bulk(args) -> None:
+    """WRITE per block size (one transfer each), then one READ of every block at once
+    (mixed sizes, shuffled order); remote blocks permuted against local ones."""
+    proto = args.protocol
+    total = sum(b * n for b, n in BULK_GROUPS)
+    rng = np.random.default_rng(80)
+    layout = []  # (block, count, offset, perm): local block i <-> remote block perm[i]
+    off = 0
+    for block, n in BULK_GROUPS:
+        perm = rng.permutation(n)
+        if n > 1 and (perm == np.arange(n)).all():
+            perm = np.roll(perm, 1)
+        layout.append((block, n, off, perm))
+        off += block * n
+    bufs = [{"name": "w", "size": total}, {"name": "r", "size": total, "seed": 81}]
+    with target_process("xp-bulk-target", proto, bufs) as tgt:
+        ini = new_agent_with("xp-bulk-init", proto)
+        src, dst = fast_pattern(total, 82), filled(total)
+        register(ini, src, dst)
+        ini.add_remote_agent(tgt.md)
+
+        expected_w, notifs = [], []
+        t_all = time.perf_counter()
+        for g, (block, n, off, perm) in enumerate(layout):
+            local = block_table(addr(src) + off, n, block, block)
+            remote = desc_table(tgt.addrs["w"] + off + perm.astype(np.uint64) * np.uint64(block),
+                                block)
+            msg = b"bulk-w-%d" % g
+            h = ini.initialize_xfer("WRITE", ini.get_xfer_descs(local, "DRAM"),
+                                    ini.get_xfer_descs(remote, "DRAM"), tgt.name, msg)
+            dt = post(ini, h, f"WRITE of {n} x {block // KiB} KiB")
+            log(f"WRITE {n} x {block // KiB} KiB blocks:", rate(n * block, dt))
+            ini.release_xfer_handle(h)
+            notifs.append(msg)
+            # Remote block perm[i] holds local block i.
+            view = src[off:off + n * block].reshape(n, block)
+            image = np.ascontiguousarray(view[np.argsort(perm)])
+            expected_w.append(("w", off, n * block, sha256(image)))
+        tgt.check("WRITEs of 4 KiB to 64 MiB blocks", "xp-bulk-init", notifs, tuple(expected_w))
+        log(f"target verified {total // MiB} MiB written in {len(layout)} transfers")
+
+        local_rows, remote_rows = [], []
+        for block, n, off, perm in layout:
+            local_rows.append(block_table(addr(dst) + off, n, block, block))
+            remote_rows.append(desc_table(
+                tgt.addrs["r"] + off + perm.astype(np.uint64) * np.uint64(block), block))
+        order = rng.permutation(sum(len(t) for t in local_rows))
+        local, remote = np.vstack(local_rows)[order], np.vstack(remote_rows)[order]
+        h = ini.initialize_xfer("READ", ini.get_xfer_descs(local, "DRAM"),
+                                ini.get_xfer_descs(remote, "DRAM"), tgt.name, b"bulk-read")
+        dt = post(ini, h, f"READ of {len(order)} mixed blocks")
+        log(f"READ of {len(order)} blocks of 4 KiB to 64 MiB in one transfer:", rate(total, dt))
+        ini.release_xfer_handle(h)
+        tgt.check("mixed READ notification", "xp-bulk-init", [b"bulk-read"])
+        remote_src = fast_pattern(total, 81)  # what the target holds in "r"
+        for block, n, off, perm in layout:
+            got = dst[off:off + n * block].reshape(n, block)
+            want = remote_src[off:off + n * block].reshape(n, block)[perm]
+            assert (got == want).all(), f"READ: {block // KiB} KiB blocks differ"
+        log(f"READ data verified; {2 * total // MiB} MiB moved and verified in "
+            f"{time.perf_counter() - t_all:.2f}s")
+        tgt.quit()
+
+
+# b. vLLM-style prepped READ of 20,000 non-contiguous blocks ----------------------------
+
+
+def sc_xp_prepped(args) -> None:
+    proto = args.protocol
+    nsel, total, block = args.blocks, args.blocks + args.blocks // 5, 4 * KiB
+    r_stride, l_stride = block + 1 * KiB, block + 2 * KiB  # gaps differ per side
+    bufs = [{"name": "kv", "size": total * r_stride, "seed": 90}]
+    with target_process("xp-prefill", proto, bufs) as tgt:
+        a = new_agent_with("xp-decode", proto)  # initiator, like vLLM's decode worker
+        local = filled(total * l_stride, 0xAA)
+        register(a, local)
+        a.add_remote_agent(tgt.md)
+        local_h = a.prep_xfer_dlist("NIXL_INIT_AGENT", block_table(local, total, block, l_stride),
+                                    "DRAM")
+        remote_h = a.prep_xfer_dlist(
+            tgt.name, block_table(tgt.addrs["kv"], total, block, r_stride), "DRAM")
+        rng = np.random.default_rng(91)
+        ridx = rng.permutation(total)[:nsel].astype(np.int32)
+        lidx = rng.permutation(total)[:nsel].astype(np.int32)
+        notif = b"req-0000:tp1"
+        h = a.make_prepped_xfer("READ", local_h, lidx, remote_h, ridx, notif)
+        dt = post(a, h, f"prepped READ of {nsel} blocks")
+        log(f"cross-process prepped READ of {nsel} x 4 KiB scattered blocks:",
+            rate(nsel * block, dt))
+        tgt.check("prepped READ notification", "xp-decode", [notif])
+        log("notification checked on the target")
+
+        remote = fast_pattern(total * r_stride, 90)  # what the target holds
+        lv = block_view(local, total, block, l_stride)
+        rv = block_view(remote, total, block, r_stride)
+        assert same(lv[lidx], rv[ridx]), "prepped READ: block contents differ"
+        untouched = np.ones(total, dtype=bool)
+        untouched[lidx] = False
+        assert (lv[untouched] == 0xAA).all(), "prepped READ wrote blocks it was not asked to"
+        gaps = local[: total * l_stride].reshape(total, l_stride)[:, block:]
+        assert (gaps == 0xAA).all(), "prepped READ wrote into the gaps between blocks"
+        log("all blocks verified, gaps and unselected blocks untouched")
+
+        # Runs of consecutive blocks over dense views: NIXL merges them, so the
+        # backend sees fewer, longer descriptors of varying length.
+        local[:] = 0xAA
+        dense = min(remote.nbytes, local.nbytes) // block
+        local_dh = a.prep_xfer_dlist("NIXL_INIT_AGENT", block_table(local, dense, block, block),
+                                     "DRAM")
+        remote_dh = a.prep_xfer_dlist(tgt.name, block_table(tgt.addrs["kv"], dense, block, block),
+                                      "DRAM")
+        runs, start = [], 0
+        for length in (1, 2, 3, 64, 7, 500, 1, 1000):
+            runs.append(np.arange(start, start + length))
+            start += length + 5
+        idx = np.concatenate(runs).astype(np.int32)
+        h2 = a.make_prepped_xfer("READ", local_dh, idx, remote_dh, idx, b"req-0001:tp1")
+        post(a, h2, "merged prepped READ")
+        tgt.check("merged READ notification", "xp-decode", [b"req-0001:tp1"])
+        ld, rd = block_view(local, dense, block, block), block_view(remote, dense, block, block)
+        assert same(ld[idx], rd[idx]), "merged READ: block contents differ"
+        holes = np.ones(dense, dtype=bool)
+        holes[idx] = False
+        assert (ld[holes] == 0xAA).all(), "merged READ wrote outside the requested runs"
+        log(f"merged READ of {len(runs)} runs ({len(idx)} blocks) verified")
+        for handle in (h, h2):
+            a.release_xfer_handle(handle)
+        for dl in (local_h, remote_h, local_dh, remote_dh):
+            a.release_dlist_handle(dl)
+        tgt.quit()
+
+
+# c. four threads of the initiator posting at once to one target ------------------------
+
+
+def sc_xp_threads(args) -> None:
+    proto = args.protocol
+    nthreads, iters, size = 4, 8, 4 * MiB
+    bufs = [{"name": f"slot{t}", "size": size} for t in range(nthreads)]
+    with target_process("xp-sink", proto, bufs) as tgt:
+        ini = new_agent_with("xp-multi", proto)
+        bases = [fast_pattern(size, 100 + t) for t in range(nthreads)]
+        srcs = [filled(size) for _ in range(nthreads)]
+        backs = [filled(size) for _ in range(nthreads)]
+        register(ini, *srcs, *backs)
+        ini.add_remote_agent(tgt.md)
+        barrier = threading.Barrier(nthreads, timeout=OP_TIMEOUT)
+        errors: list[str] = []
+
+        def worker(t: int) -> None:
+            try:
+                remote = tgt.descs(ini, f"slot{t}")
+                barrier.wait()
+                w = ini.initialize_xfer("WRITE", xfer_descs(ini, srcs[t]), remote, tgt.name)
+                r = ini.initialize_xfer("READ", xfer_descs(ini, backs[t]), remote, tgt.name)
+                for k in range(iters):
+                    np.bitwise_xor(bases[t], k, out=srcs[t])
+                    post(ini, w, f"thread {t} WRITE #{k}", b"t%d-%d-w" % (t, k))
+                    post(ini, r, f"thread {t} READ #{k}", b"t%d-%d-r" % (t, k))
+                    if not same(srcs[t], backs[t]):
+                        errors.append(f"thread {t} #{k}: what was read back differs from "
+                                      "what was written")
+                        return
+                ini.release_xfer_handle(w)
+                ini.release_xfer_handle(r)
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(f"thread {t}: {type(e).__name__}: {e}")
+                barrier.abort()
+
+        threads = [threading.Thread(target=worker, args=(t,), daemon=True)
+                   for t in range(nthreads)]
+        t0 = time.perf_counter()
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + OP_TIMEOUT
+        for th in threads:
+            th.join(timeout=max(0.0, deadline - time.monotonic()))
+        assert not any(th.is_alive() for th in threads), "a worker thread hung"
+        assert not errors, "; ".join(errors)
+        dt = time.perf_counter() - t0
+        log(f"{nthreads} threads x {iters} x (WRITE + READ back) of {size // MiB} MiB verified:",
+            rate(2 * nthreads * iters * size, dt))
+        expected = [b"t%d-%d-%s" % (t, k, op) for t in range(nthreads) for k in range(iters)
+                    for op in (b"w", b"r")]
+        final = [(f"slot{t}", 0, size, sha256(srcs[t])) for t in range(nthreads)]
+        tgt.check("four threads", "xp-multi", expected, tuple(final))
+        log(f"target got all {len(expected)} notifications and the final contents of every slot")
+        tgt.quit()
+
+
+# d. a target that makes no NIXL call while it is served ---------------------------------
+
+
+def sc_xp_idle_target(args) -> None:
+    proto = args.protocol
+    n, size = 4, 8 * MiB
+    bufs = [{"name": "w", "size": n * size}, {"name": "r", "size": n * size, "seed": 110}]
+    with target_process("xp-sleeper", proto, bufs, args.target_prog_thread == "on") as tgt:
+        ini = new_agent_with("xp-busy", proto)
+        src, dst = fast_pattern(n * size, 111), filled(n * size)
+        register(ini, src, dst)
+        ini.add_remote_agent(tgt.md)
+        until = tgt.request("idle", seconds=args.seconds)["until"]
+        # Nothing connected yet (the plugin connects on the first post): the
+        # handshake, too, happens while the target sleeps.
+        log(f"target idle for {args.seconds} s from now; connecting and transferring meanwhile")
+        t0 = time.monotonic()
+        notifs = []
+        for i in range(n):
+            part = src[i * size:(i + 1) * size]
+            h = ini.initialize_xfer("WRITE", xfer_descs(ini, part),
+                                    tgt.descs(ini, "w", i * size, size), tgt.name, b"idle-w-%d" % i)
+            post(ini, h, f"WRITE #{i} to the idle target")
+            ini.release_xfer_handle(h)
+            notifs.append(b"idle-w-%d" % i)
+            part = dst[i * size:(i + 1) * size]
+            h = ini.initialize_xfer("READ", xfer_descs(ini, part),
+                                    tgt.descs(ini, "r", i * size, size), tgt.name, b"idle-r-%d" % i)
+            post(ini, h, f"READ #{i} from the idle target")
+            ini.release_xfer_handle(h)
+            notifs.append(b"idle-r-%d" % i)
+        ini.send_notif(tgt.name, b"idle-standalone\x00")
+        notifs.append(b"idle-standalone\x00")
+        done = time.monotonic()
+        log(f"{n} WRITEs and {n} READs of {size // MiB} MiB completed in {done - t0:.2f}s, "
+            f"{until - done:.2f}s before the target woke up")
+        assert done < until - 0.1, (
+            f"the transfers ended {done - until:+.2f}s from the target's wake-up: inconclusive "
+            "(raise --seconds)")
+        assert same(dst, fast_pattern(n * size, 110)), "READ from the idle target: data mismatch"
+        woke = tgt.request("check", what="after the idle period", sender="xp-busy",
+                           notifs=[b64(m) for m in notifs],
+                           data=[["w", 0, n * size, sha256(src)]])["woke"]
+        assert woke >= until, "the target answered before its idle period ended"
+        log("READ data verified here; WRITE data and all notifications verified by the target "
+            "after its idle period")
+        tgt.quit()
+
+
+# e. SIGKILL of the target mid-transfer, then a new target of the same name ---------------
+
+
+def sc_xp_kill_target(args) -> None:
+    proto = args.protocol
+    big, small = args.size_mib * MiB, 8 * MiB
+    name = "xp-victim"
+    ini = new_agent_with("xp-survivor", proto)
+    src, dst = fast_pattern(big, 120), filled(big)
+    register(ini, src, dst)
+    bufs = [{"name": "w", "size": big}, {"name": "r", "size": big, "seed": 121}]
+    remote_r = fast_pattern(small, 121)  # the start of what every target holds in "r"
+    rounds = args.kill_ops + ["none"]
+    for rnd, kill_op in enumerate(rounds):
+        with target_process(name, proto, bufs) as tgt:
+            loaded = ini.add_remote_agent(tgt.md)
+            assert loaded in (name, name.encode()), loaded
+            # A verified transfer each way first (after a kill: to the new process).
+            part = src[:small]
+            h = ini.initialize_xfer("WRITE", xfer_descs(ini, part), tgt.descs(ini, "w", 0, small),
+                                    name, b"hello-w-%d" % rnd)
+            post(ini, h, f"round {rnd}: WRITE")
+            ini.release_xfer_handle(h)
+            dst[:small] = 0
+            h = ini.initialize_xfer("READ", xfer_descs(ini, dst[:small]),
+                                    tgt.descs(ini, "r", 0, small), name, b"hello-r-%d" % rnd)
+            post(ini, h, f"round {rnd}: READ")
+            ini.release_xfer_handle(h)
+            assert (dst[:small] == remote_r[:small]).all(), f"round {rnd}: READ data mismatch"
+            tgt.check(f"round {rnd}: first transfers", "xp-survivor",
+                      [b"hello-w-%d" % rnd, b"hello-r-%d" % rnd], (("w", 0, small, sha256(part)),))
+            log(f"round {rnd}: target process {tgt.pid}: WRITE and READ of {small // MiB} MiB "
+                "verified")
+            if kill_op == "none":
+                tgt.quit()
+                break
+
+            local, remote = (src, "w") if kill_op == "WRITE" else (dst, "r")
+            h = ini.initialize_xfer(kill_op, xfer_descs(ini, local), tgt.descs(ini, remote), name,
+                                    b"never-mind")
+            for _ in range(20):  # until one post is really in flight
+                state = ini.transfer(h)
+                if state != "DONE":
+                    break
+            assert state in ("PROC", "DONE"), f"{kill_op}: transfer() returned {state!r}"
+            if state == "DONE":  # a transport that finishes posts inline: kill between posts
+                log(f"round {rnd}: every post of the {kill_op} finished inline; the kill lands "
+                    "between posts and the next repost must fail")
+            t_kill = tgt.kill()
+            seen = {"failure": "", "reposts": 0}
+
+            def failed() -> bool:
+                try:
+                    state = ini.check_xfer_state(h)
+                    if state == "DONE":  # it had finished before the kill took effect
+                        seen["reposts"] += 1
+                        state = ini.transfer(h)
+                except Exception as e:  # noqa: BLE001 - checked here
+                    assert is_nixl_error(e), f"a non-NIXL error: {e!r}"
+                    seen["failure"] = f"{type(e).__module__}.{type(e).__name__}: {e}"
+                    return True
+                if state == "ERR":
+                    seen["failure"] = "state 'ERR'"
+                return state == "ERR"
+
+            wait_until(failed, f"the initiator to notice that the target was killed ({kill_op})")
+            elapsed = time.monotonic() - t_kill
+            log(f"round {rnd}: SIGKILL of the target during a {big // MiB} MiB {kill_op}: first "
+                f"failed check after {elapsed * 1e3:.1f} ms ({seen['reposts']} repost(s)): "
+                f"{seen['failure']}")
+            print(f"KILL-TO-FAILURE {kill_op} {elapsed * 1e3:.1f} ms", flush=True)
+            assert elapsed < 1.0, f"the dead target was noticed only after {elapsed:.3f}s"
+            try:
+                ini.release_xfer_handle(h)
+            except Exception as e:  # noqa: BLE001 - reported
+                raise AssertionError(f"releasing the failed handle: {type(e).__name__}: {e}") from e
+            # NIXL 1.5.1 keeps the dead agent's metadata after check_xfer_state raised,
+            # and refuses different metadata under a known name (NIXL_ERR_NOT_ALLOWED,
+            # in the agent itself): forget the dead process first, as a deployment
+            # that restarts a worker under the same name must.
+            known = ini.check_remote_metadata(name)
+            log(f"round {rnd}: after the failure NIXL {'still' if known else 'no longer'} holds "
+                f"{name!r}'s metadata{'; removing it' if known else ''}")
+            if known:
+                ini.remove_remote_agent(name)
+    log(f"{len(rounds) - 1} target(s) killed mid-transfer; every new target process served "
+        "verified transfers")
+
+
+# f. empty and binary notifications across processes -------------------------------------
+
+
+def sc_xp_notif_bytes(args) -> None:
+    proto = args.protocol
+    size = 64 * KiB
+    bufs = [{"name": "dst", "size": size}, {"name": "src", "size": size, "seed": 130}]
+    with target_process("xp-listener", proto, bufs) as tgt:
+        a = new_agent_with("xp-sender", proto)
+        base, src, back = pattern(size, 131), filled(size), filled(size)
+        register(a, src, back)
+        a.add_remote_agent(tgt.md)
+        remote_src = fast_pattern(size, 130)  # what the target holds in "src"
+        # With transfers (WRITE and READ): the payload given at creation. (b"" means
+        # "no notification" in the 1.5.1 API, so empty ones go by send_notif only.)
+        for i, payload in enumerate(BINARY_PAYLOADS):
+            if i % 2 == 0:
+                np.bitwise_xor(base, i, out=src)
+                h = a.initialize_xfer("WRITE", xfer_descs(a, src), tgt.descs(a, "dst"), tgt.name,
+                                      payload)
+                post(a, h, f"WRITE with binary notif #{i}")
+                tgt.check(f"WRITE notif #{i} ({len(payload)} bytes)", "xp-sender", [payload],
+                          (("dst", 0, size, sha256(src)),))
+            else:
+                back[:] = 0
+                h = a.initialize_xfer("READ", xfer_descs(a, back), tgt.descs(a, "src"), tgt.name,
+                                      payload)
+                post(a, h, f"READ with binary notif #{i}")
+                assert same(back, remote_src), f"READ #{i}: data mismatch"
+                tgt.check(f"READ notif #{i} ({len(payload)} bytes)", "xp-sender", [payload])
+            a.release_xfer_handle(h)
+        log(f"{len(BINARY_PAYLOADS)} binary payloads intact via cross-process WRITEs and READs")
+
+        h = a.initialize_xfer("WRITE", xfer_descs(a, src), tgt.descs(a, "dst"), tgt.name)
+        post(a, h, "WRITE without notif")
+        a.release_xfer_handle(h)
+        tgt.request("quiet", seconds=0.5, what="transfer without a notification message")
+        log("transfer without a message: no notification, as expected")
+
+        for i, payload in enumerate([b""] + BINARY_PAYLOADS + [b""]):
+            a.send_notif(tgt.name, payload)
+            tgt.check(f"send_notif #{i} ({len(payload)} bytes)", "xp-sender", [payload])
+        log("empty and binary payloads intact via cross-process send_notif")
+
+        burst = [b""] + [b"%d\x00\xff" % i for i in range(50)] + [b""]
+        for payload in burst:
+            a.send_notif(tgt.name, payload)
+        tgt.check("burst of 52 send_notif", "xp-sender", burst)
+        log("burst of 52 standalone notifications (2 empty) intact across processes")
+        tgt.quit()
+
+
+# --------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -1028,6 +1578,27 @@ def main() -> None:
     s.add_argument("--size-mib", type=int, default=64)
     s.set_defaults(fn=sc_two_process)
 
+    def xp(name: str, fn, help_text: str):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("--protocol", choices=["auto", "tcp"], default="auto")
+        s.set_defaults(fn=fn)
+        return s
+
+    xp("xp_bulk", sc_xp_bulk, "processes: 384 MiB WRITE and READ in 4 KiB to 64 MiB blocks")
+    s = xp("xp_prepped", sc_xp_prepped, "processes: prepped READ of many scattered blocks")
+    s.add_argument("--blocks", type=int, default=20_000)
+    xp("xp_threads", sc_xp_threads, "processes: four initiator threads, one target")
+    s = xp("xp_idle_target", sc_xp_idle_target, "processes: a target that makes no NIXL call")
+    s.add_argument("--seconds", type=float, default=3.0)
+    s.add_argument("--target-prog-thread", choices=["on", "off"], default="on")
+    s = xp("xp_kill_target", sc_xp_kill_target, "processes: SIGKILL the target mid-transfer")
+    s.add_argument("--size-mib", type=int, default=128)
+    s.add_argument("--kill-ops", nargs="+", choices=["WRITE", "READ"], default=["WRITE", "READ"])
+    xp("xp_notif_bytes", sc_xp_notif_bytes, "processes: empty and binary notifications")
+
+    s = sub.add_parser("_xp_target", help=argparse.SUPPRESS)
+    s.set_defaults(fn=sc_xp_target)
+
     s = sub.add_parser("_twoproc_peer", help=argparse.SUPPRESS)
     s.add_argument("--role", choices=["target", "initiator"], required=True)
     s.add_argument("--size-mib", type=int, default=64)
@@ -1036,7 +1607,7 @@ def main() -> None:
     args = p.parse_args()
     log(f"scenario {args.scenario}, backend {BACKEND!r}")
     args.fn(args)
-    if args.scenario != "_twoproc_peer":
+    if args.scenario not in PEER_COMMANDS:
         print(f"SCENARIO {args.scenario} OK", flush=True)
 
 

@@ -12,6 +12,7 @@ exits non-zero, crashes, or hangs.  See conftest.py for the environment knobs.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -111,11 +112,58 @@ def test_idle_agents_do_not_burn_cpu(run_scenario, backend):
 # extra: two processes ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(os.environ.get("E2E_BACKEND", "Mooncake") == "Mooncake", strict=True,
-                   reason="cross-process transports arrive with the TCP transport")
 @pytest.mark.parametrize("initiator", ["parent", "child"])
 def test_two_processes(run_scenario, initiator):
     run_scenario("two_process", "--initiator", initiator, "--size-mib", "64")
+
+
+# cross-process: initiator here, target in a peer process the scenario spawns and reaps ---
+
+PROTOCOLS = ["tcp", "auto"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cross_process_384mib_in_4kib_to_64mib_blocks(run_scenario, protocol):
+    run_scenario("xp_bulk", "--protocol", protocol)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cross_process_prepped_read_20000_blocks(run_scenario, protocol):
+    run_scenario("xp_prepped", "--protocol", protocol, "--blocks", "20000")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cross_process_four_threads_one_target(run_scenario, protocol):
+    run_scenario("xp_threads", "--protocol", protocol)
+
+
+@pytest.mark.parametrize("target_prog_thread", ["on", "off"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cross_process_target_makes_no_nixl_call(run_scenario, backend, protocol,
+                                                 target_prog_thread):
+    # With the progress thread off too: nothing on the target may wait for a NIXL call.
+    if backend != "Mooncake" and target_prog_thread == "off":
+        pytest.skip("NIXL's UCX backend progresses a target without a progress thread "
+                    "only inside its NIXL calls")
+    run_scenario("xp_idle_target", "--protocol", protocol, "--seconds", "3",
+                 "--target-prog-thread", target_prog_thread)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cross_process_sigkill_target_then_new_target(run_scenario, protocol):
+    # UCX_TLS: as for test_release_while_in_flight (only matters when validating with UCX).
+    out = run_scenario("xp_kill_target", "--protocol", protocol, "--size-mib", "128",
+                       env={"UCX_TLS": "tcp,self"})
+    figures = re.findall(r"^KILL-TO-FAILURE (\w+) ([\d.]+) ms$", out, re.M)
+    assert [op for op, _ in figures] == ["WRITE", "READ"], out
+    for op, ms in figures:
+        print(f"SIGKILL during {op}: first failed check {ms} ms after the kill")
+        assert float(ms) < 1000.0
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_cross_process_empty_and_binary_notifications(run_scenario, protocol):
+    run_scenario("xp_notif_bytes", "--protocol", protocol)
 
 
 # k. the wheel's C++ example ------------------------------------------------------------------

@@ -27,9 +27,16 @@ uint64_t md_id(const nixlBackendMD *md) {
 std::vector<XferDesc> flatten(const nixl_meta_dlist_t &list) {
     std::vector<XferDesc> out;
     out.reserve(static_cast<size_t>(list.descCount()));
+    // Consecutive descriptors nearly always share one metadata object.
+    const nixlBackendMD *last = nullptr;
+    uint64_t last_id = 0;
     for (int i = 0; i < list.descCount(); ++i) {
         const nixlMetaDesc &d = list[i];
-        out.push_back(XferDesc{static_cast<uint64_t>(d.addr), static_cast<uint64_t>(d.len), md_id(d.metadataP)});
+        if (d.metadataP != last || i == 0) {
+            last = d.metadataP;
+            last_id = md_id(last);
+        }
+        out.push_back(XferDesc{static_cast<uint64_t>(d.addr), static_cast<uint64_t>(d.len), last_id});
     }
     return out;
 }

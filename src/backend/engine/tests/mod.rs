@@ -3,10 +3,20 @@
 use super::*;
 use std::time::Instant;
 
+mod cma;
+mod tcp;
+
 fn engine(name: &str, progress_thread: bool) -> Engine {
+    engine_with(name, progress_thread, &[])
+}
+
+fn engine_with(name: &str, progress_thread: bool, params: &[(&str, &str)]) -> Engine {
     Engine::new(EngineConfig {
         local_agent: name.as_bytes().to_vec(),
-        params: vec![],
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         progress_thread,
         progress_delay: Duration::ZERO,
     })
@@ -24,8 +34,12 @@ struct Pair {
 }
 
 fn pair(len: usize, progress_thread: bool) -> Pair {
-    let a = engine("A", progress_thread);
-    let b = engine("B", progress_thread);
+    pair_with(len, progress_thread, &[])
+}
+
+fn pair_with(len: usize, progress_thread: bool, params: &[(&str, &str)]) -> Pair {
+    let a = engine_with("A", progress_thread, params);
+    let b = engine_with("B", progress_thread, params);
     a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
     let abuf: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
     let bbuf = vec![0u8; len];
@@ -94,8 +108,12 @@ fn notifs_until(engine: &Engine, count: usize) -> Vec<(AgentName, Vec<u8>)> {
 
 #[test]
 fn write_and_read_with_notifications_both_progress_modes() {
+    write_and_read_with_notifications_both_progress_modes_with(&[]);
+}
+
+pub(super) fn write_and_read_with_notifications_both_progress_modes_with(params: &[(&str, &str)]) {
     for thread in [false, true] {
-        let p = pair(8 << 20, thread);
+        let p = pair_with(8 << 20, thread, params);
         let w = p.whole(Op::Write);
         let _ = p.a.post_xfer(w, Some(b"w\0\xff")).unwrap();
         assert_eq!(wait(&p.a, w), Ok(Status::Success));
@@ -163,7 +181,11 @@ fn small_transfers_complete_inline() {
 
 #[test]
 fn reposting_gives_one_notification_per_post() {
-    let p = pair(1 << 20, true);
+    reposting_gives_one_notification_per_post_with(&[]);
+}
+
+pub(super) fn reposting_gives_one_notification_per_post_with(params: &[(&str, &str)]) {
+    let p = pair_with(1 << 20, true, params);
     let id = p.whole(Op::Write);
     for _ in 0..30 {
         let _ = p.a.post_xfer(id, Some(b"again")).unwrap();
@@ -176,10 +198,14 @@ fn reposting_gives_one_notification_per_post() {
 
 #[test]
 fn many_noncontiguous_descriptors() {
+    many_noncontiguous_descriptors_with(&[]);
+}
+
+pub(super) fn many_noncontiguous_descriptors_with(params: &[(&str, &str)]) {
     let block = 4096usize;
     let n = 10_000usize;
     // Every other block of A goes to every other block of B, in reverse order.
-    let p = pair(2 * n * block, false);
+    let p = pair_with(2 * n * block, false, params);
     let (l, r): (Vec<Desc>, Vec<Desc>) = (0..n)
         .map(|i| {
             let l = Desc {
@@ -269,12 +295,20 @@ fn local_md_survives_deregistration_of_its_source() {
 
 #[test]
 fn gen_notif_to_peer_and_self() {
-    let p = pair(64, false);
+    gen_notif_to_peer_and_self_with(&[]);
+}
+
+pub(super) fn gen_notif_to_peer_and_self_with(params: &[(&str, &str)]) {
+    let p = pair_with(64, false, params);
     p.a.gen_notif(b"B", b"hi\0").unwrap();
+    p.a.gen_notif(b"B", b"").unwrap();
     p.a.gen_notif(b"A", b"me").unwrap();
     assert_eq!(
-        p.b.get_notifs(),
-        vec![(AgentName::from("A"), b"hi\0".to_vec())]
+        notifs_until(&p.b, 2),
+        vec![
+            (AgentName::from("A"), b"hi\0".to_vec()),
+            (AgentName::from("A"), vec![])
+        ]
     );
     assert_eq!(
         p.a.get_notifs(),
@@ -336,8 +370,12 @@ fn deregistration_mid_transfer_fails_it_without_further_writes() {
 
 #[test]
 fn four_threads_post_at_once() {
-    let a = Arc::new(engine("A", true));
-    let b = Arc::new(engine("B", true));
+    four_threads_post_at_once_with(&[]);
+}
+
+pub(super) fn four_threads_post_at_once_with(params: &[(&str, &str)]) {
+    let a = Arc::new(engine_with("A", true, params));
+    let b = Arc::new(engine_with("B", true, params));
     a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
     let threads: Vec<_> = (0..4u8)
         .map(|t| {

@@ -1,0 +1,147 @@
+//! The engine over cross-memory attach: two engines in this process forced
+//! onto it (`protocol=cma`; the probe reads our own pid's cookie).
+
+use super::*;
+
+const CMA: &[(&str, &str)] = &[("protocol", "cma"), ("ip_addr", "127.0.0.1")];
+
+#[test]
+fn the_route_is_cross_memory_attach() {
+    let p = pair_with(64, false, CMA);
+    assert!(matches!(
+        p.a.peers.read()[&AgentName::from("B")].route,
+        Ok(Route::Cma { ref peer, .. }) if peer.pid() == std::process::id()
+    ));
+}
+
+#[test]
+fn write_and_read_with_notifications_both_progress_modes() {
+    write_and_read_with_notifications_both_progress_modes_with(CMA);
+}
+
+#[test]
+fn reposting_gives_one_notification_per_post() {
+    reposting_gives_one_notification_per_post_with(CMA);
+}
+
+#[test]
+fn many_noncontiguous_descriptors() {
+    // 10,000 descriptors: more than the kernel's 1024 iovecs per call.
+    many_noncontiguous_descriptors_with(CMA);
+}
+
+#[test]
+fn four_threads_post_at_once() {
+    four_threads_post_at_once_with(CMA);
+}
+
+#[test]
+fn gen_notif_to_peer_and_self() {
+    gen_notif_to_peer_and_self_with(CMA);
+}
+
+#[test]
+fn a_peer_that_does_not_accept_cma_is_refused_under_cma_and_tcp_under_auto() {
+    let a = engine_with("A", false, CMA);
+    let b = engine_with("B", false, &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")]);
+    a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    match a.connect(b"B") {
+        Err(Error::NotSupported(m)) => assert!(m.contains("cross-memory attach"), "{m}"),
+        other => panic!("expected NotSupported, got {other:?}"),
+    }
+    // Under auto, a same-host peer that publishes no probe is reached over TCP
+    // (pretend it lives in another process, or auto would copy in-process).
+    let auto = engine_with("C", false, &[("ip_addr", "127.0.0.1")]);
+    let mut info = ConnInfo::decode(b.conn_info()).unwrap();
+    info.pid = u32::MAX >> 2;
+    auto.load_remote_conn_info(b"B", &info.encode()).unwrap();
+    assert!(matches!(
+        auto.peers.read()[&AgentName::from("B")].route,
+        Ok(Route::Tcp(_))
+    ));
+}
+
+#[test]
+fn memory_unmapped_behind_a_registration_fails_cleanly() {
+    let p = pair_with(4096, false, CMA);
+    let page = 4096usize;
+    // SAFETY: an anonymous private mapping of 4 pages, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4 * page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let base = map as u64;
+    let bmd = p.b.register_mem(base, 4 * page as u64, 0, 0).unwrap();
+    let rmd =
+        p.a.load_remote_md(
+            base,
+            4 * page as u64,
+            0,
+            &p.b.public_data(bmd).unwrap(),
+            b"B",
+        )
+        .unwrap();
+    // The peer frees the last two pages without deregistering them.
+    // SAFETY: unmapping pages of our own mapping that nothing else uses.
+    assert_eq!(
+        unsafe { libc::munmap((base + 2 * page as u64) as *mut _, 2 * page) },
+        0
+    );
+    let src = vec![9u8; 4 * page];
+    let smd =
+        p.a.register_mem(src.as_ptr() as u64, src.len() as u64, 0, 0)
+            .unwrap();
+    let id =
+        p.a.prep_xfer(
+            Op::Write,
+            &[Desc {
+                addr: src.as_ptr() as u64,
+                len: src.len() as u64,
+                md: smd,
+            }],
+            &[Desc {
+                addr: base,
+                len: 4 * page as u64,
+                md: rmd,
+            }],
+            b"B",
+        )
+        .unwrap();
+    let result = match p.a.post_xfer(id, Some(b"no")) {
+        Ok(_) => wait(&p.a, id),
+        Err(e) => Err(e),
+    };
+    assert!(matches!(result, Err(Error::NotAllowed(_))), "{result:?}");
+    assert!(
+        p.b.get_notifs().is_empty(),
+        "a failed transfer sends no notification"
+    );
+    // SAFETY: the first two pages are still mapped; read them, then unmap.
+    let head = unsafe { std::slice::from_raw_parts(base as *const u8, 2 * page) };
+    assert!(
+        head.iter().all(|&x| x == 9),
+        "the partial transfer landed where it could"
+    );
+    // SAFETY: unmapping the rest of our own mapping; nothing refers to it any more.
+    unsafe { libc::munmap(map, 2 * page) };
+}
+
+#[test]
+fn release_cancels_without_writing_afterwards() {
+    let p = pair_with(64 << 20, false, CMA);
+    let id = p.whole(Op::Write);
+    assert_eq!(p.a.post_xfer(id, Some(b"x")), Ok(Status::InProg));
+    p.a.release_req(id).unwrap();
+    let snapshot = p.bbuf.clone();
+    assert_ne!(snapshot, p.abuf, "the transfer was really cut short");
+    p.a.worker.drive(usize::MAX);
+    assert_eq!(p.bbuf, snapshot);
+    assert!(p.b.get_notifs().is_empty());
+}

@@ -1,0 +1,327 @@
+//! The engine over its TCP transport: two engines in this process forced
+//! onto TCP (`protocol=tcp`) on loopback.
+
+use super::*;
+
+const TCP: &[(&str, &str)] = &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")];
+
+fn link(e: &Engine, agent: &str) -> Arc<PeerLink> {
+    match &e.peers.read()[&AgentName::from(agent)].route {
+        Ok(Route::Tcp(link)) => link.clone(),
+        _ => panic!("agent {agent} is not reached over TCP"),
+    }
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn write_and_read_with_notifications_both_progress_modes() {
+    write_and_read_with_notifications_both_progress_modes_with(TCP);
+}
+
+#[test]
+fn reposting_gives_one_notification_per_post() {
+    reposting_gives_one_notification_per_post_with(TCP);
+}
+
+#[test]
+fn many_noncontiguous_descriptors() {
+    many_noncontiguous_descriptors_with(TCP);
+}
+
+#[test]
+fn four_threads_post_at_once() {
+    four_threads_post_at_once_with(TCP);
+}
+
+#[test]
+fn gen_notif_to_peer_and_self() {
+    gen_notif_to_peer_and_self_with(TCP);
+}
+
+#[test]
+fn large_descriptors_are_sliced_over_streams() {
+    let p = pair_with(
+        40 << 20,
+        true,
+        &[
+            ("protocol", "tcp"),
+            ("ip_addr", "127.0.0.1"),
+            ("streams", "3"),
+        ],
+    );
+    let id = p.whole(Op::Write);
+    let _ = p.a.post_xfer(id, Some(b"big")).unwrap();
+    assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    assert_eq!(p.abuf, p.bbuf);
+    assert_eq!(
+        notifs_until(&p.b, 1),
+        vec![(AgentName::from("A"), b"big".to_vec())]
+    );
+}
+
+#[test]
+fn the_target_refuses_a_deregistered_region_with_a_clear_error() {
+    let p = pair_with(4096, true, TCP);
+    let id = p.whole(Op::Write);
+    let bmd = *p.b.mds.read().keys().next().unwrap();
+    p.b.deregister_mem(bmd).unwrap();
+    let _ = p.a.post_xfer(id, Some(b"never"));
+    match wait(&p.a, id) {
+        Err(Error::NotAllowed(msg)) => assert!(msg.contains("refused"), "{msg}"),
+        other => panic!("expected NotAllowed, got {other:?}"),
+    }
+    assert!(p.bbuf.iter().all(|&x| x == 0), "no byte written");
+    assert!(
+        p.b.get_notifs().is_empty(),
+        "no notification for a refused transfer"
+    );
+    // The connection survives a refusal: a valid transfer still works.
+    let dst = vec![0u8; 4096];
+    let dmd = p.b.register_mem(dst.as_ptr() as u64, 4096, 0, 0).unwrap();
+    let rmd =
+        p.a.load_remote_md(
+            dst.as_ptr() as u64,
+            4096,
+            0,
+            &p.b.public_data(dmd).unwrap(),
+            b"B",
+        )
+        .unwrap();
+    let ok =
+        p.a.prep_xfer(
+            Op::Write,
+            &[Desc {
+                addr: p.abuf.as_ptr() as u64,
+                len: 4096,
+                md: p.amd,
+            }],
+            &[Desc {
+                addr: dst.as_ptr() as u64,
+                len: 4096,
+                md: rmd,
+            }],
+            b"B",
+        )
+        .unwrap();
+    let _ = p.a.post_xfer(ok, None).unwrap();
+    assert_eq!(wait(&p.a, ok), Ok(Status::Success));
+    assert_eq!(&dst[..], &p.abuf[..]);
+}
+
+#[test]
+fn a_cancelled_read_never_writes_after_release() {
+    let p = pair_with(64 << 20, true, TCP);
+    // READ B's zeros into A's pattern: any byte landing late would show.
+    let id = p.whole(Op::Read);
+    let _ = p.a.post_xfer(id, Some(b"cancelled")).unwrap();
+    p.a.release_req(id).unwrap();
+    let snapshot = p.abuf.clone();
+    // Wait until every frame of the cancelled post was answered and drained.
+    let l = link(&p.a, "B");
+    wait_for("the peer to answer the cancelled frames", || {
+        l.pending() == 0
+    });
+    assert_eq!(
+        p.abuf, snapshot,
+        "no byte landed after releaseReqH returned"
+    );
+    assert!(
+        p.b.get_notifs().is_empty(),
+        "a cancelled READ sends no notification"
+    );
+}
+
+#[test]
+fn a_dead_peer_fails_transfers_at_once_and_a_restarted_one_works() {
+    let a = engine_with("A", true, TCP);
+    let b = engine_with("B", true, TCP);
+    a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    let len = 64 << 20;
+    let src = vec![1u8; len];
+    let dst = vec![0u8; len];
+    let smd = a
+        .register_mem(src.as_ptr() as u64, len as u64, 0, 0)
+        .unwrap();
+    let dmd = b
+        .register_mem(dst.as_ptr() as u64, len as u64, 0, 0)
+        .unwrap();
+    let rmd = a
+        .load_remote_md(
+            dst.as_ptr() as u64,
+            len as u64,
+            0,
+            &b.public_data(dmd).unwrap(),
+            b"B",
+        )
+        .unwrap();
+    let descs = |md| {
+        [Desc {
+            addr: src.as_ptr() as u64,
+            len: len as u64,
+            md,
+        }]
+    };
+    let id = a
+        .prep_xfer(
+            Op::Write,
+            &descs(smd),
+            &[Desc {
+                addr: dst.as_ptr() as u64,
+                len: len as u64,
+                md: rmd,
+            }],
+            b"B",
+        )
+        .unwrap();
+    a.connect(b"B").unwrap();
+    // Kill B's side of every connection (what the kernel does when B dies).
+    b.tcp_server.shutdown();
+    let failed = match a.post_xfer(id, None) {
+        Err(e) => Err(e),
+        Ok(_) => wait(&a, id),
+    };
+    assert!(
+        matches!(failed, Err(Error::RemoteDisconnect(_))),
+        "{failed:?}"
+    );
+    // Later posts fail fast.
+    let started = Instant::now();
+    assert!(matches!(
+        a.post_xfer(id, None),
+        Err(Error::RemoteDisconnect(_))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    drop(b);
+
+    // A new engine for agent B, with new metadata, works again.
+    let b2 = engine_with("B", true, TCP);
+    a.load_remote_conn_info(b"B", b2.conn_info()).unwrap();
+    let dmd2 = b2
+        .register_mem(dst.as_ptr() as u64, len as u64, 0, 0)
+        .unwrap();
+    let rmd2 = a
+        .load_remote_md(
+            dst.as_ptr() as u64,
+            len as u64,
+            0,
+            &b2.public_data(dmd2).unwrap(),
+            b"B",
+        )
+        .unwrap();
+    let id2 = a
+        .prep_xfer(
+            Op::Write,
+            &descs(smd),
+            &[Desc {
+                addr: dst.as_ptr() as u64,
+                len: len as u64,
+                md: rmd2,
+            }],
+            b"B",
+        )
+        .unwrap();
+    let _ = a.post_xfer(id2, Some(b"back")).unwrap();
+    assert_eq!(wait(&a, id2), Ok(Status::Success));
+    assert_eq!(src, dst);
+    assert_eq!(notifs_until(&b2, 1).len(), 1);
+}
+
+#[test]
+fn a_peer_with_a_forged_token_is_refused() {
+    let a = engine_with("A", true, TCP);
+    let b = engine_with("B", true, TCP);
+    // A peer whose metadata names B's address but not B's token.
+    let mut info = ConnInfo::decode(b.conn_info()).unwrap();
+    info.token ^= 1;
+    a.load_remote_conn_info(b"B", &info.encode()).unwrap();
+    assert!(matches!(a.connect(b"B"), Err(Error::RemoteDisconnect(m)) if m.contains("refused")));
+    assert!(matches!(
+        a.gen_notif(b"B", b"x"),
+        Err(Error::RemoteDisconnect(_))
+    ));
+    assert!(b.get_notifs().is_empty());
+}
+
+#[test]
+fn a_hung_peer_is_caught_by_the_stall_timeout() {
+    use crate::wire::frame::{HEADER_LEN, Header, Kind};
+    use crate::wire::region::RegionPublic;
+    use std::io::{Read, Write};
+
+    // A fake peer: accepts, answers the hello, then reads and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = [0u8; HEADER_LEN];
+        s.read_exact(&mut head).unwrap();
+        let mut body = vec![0u8; Header::decode(&head).unwrap().body_len as usize];
+        s.read_exact(&mut body).unwrap();
+        s.write_all(&Header::new(Kind::HelloOk, 0, 0, 0).encode())
+            .unwrap();
+        let mut sink = [0u8; 65536];
+        while s.read(&mut sink).is_ok_and(|n| n > 0) {}
+    });
+    let a = engine_with(
+        "A",
+        true,
+        &[
+            ("protocol", "tcp"),
+            ("ip_addr", "127.0.0.1"),
+            ("timeout_ms", "300"),
+            ("streams", "1"),
+        ],
+    );
+    let mut info = ConnInfo::decode(a.conn_info()).unwrap();
+    info.agent = b"Hung".to_vec();
+    info.token = 77;
+    info.pid = 0;
+    info.endpoints = vec![conn_info::Endpoint::Tcp(addr)];
+    a.load_remote_conn_info(b"Hung", &info.encode()).unwrap();
+    let buf = vec![0u8; 4096];
+    let lmd = a.register_mem(buf.as_ptr() as u64, 4096, 0, 0).unwrap();
+    let region = RegionPublic {
+        owner: 77,
+        key: 5,
+        addr: 0x10000,
+        len: 4096,
+        mem_type: 0,
+        dev_id: 0,
+    };
+    let rmd = a
+        .load_remote_md(0x10000, 4096, 0, &region.encode(), b"Hung")
+        .unwrap();
+    let id = a
+        .prep_xfer(
+            Op::Write,
+            &[Desc {
+                addr: buf.as_ptr() as u64,
+                len: 4096,
+                md: lmd,
+            }],
+            &[Desc {
+                addr: 0x10000,
+                len: 4096,
+                md: rmd,
+            }],
+            b"Hung",
+        )
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(a.post_xfer(id, None), Ok(Status::InProg));
+    let result = wait(&a, id);
+    assert!(
+        matches!(&result, Err(Error::RemoteDisconnect(m)) if m.contains("answered nothing")),
+        "{result:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    drop(a); // closes the connection: the fake peer's read loop ends
+    fake.join().unwrap();
+}

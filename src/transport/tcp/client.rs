@@ -1,0 +1,843 @@
+//! The initiating side of the TCP transport: a [`PeerLink`] holds the
+//! persistent connections to one peer (several streams, opened lazily),
+//! splits each post into frames spread over the streams, and completes the
+//! post when every frame was answered.
+//!
+//! Each stream has a writer thread (sends Writes, ReadReqs, notifications)
+//! and a reader thread (receives acks and read data straight into registered
+//! memory). A post's notification is sent only after every frame of the post
+//! was acknowledged (WRITE: the data is in the target's memory) or received
+//! (READ: the data is in ours).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use parking_lot::{Condvar, Mutex};
+
+use super::io::{self, RawRange};
+use crate::backend::registry::Pin;
+use crate::backend::{AgentName, Error, Result, Status};
+use crate::transport::{Completion, Op, Plan, Transfer};
+use crate::wire::frame::{self, Header, Hello, Kind, Seg};
+
+/// Tunables of the TCP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// Parallel connections per peer.
+    pub streams: usize,
+    /// Most data bytes per frame (large descriptors are sliced to this size,
+    /// small ones batched up to it).
+    pub frame_bytes: u64,
+    /// A peer that answers nothing for this long while work is outstanding
+    /// is declared dead (0 disables).
+    pub stall_timeout: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            streams: 2,
+            frame_bytes: 1 << 20,
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One piece of a frame: a contiguous range on both sides.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    local: u32,
+    key: u64,
+    local_addr: u64,
+    remote_addr: u64,
+    len: u32,
+}
+
+/// One post of a plan over TCP.
+pub struct TcpPost {
+    plan: Arc<Plan>,
+    pieces: Vec<Piece>,
+    /// Frame `i` covers `pieces[frames[i]..frames[i + 1]]`.
+    frames: Vec<usize>,
+    remaining: AtomicUsize,
+    /// Set once the post finished, failed or was cancelled: none of its data
+    /// moves any more.
+    stopped: AtomicBool,
+    /// Held while the post's data moves between a socket and its memory.
+    /// Only `cancel` waits for it (so that nothing moves after it returned);
+    /// completion and failure never do, so a receiver thread can never wait
+    /// on a sender blocked in the network.
+    io: Mutex<()>,
+    completion: Completion,
+    notif: Option<Vec<u8>>,
+}
+
+impl TcpPost {
+    fn new(plan: Arc<Plan>, notif: Option<Vec<u8>>, frame_bytes: u64) -> TcpPost {
+        let mut pieces = Vec::with_capacity(plan.segments.len());
+        let mut frames = vec![0];
+        let mut frame_len = 0u64;
+        for s in &plan.segments {
+            let key = plan.remote_regions[s.remote as usize].key;
+            let mut off = 0;
+            while off < s.len {
+                let len = (s.len - off).min(frame_bytes);
+                if frame_len + len > frame_bytes
+                    || pieces.len() - frames[frames.len() - 1] == frame::MAX_SEGS
+                {
+                    frames.push(pieces.len());
+                    frame_len = 0;
+                }
+                pieces.push(Piece {
+                    local: s.local,
+                    key,
+                    local_addr: s.local_addr + off,
+                    remote_addr: s.remote_addr + off,
+                    len: len as u32,
+                });
+                frame_len += len;
+                off += len;
+            }
+        }
+        if pieces.len() > frames[frames.len() - 1] {
+            frames.push(pieces.len());
+        }
+        let count = frames.len() - 1;
+        TcpPost {
+            plan,
+            pieces,
+            frames,
+            remaining: AtomicUsize::new(count),
+            stopped: AtomicBool::new(false),
+            io: Mutex::new(()),
+            completion: Completion::default(),
+            notif,
+        }
+    }
+
+    fn frame_count(&self) -> usize {
+        self.frames.len() - 1
+    }
+
+    fn frame(&self, i: usize) -> &[Piece] {
+        &self.pieces[self.frames[i]..self.frames[i + 1]]
+    }
+
+    fn frame_bytes(&self, i: usize) -> u64 {
+        self.frame(i).iter().map(|p| u64::from(p.len)).sum()
+    }
+
+    /// Pins the local regions of frame `i`, or `None` if one was deregistered.
+    fn pin_local(&self, i: usize) -> Option<Vec<Pin<'_>>> {
+        let mut used: Vec<u32> = self.frame(i).iter().map(|p| p.local).collect();
+        used.sort_unstable();
+        used.dedup();
+        used.iter()
+            .map(|&r| self.plan.local_regions[r as usize].pin())
+            .collect()
+    }
+
+    fn local_ranges(&self, i: usize) -> Vec<RawRange> {
+        self.frame(i)
+            .iter()
+            .map(|p| RawRange {
+                addr: p.local_addr,
+                len: p.len as usize,
+            })
+            .collect()
+    }
+
+    fn segs(&self, i: usize) -> Vec<u8> {
+        let segs: Vec<Seg> = self
+            .frame(i)
+            .iter()
+            .map(|p| Seg {
+                key: p.key,
+                addr: p.remote_addr,
+                len: p.len,
+            })
+            .collect();
+        let mut table = Vec::with_capacity(segs.len() * frame::SEG_LEN);
+        frame::encode_segs(&segs, &mut table);
+        table
+    }
+
+    /// Ends the post with `result` unless it already ended.
+    fn finish(&self, result: Result<()>) {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            self.completion.finish(result);
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    /// One frame was answered: when it was the last, send the notification
+    /// (which completes the post once written) or complete now.
+    fn frame_done(self: &Arc<Self>, conns: &Conns) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        match &self.notif {
+            Some(msg) => conns.enqueue(Out::Notif {
+                msg: msg.clone(),
+                post: Some(self.clone()),
+            }),
+            None => self.finish(Ok(())),
+        }
+    }
+}
+
+impl Transfer for TcpPost {
+    fn completion(&self) -> &Completion {
+        &self.completion
+    }
+
+    fn cancel(&self) {
+        let _moving = self.io.lock();
+        self.finish(Err(Error::Canceled(
+            "the request was released while in flight".into(),
+        )));
+    }
+}
+
+enum Out {
+    Frame {
+        tag: u64,
+        post: Arc<TcpPost>,
+        frame: usize,
+    },
+    Notif {
+        msg: Vec<u8>,
+        post: Option<Arc<TcpPost>>,
+    },
+}
+
+struct Pending {
+    post: Arc<TcpPost>,
+    frame: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Out>,
+    /// Someone (the stream's writer thread, or a poster sending inline) is
+    /// sending on the socket: one sender at a time keeps frames whole.
+    busy: bool,
+    closed: bool,
+}
+
+/// A post of one frame up to this size is sent by the posting thread itself
+/// when its stream is idle (no hand-off to the writer thread: lower latency).
+const INLINE_FRAME_BYTES: u64 = 64 << 10;
+
+/// The live connections to one peer.
+struct Conns {
+    peer: AgentName,
+    socks: Vec<TcpStream>,
+    queues: Vec<(Mutex<Queue>, Condvar)>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_tag: std::sync::atomic::AtomicU64,
+    next_stream: AtomicUsize,
+    down: Mutex<Option<Error>>,
+    last_progress: Mutex<Instant>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Conns {
+    /// Queues `out`: data frames round-robin over the streams, notifications
+    /// always on stream 0, so that they arrive in the order they were sent.
+    fn enqueue(&self, out: Out) {
+        let i = match out {
+            Out::Frame { .. } => {
+                self.next_stream.fetch_add(1, Ordering::Relaxed) % self.queues.len()
+            }
+            Out::Notif { .. } => 0,
+        };
+        let (queue, cv) = &self.queues[i];
+        let mut q = queue.lock();
+        if q.closed {
+            drop(q);
+            fail_out(out, &self.down_error());
+            return;
+        }
+        q.items.push_back(out);
+        drop(q);
+        cv.notify_one();
+    }
+
+    /// Sends `out` on stream `i` from the calling thread if nobody else is
+    /// sending there and nothing is queued; otherwise hands it back.
+    fn send_inline(&self, i: usize, out: Out) -> std::result::Result<(), Out> {
+        let (queue, cv) = &self.queues[i];
+        {
+            let mut q = queue.lock();
+            if q.busy || q.closed || !q.items.is_empty() {
+                return Err(out);
+            }
+            q.busy = true;
+        }
+        let result = send(self, &self.socks[i], out);
+        queue.lock().busy = false;
+        cv.notify_one();
+        if let Err(e) = result {
+            self.fail_all(Error::RemoteDisconnect(format!(
+                "sending to agent {} failed: {e}",
+                self.peer
+            )));
+        }
+        Ok(())
+    }
+
+    fn down_error(&self) -> Error {
+        self.down.lock().clone().unwrap_or_else(|| {
+            Error::RemoteDisconnect(format!("connection to agent {} is closed", self.peer))
+        })
+    }
+
+    fn is_down(&self) -> bool {
+        self.down.lock().is_some()
+    }
+
+    /// Declares the peer dead: every request in flight to it fails with
+    /// `err` now, and the sockets are shut so the threads exit.
+    fn fail_all(&self, err: Error) {
+        {
+            let mut down = self.down.lock();
+            if down.is_some() {
+                return;
+            }
+            *down = Some(err.clone());
+        }
+        let outstanding = !self.pending.lock().is_empty();
+        if outstanding {
+            warn!("Mooncake: {err}");
+        } else {
+            debug!("Mooncake: {err}");
+        }
+        for (queue, cv) in &self.queues {
+            let items: Vec<Out> = {
+                let mut q = queue.lock();
+                q.closed = true;
+                q.items.drain(..).collect()
+            };
+            cv.notify_all();
+            for out in items {
+                fail_out(out, &err);
+            }
+        }
+        let pending: Vec<Pending> = self.pending.lock().drain().map(|(_, p)| p).collect();
+        for p in pending {
+            p.post.finish(Err(err.clone()));
+        }
+        for s in &self.socks {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn progress(&self) {
+        *self.last_progress.lock() = Instant::now();
+    }
+}
+
+fn fail_out(out: Out, err: &Error) {
+    match out {
+        Out::Frame { post, .. }
+        | Out::Notif {
+            post: Some(post), ..
+        } => post.finish(Err(err.clone())),
+        Out::Notif { post: None, .. } => {}
+    }
+}
+
+enum LinkState {
+    Idle,
+    Up(Arc<Conns>),
+    Down(Error),
+}
+
+/// Everything needed to reach one peer over TCP, connected lazily.
+pub struct PeerLink {
+    me: AgentName,
+    my_token: u128,
+    peer: AgentName,
+    peer_token: u128,
+    addr: SocketAddr,
+    config: TcpConfig,
+    state: Mutex<LinkState>,
+}
+
+impl PeerLink {
+    /// A link to `peer` (token `peer_token`) at `addr`; nothing connects yet.
+    pub fn new(
+        me: AgentName,
+        my_token: u128,
+        peer: AgentName,
+        peer_token: u128,
+        addr: SocketAddr,
+        config: TcpConfig,
+    ) -> PeerLink {
+        PeerLink {
+            me,
+            my_token,
+            peer,
+            peer_token,
+            addr,
+            config,
+            state: Mutex::new(LinkState::Idle),
+        }
+    }
+
+    /// The connections, opened now if needed. A peer that died stays dead:
+    /// later calls fail fast until new connection info replaces this link.
+    fn conns(&self) -> Result<Arc<Conns>> {
+        let mut state = self.state.lock();
+        match &*state {
+            LinkState::Up(c) if !c.is_down() => return Ok(c.clone()),
+            LinkState::Up(c) => {
+                let e = c.down_error();
+                *state = LinkState::Down(e.clone());
+                return Err(e);
+            }
+            LinkState::Down(e) => return Err(e.clone()),
+            LinkState::Idle => {}
+        }
+        match self.connect() {
+            Ok(c) => {
+                *state = LinkState::Up(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                *state = LinkState::Down(e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens the connections now (NIXL's `connect`).
+    ///
+    /// # Errors
+    /// [`Error::RemoteDisconnect`] when the peer cannot be reached.
+    pub fn ensure_connected(&self) -> Result<()> {
+        self.conns().map(drop)
+    }
+
+    fn connect(&self) -> Result<Arc<Conns>> {
+        let unreachable = |e: std::io::Error| {
+            Error::RemoteDisconnect(format!(
+                "cannot connect to agent {} at {}: {e}",
+                self.peer, self.addr
+            ))
+        };
+        let hello = Hello {
+            target_token: self.peer_token,
+            sender_token: self.my_token,
+            name: self.me.as_bytes().to_vec(),
+        }
+        .encode();
+        let mut socks = Vec::with_capacity(self.config.streams);
+        for _ in 0..self.config.streams.max(1) {
+            let s = TcpStream::connect_timeout(&self.addr, CONNECT_TIMEOUT).map_err(unreachable)?;
+            s.set_nodelay(true).map_err(unreachable)?;
+            s.set_read_timeout(Some(HELLO_TIMEOUT))
+                .map_err(unreachable)?;
+            io::send_bytes(
+                &s,
+                &[
+                    &Header::new(Kind::Hello, hello.len() as u32, 0, 0).encode(),
+                    &hello,
+                ],
+            )
+            .map_err(unreachable)?;
+            let mut raw = [0u8; frame::HEADER_LEN];
+            io::read_exact(&s, &mut raw).map_err(|e| {
+                Error::RemoteDisconnect(format!(
+                    "agent {} at {} refused the connection (it is not the engine whose metadata we hold?): {e}",
+                    self.peer, self.addr
+                ))
+            })?;
+            match Header::decode(&raw) {
+                Ok(h) if h.kind == Kind::HelloOk => {}
+                _ => {
+                    return Err(Error::RemoteDisconnect(format!(
+                        "agent {} at {} answered the hello with garbage",
+                        self.peer, self.addr
+                    )));
+                }
+            }
+            let stall = (!self.config.stall_timeout.is_zero()).then_some(self.config.stall_timeout);
+            s.set_read_timeout(stall).map_err(unreachable)?;
+            s.set_write_timeout(stall).map_err(unreachable)?;
+            socks.push(s);
+        }
+        let conns = Arc::new(Conns {
+            peer: self.peer.clone(),
+            queues: socks
+                .iter()
+                .map(|_| (Mutex::new(Queue::default()), Condvar::new()))
+                .collect(),
+            socks,
+            pending: Mutex::new(HashMap::new()),
+            next_tag: std::sync::atomic::AtomicU64::new(1),
+            next_stream: AtomicUsize::new(0),
+            down: Mutex::new(None),
+            last_progress: Mutex::new(Instant::now()),
+            threads: Mutex::new(Vec::new()),
+        });
+        for i in 0..conns.socks.len() {
+            for writer in [true, false] {
+                let c = conns.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(if writer { "mooncake-tx" } else { "mooncake-rx" }.into())
+                    .spawn(move || {
+                        if writer {
+                            write_loop(&c, i)
+                        } else {
+                            read_loop(&c, i)
+                        }
+                    });
+                match spawned {
+                    Ok(t) => conns.threads.lock().push(t),
+                    Err(e) => {
+                        let err = Error::Backend(format!("cannot start a TCP thread: {e}"));
+                        conns.fail_all(err.clone());
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        debug!(
+            "Mooncake: connected to agent {} at {} with {} streams",
+            self.peer,
+            self.addr,
+            conns.socks.len()
+        );
+        Ok(conns)
+    }
+
+    /// Starts one post of `plan`.
+    ///
+    /// # Errors
+    /// [`Error::RemoteDisconnect`] when the peer is unreachable or dead.
+    pub fn post(&self, plan: Arc<Plan>, notif: Option<Vec<u8>>) -> Result<Arc<TcpPost>> {
+        let conns = self.conns()?;
+        let post = Arc::new(TcpPost::new(plan, notif, self.config.frame_bytes));
+        if post.frame_count() == 0 {
+            post.remaining.store(1, Ordering::Relaxed);
+            post.frame_done(&conns);
+            return Ok(post);
+        }
+        if conns.pending.lock().is_empty() {
+            conns.progress();
+        }
+        for frame in 0..post.frame_count() {
+            let tag = conns.next_tag.fetch_add(1, Ordering::Relaxed);
+            conns.pending.lock().insert(
+                tag,
+                Pending {
+                    post: post.clone(),
+                    frame,
+                },
+            );
+            let out = Out::Frame {
+                tag,
+                post: post.clone(),
+                frame,
+            };
+            if post.frame_count() == 1 && post.frame_bytes(0) <= INLINE_FRAME_BYTES {
+                let i = conns.next_stream.fetch_add(1, Ordering::Relaxed) % conns.queues.len();
+                if let Err(out) = conns.send_inline(i, out) {
+                    conns.enqueue(out);
+                }
+            } else {
+                conns.enqueue(out);
+            }
+        }
+        Ok(post)
+    }
+
+    /// Sends a notification outside any transfer.
+    ///
+    /// # Errors
+    /// [`Error::RemoteDisconnect`] when the peer is unreachable or dead.
+    pub fn notify(&self, msg: Vec<u8>) -> Result<()> {
+        let conns = self.conns()?;
+        conns.enqueue(Out::Notif { msg, post: None });
+        Ok(())
+    }
+
+    /// Declares the peer dead if it answered nothing for the stall timeout
+    /// while requests are outstanding.
+    pub fn watchdog(&self) {
+        // Never wait behind a connect in progress: this runs inside checkXfer.
+        let Some(state) = self.state.try_lock() else {
+            return;
+        };
+        let LinkState::Up(conns) = &*state else {
+            return;
+        };
+        let timeout = self.config.stall_timeout;
+        if timeout.is_zero() || conns.pending.lock().is_empty() {
+            return;
+        }
+        if conns.last_progress.lock().elapsed() > timeout {
+            conns.fail_all(Error::RemoteDisconnect(format!(
+                "agent {} answered nothing for {timeout:?} while transfers were outstanding",
+                self.peer
+            )));
+        }
+    }
+
+    /// Frames sent and not yet answered (for tests).
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
+        match &*self.state.lock() {
+            LinkState::Up(c) => c.pending.lock().len(),
+            _ => 0,
+        }
+    }
+
+    /// Closes the connections; requests in flight fail with `RemoteDisconnect`.
+    pub fn close(&self) {
+        let conns = match std::mem::replace(&mut *self.state.lock(), LinkState::Idle) {
+            LinkState::Up(c) => c,
+            _ => return,
+        };
+        conns.fail_all(Error::RemoteDisconnect(format!(
+            "disconnected from agent {}",
+            self.peer
+        )));
+        let threads: Vec<_> = conns.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PeerLink {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn write_loop(conns: &Conns, i: usize) {
+    let sock = &conns.socks[i];
+    let (queue, cv) = &conns.queues[i];
+    loop {
+        let out = {
+            let mut q = queue.lock();
+            loop {
+                if q.closed {
+                    return;
+                }
+                if !q.busy
+                    && let Some(out) = q.items.pop_front()
+                {
+                    q.busy = true;
+                    break out;
+                }
+                cv.wait(&mut q);
+            }
+        };
+        let result = send(conns, sock, out);
+        queue.lock().busy = false;
+        if let Err(e) = result {
+            conns.fail_all(Error::RemoteDisconnect(format!(
+                "sending to agent {} failed: {e}",
+                conns.peer
+            )));
+            return;
+        }
+    }
+}
+
+fn send(conns: &Conns, sock: &TcpStream, out: Out) -> std::io::Result<()> {
+    match out {
+        Out::Frame { tag, post, frame } => {
+            // Only WRITE data is read from user memory: only then is the I/O
+            // lock held (a ReadReq must never wait behind a receiver).
+            let moving = (post.plan.op == Op::Write).then(|| post.io.lock());
+            if post.is_stopped() {
+                conns.pending.lock().remove(&tag);
+                return Ok(());
+            }
+            let table = post.segs(frame);
+            let count = post.frame(frame).len() as u64;
+            match post.plan.op {
+                Op::Write => {
+                    let Some(pins) = post.pin_local(frame) else {
+                        drop(moving);
+                        conns.pending.lock().remove(&tag);
+                        post.finish(Err(Error::InvalidParam(
+                            "a local region was deregistered during the transfer".into(),
+                        )));
+                        return Ok(());
+                    };
+                    let data = post.frame_bytes(frame);
+                    let header =
+                        Header::new(Kind::Write, (table.len() as u64 + data) as u32, tag, count)
+                            .encode();
+                    let mut head = header.to_vec();
+                    head.extend_from_slice(&table);
+                    // SAFETY: the local ranges lie in regions checked at prep time and
+                    // pinned here; `io` is held, so a cancel waits for this send.
+                    unsafe { io::send_all(sock.as_raw_fd(), &head, &post.local_ranges(frame)) }?;
+                    drop(pins);
+                }
+                Op::Read => {
+                    let header =
+                        Header::new(Kind::ReadReq, table.len() as u32, tag, count).encode();
+                    io::send_bytes(sock, &[&header, &table])?;
+                }
+            }
+        }
+        Out::Notif { msg, post } => {
+            let guard = post.as_ref().map(|p| p.io.lock());
+            if post.as_ref().is_some_and(|p| p.is_stopped()) {
+                return Ok(()); // cancelled or failed: no notification
+            }
+            io::send_bytes(
+                sock,
+                &[
+                    &Header::new(Kind::Notif, msg.len() as u32, 0, 0).encode(),
+                    &msg,
+                ],
+            )?;
+            drop(guard);
+            if let Some(post) = post {
+                post.finish(Ok(()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_loop(conns: &Conns, i: usize) {
+    let sock = &conns.socks[i];
+    loop {
+        match receive(conns, sock) {
+            Ok(true) => {}
+            Ok(false) => {
+                conns.fail_all(Error::RemoteDisconnect(format!(
+                    "agent {} closed the connection",
+                    conns.peer
+                )));
+                return;
+            }
+            Err(e) => {
+                conns.fail_all(e);
+                return;
+            }
+        }
+    }
+}
+
+/// Handles one answer from the peer. `Ok(false)`: the peer closed.
+fn receive(conns: &Conns, sock: &TcpStream) -> Result<bool> {
+    let lost = |e: std::io::Error| {
+        Error::RemoteDisconnect(format!("connection to agent {} broke: {e}", conns.peer))
+    };
+    let mut raw = [0u8; frame::HEADER_LEN];
+    let mut idle = false;
+    if !io::read_header(sock, &mut raw, &mut idle).map_err(lost)? {
+        return Ok(idle); // idle: keep waiting; else the peer closed
+    }
+    let h = Header::decode(&raw).map_err(|e| {
+        Error::RemoteDisconnect(format!("agent {} sent a bad frame: {e}", conns.peer))
+    })?;
+    conns.progress();
+    match h.kind {
+        Kind::WriteAck | Kind::ReadResp if h.status() != 0 => {
+            let mut reason = vec![0u8; (h.body_len as usize).min(frame::MAX_REASON as usize)];
+            io::read_exact(sock, &mut reason).map_err(lost)?;
+            io::discard(sock, u64::from(h.body_len) - reason.len() as u64).map_err(lost)?;
+            if let Some(p) = conns.pending.lock().remove(&h.tag) {
+                p.post
+                    .finish(Err(remote_error(&conns.peer, h.status(), &reason)));
+            }
+        }
+        Kind::WriteAck => {
+            if h.body_len != 0 {
+                return Err(Error::RemoteDisconnect(format!(
+                    "agent {} sent a malformed ack",
+                    conns.peer
+                )));
+            }
+            if let Some(p) = conns.pending.lock().remove(&h.tag) {
+                p.post.frame_done(conns);
+            }
+        }
+        Kind::ReadResp => {
+            let pending = conns.pending.lock().remove(&h.tag);
+            let Some(p) = pending else {
+                // The request is gone (cancelled): drain its data elsewhere.
+                io::discard(sock, u64::from(h.body_len)).map_err(lost)?;
+                return Ok(true);
+            };
+            if u64::from(h.body_len) != p.post.frame_bytes(p.frame) {
+                return Err(Error::RemoteDisconnect(format!(
+                    "agent {} answered a read of {} bytes with {}",
+                    conns.peer,
+                    p.post.frame_bytes(p.frame),
+                    h.body_len
+                )));
+            }
+            let moving = p.post.io.lock();
+            let stopped = p.post.is_stopped();
+            let pins = if stopped {
+                None
+            } else {
+                p.post.pin_local(p.frame)
+            };
+            match pins {
+                Some(pins) => {
+                    // SAFETY: the local ranges lie in regions checked at prep time and
+                    // pinned here; `io` is held, so a cancel waits for this read and
+                    // no byte lands in the buffer after the cancel returned.
+                    unsafe { io::recv_into(sock.as_raw_fd(), &p.post.local_ranges(p.frame)) }
+                        .map_err(lost)?;
+                    drop(pins);
+                    drop(moving);
+                    p.post.frame_done(conns);
+                }
+                None => {
+                    drop(moving);
+                    io::discard(sock, u64::from(h.body_len)).map_err(lost)?;
+                    if !stopped {
+                        p.post.finish(Err(Error::InvalidParam(
+                            "a local region was deregistered during the transfer".into(),
+                        )));
+                    }
+                }
+            }
+        }
+        other => {
+            return Err(Error::RemoteDisconnect(format!(
+                "agent {} sent an unexpected {other:?} frame",
+                conns.peer
+            )));
+        }
+    }
+    Ok(true)
+}
+
+fn remote_error(peer: &AgentName, status: i64, reason: &[u8]) -> Error {
+    let msg = format!("agent {peer} refused: {}", String::from_utf8_lossy(reason));
+    match i32::try_from(status).ok().and_then(Status::from_code) {
+        Some(Status::NotAllowed) => Error::NotAllowed(msg),
+        Some(Status::InvalidParam) => Error::InvalidParam(msg),
+        Some(Status::NotFound) => Error::NotFound(msg),
+        Some(Status::RemoteDisconnect) => Error::RemoteDisconnect(msg),
+        _ => Error::Backend(msg),
+    }
+}

@@ -1,0 +1,331 @@
+//! The serving side of the TCP transport: accepts connections from peers
+//! that present our token, then serves their Writes, ReadReqs and
+//! notifications with no NIXL call on this side.
+//!
+//! Every access is checked against our registry (key and range) before a
+//! byte moves; a refused access is answered with an error status and logged;
+//! a malformed frame closes that connection only.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use parking_lot::Mutex;
+
+use super::io::{self, RawRange};
+use crate::backend::registry::{LocalRegion, Pin};
+use crate::backend::{AgentName, Endpoint, Error, Status};
+use crate::wire::frame::{self, Header, Hello, Kind, SEG_LEN, Seg};
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listening TCP endpoint of one engine.
+pub struct TcpServer {
+    addr: SocketAddr,
+    listener: TcpListener,
+    stopping: AtomicBool,
+    /// Served connections by id, so that shutdown can close them.
+    conns: Mutex<HashMap<u64, TcpStream>>,
+    next_conn: AtomicU64,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl TcpServer {
+    /// Binds `addr` and starts accepting.
+    ///
+    /// # Errors
+    /// The OS error of `bind` or of spawning the accept thread.
+    pub fn start(
+        endpoint: Arc<Endpoint>,
+        addr: SocketAddr,
+        stall: Duration,
+    ) -> std::io::Result<Arc<TcpServer>> {
+        let listener = TcpListener::bind(addr)?;
+        let server = Arc::new(TcpServer {
+            addr: listener.local_addr()?,
+            listener,
+            stopping: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
+        });
+        let s = server.clone();
+        let accept = std::thread::Builder::new()
+            .name("mooncake-accept".into())
+            .spawn(move || s.accept_loop(endpoint, stall))?;
+        server.threads.lock().push(accept);
+        info!("Mooncake: agent listening on tcp://{}", server.addr);
+        Ok(server)
+    }
+
+    /// The address peers connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn accept_loop(self: Arc<Self>, endpoint: Arc<Endpoint>, stall: Duration) {
+        loop {
+            let (stream, from) = match self.listener.accept() {
+                Ok(c) => c,
+                Err(_) if self.stopping.load(Ordering::Acquire) => return,
+                Err(e) => {
+                    warn!("Mooncake: accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(clone) = stream.try_clone() else {
+                continue;
+            };
+            let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+            self.conns.lock().insert(id, clone);
+            let endpoint = endpoint.clone();
+            let server = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("mooncake-serve".into())
+                .spawn(move || {
+                    serve(&stream, from, &endpoint, stall);
+                    // Close for real: the copy kept for shutdown holds the fd open.
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                    server.conns.lock().remove(&id);
+                });
+            match spawned {
+                Ok(handle) => {
+                    let mut threads = self.threads.lock();
+                    threads.retain(|t| !t.is_finished());
+                    threads.push(handle);
+                }
+                Err(e) => warn!("Mooncake: cannot serve connection from {from}: {e}"),
+            }
+        }
+    }
+
+    /// Stops accepting, closes every served connection and joins the threads.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Release);
+        // SAFETY: shutting down a socket we own; wakes the blocked accept().
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        for (_, c) in self.conns.lock().drain() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let threads: Vec<_> = self.threads.lock().drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Why a connection is being closed.
+type Close = String;
+
+fn serve(stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint, stall: Duration) {
+    let _ = stream.set_nodelay(true);
+    let peer = match handshake(stream, endpoint) {
+        Ok(peer) => peer,
+        Err(why) => {
+            warn!(
+                "Mooncake: agent {}: refused connection from {from}: {why}",
+                endpoint.name
+            );
+            return;
+        }
+    };
+    debug!(
+        "Mooncake: agent {} serving agent {peer} from {from}",
+        endpoint.name
+    );
+    let _ = stream.set_read_timeout((!stall.is_zero()).then_some(stall));
+    let mut scratch = Vec::new();
+    loop {
+        match serve_one(stream, endpoint, &peer, &mut scratch) {
+            Ok(true) => {}
+            Ok(false) => {
+                debug!("Mooncake: agent {peer} closed its connection from {from}");
+                return;
+            }
+            Err(why) => {
+                warn!(
+                    "Mooncake: agent {}: closing connection from agent {peer} ({from}): {why}",
+                    endpoint.name
+                );
+                return;
+            }
+        }
+    }
+}
+
+fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<AgentName, Close> {
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut raw = [0u8; frame::HEADER_LEN];
+    io::read_exact(stream, &mut raw).map_err(|e| format!("no hello: {e}"))?;
+    let header = Header::decode(&raw).map_err(|e| format!("bad hello header: {e}"))?;
+    if header.kind != Kind::Hello {
+        return Err(format!("first frame is {:?}, not Hello", header.kind));
+    }
+    let mut body = vec![0u8; header.body_len as usize];
+    io::read_exact(stream, &mut body).map_err(|e| format!("truncated hello: {e}"))?;
+    let hello = Hello::decode(&body).map_err(|e| e.to_string())?;
+    if hello.target_token != endpoint.token {
+        return Err("it did not present this engine's token (stale or forged metadata)".into());
+    }
+    io::send_bytes(stream, &[&Header::new(Kind::HelloOk, 0, 0, 0).encode()])
+        .map_err(|e| e.to_string())?;
+    Ok(AgentName::from(hello.name.as_slice()))
+}
+
+/// Serves one frame. `Ok(false)`: the peer closed between frames.
+fn serve_one(
+    stream: &TcpStream,
+    endpoint: &Endpoint,
+    peer: &AgentName,
+    scratch: &mut Vec<u8>,
+) -> Result<bool, Close> {
+    let mut raw = [0u8; frame::HEADER_LEN];
+    let mut idle = false;
+    if !io::read_header(stream, &mut raw, &mut idle).map_err(|e| e.to_string())? {
+        return Ok(idle);
+    }
+    let h = Header::decode(&raw).map_err(|e| format!("bad frame: {e}"))?;
+    match h.kind {
+        Kind::Write => {
+            let table_len = h.aux as usize * SEG_LEN;
+            let segs = read_segs(
+                stream,
+                &h,
+                scratch,
+                Some((h.body_len as usize - table_len) as u64),
+            )?;
+            let (status, reason) = match resolve(endpoint, &segs) {
+                Ok(regions) => {
+                    let pins = pin_all(&regions).ok_or("a target region was deregistered")?;
+                    let ranges = ranges(&segs);
+                    // SAFETY: every range was checked to lie inside a region of our registry,
+                    // and the pins keep those regions registered until the data is in place.
+                    unsafe { io::recv_into(stream.as_raw_fd(), &ranges) }
+                        .map_err(|e| e.to_string())?;
+                    drop(pins);
+                    (Status::Success.code(), Vec::new())
+                }
+                Err(e) => {
+                    warn!(
+                        "Mooncake: agent {}: refused a write from agent {peer}: {e}",
+                        endpoint.name
+                    );
+                    io::discard(stream, h.body_len as u64 - table_len as u64)
+                        .map_err(|e| e.to_string())?;
+                    (e.status().code(), e.to_string().into_bytes())
+                }
+            };
+            reply(stream, Kind::WriteAck, h.tag, status, &[], &reason)?;
+        }
+        Kind::ReadReq => {
+            let segs = read_segs(stream, &h, scratch, None)?;
+            match resolve(endpoint, &segs) {
+                Ok(regions) => {
+                    let pins = pin_all(&regions).ok_or("a target region was deregistered")?;
+                    reply(
+                        stream,
+                        Kind::ReadResp,
+                        h.tag,
+                        Status::Success.code(),
+                        &ranges(&segs),
+                        &[],
+                    )?;
+                    drop(pins);
+                }
+                Err(e) => {
+                    warn!(
+                        "Mooncake: agent {}: refused a read from agent {peer}: {e}",
+                        endpoint.name
+                    );
+                    reply(
+                        stream,
+                        Kind::ReadResp,
+                        h.tag,
+                        e.status().code(),
+                        &[],
+                        e.to_string().as_bytes(),
+                    )?;
+                }
+            }
+        }
+        Kind::Notif => {
+            let mut msg = vec![0u8; h.body_len as usize];
+            io::read_exact(stream, &mut msg).map_err(|e| e.to_string())?;
+            endpoint.inbox.push(peer.clone(), msg);
+        }
+        other => return Err(format!("unexpected {other:?} frame")),
+    }
+    Ok(true)
+}
+
+fn read_segs(
+    stream: &TcpStream,
+    h: &Header,
+    scratch: &mut Vec<u8>,
+    data_len: Option<u64>,
+) -> Result<Vec<Seg>, Close> {
+    let count = h.aux as usize;
+    scratch.resize(count * SEG_LEN, 0);
+    io::read_exact(stream, scratch).map_err(|e| e.to_string())?;
+    frame::decode_segs(scratch, count, data_len).map_err(|e| format!("bad segment table: {e}"))
+}
+
+fn resolve(endpoint: &Endpoint, segs: &[Seg]) -> Result<Vec<Arc<LocalRegion>>, Error> {
+    let mut regions: Vec<Arc<LocalRegion>> = Vec::new();
+    for s in segs {
+        if regions
+            .last()
+            .is_some_and(|r| r.key == s.key && r.contains(s.addr, u64::from(s.len)))
+        {
+            continue;
+        }
+        regions.push(endpoint.registry.resolve(s.key, s.addr, u64::from(s.len))?);
+    }
+    Ok(regions)
+}
+
+fn pin_all(regions: &[Arc<LocalRegion>]) -> Option<Vec<Pin<'_>>> {
+    regions.iter().map(|r| r.pin()).collect()
+}
+
+fn ranges(segs: &[Seg]) -> Vec<RawRange> {
+    segs.iter()
+        .map(|s| RawRange {
+            addr: s.addr,
+            len: s.len as usize,
+        })
+        .collect()
+}
+
+/// Sends an answer: header, then `data` ranges (pinned by the caller) or a reason.
+fn reply(
+    stream: &TcpStream,
+    kind: Kind,
+    tag: u64,
+    status: i32,
+    data: &[RawRange],
+    reason: &[u8],
+) -> Result<(), Close> {
+    let reason = &reason[..reason.len().min(frame::MAX_REASON as usize)];
+    let body: u64 = data.iter().map(|r| r.len as u64).sum::<u64>() + reason.len() as u64;
+    let header = Header::new(kind, body as u32, tag, i64::from(status) as u64).encode();
+    let mut parts = vec![RawRange {
+        addr: reason.as_ptr() as u64,
+        len: reason.len(),
+    }];
+    parts.extend_from_slice(data);
+    // SAFETY: `reason` is a live slice; data ranges lie in regions the caller pinned.
+    unsafe { io::send_all(stream.as_raw_fd(), &header, &parts) }.map_err(|e| e.to_string())
+}
