@@ -161,6 +161,7 @@ class Runner:
         # Only the directory we choose may be scanned.
         env.pop("NIXL_PLUGIN_DIR", None)
         env.pop("NIXL_CONFIG_FILE", None)
+        env.pop("RUST_LOG", None)  # would override the NIXL_LOG_LEVEL some tests set
         if location == "dir" and self.plugin_dir is not None:
             env["NIXL_PLUGIN_DIR"] = str(self.plugin_dir)
             if self.plugin.bundled:

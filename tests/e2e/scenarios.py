@@ -1013,14 +1013,23 @@ class TargetProcess:
     """A target agent in a peer process.
 
     `bufs` lists the buffers it registers: {"name", "size"} and either "seed"
-    (fast_pattern contents) or "fill" (a byte value, default 0).
+    (fast_pattern contents) or "fill" (a byte value, default 0).  `env` changes
+    its environment from ours (a value of None removes that variable).
     """
 
-    def __init__(self, name: str, protocol: str, bufs: list[dict], prog_thread: bool = True):
+    def __init__(self, name: str, protocol: str, bufs: list[dict], prog_thread: bool = True,
+                 env: Optional[dict] = None):
         self.name = name
         self.sizes = {b["name"]: b["size"] for b in bufs}
         cmd = [sys.executable, os.path.abspath(__file__), "_xp_target"]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        penv = dict(os.environ)
+        for key, value in (env or {}).items():
+            if value is None:
+                penv.pop(key, None)
+            else:
+                penv[key] = value
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=penv)
         try:
             self.chan = Channel(self.proc.stdout, self.proc.stdin)
             hello = self.request("setup", name=name, protocol=protocol, bufs=bufs,
@@ -1074,9 +1083,10 @@ class TargetProcess:
 
 
 @contextlib.contextmanager
-def target_process(name: str, protocol: str, bufs: list[dict], prog_thread: bool = True):
+def target_process(name: str, protocol: str, bufs: list[dict], prog_thread: bool = True,
+                   env: Optional[dict] = None):
     """A TargetProcess that is always reaped (killed if still running on the way out)."""
-    t = TargetProcess(name, protocol, bufs, prog_thread)
+    t = TargetProcess(name, protocol, bufs, prog_thread, env)
     try:
         yield t
     finally:
@@ -1522,6 +1532,343 @@ def sc_xp_notif_bytes(args) -> None:
         tgt.quit()
 
 
+# g.-j. the same-host transport (cross-memory attach) ------------------------------------
+#
+# The plugin logs at DEBUG which transport it picked for a peer when it loads the
+# peer's connection info (add_remote_agent): "... cross-memory attach" or "... is
+# reached over TCP".  The tests run these scenarios with NIXL_LOG_LEVEL=DEBUG and the
+# initiator's own output (fds 1 and 2, not the target's) is captured around the
+# call to check that line.
+
+CMA_PROBE_ENV = "NIXL_MOONCAKE_CMA_PROBE"  # "fail": this process's probes of peers fail
+ROUTES = {"cma": "cross-memory attach", "tcp": "reached over TCP"}
+
+
+def replay(what: str, text: str) -> None:
+    """Shows captured native output in the scenario's log."""
+    for line in text.splitlines():
+        log(f"  [{what}] {line}")
+
+
+def add_remote_expecting(agent: nixl_agent, tgt: TargetProcess, route: Optional[str]) -> str:
+    """add_remote_agent(tgt.md), then checks from the plugin's DEBUG line which
+    transport it picked for the target ("cma", "tcp"; None: no check).  Returns
+    what the plugin printed meanwhile."""
+    with capture_fds() as cap:
+        loaded = agent.add_remote_agent(tgt.md)
+    text = cap["text"]
+    replay("add_remote_agent", text)
+    assert loaded in (tgt.name, tgt.name.encode()), loaded
+    if route is None:
+        return text
+    picked = [line for line in text.splitlines() if "DEBUG" in line and tgt.name in line
+              and any(phrase in line for phrase in ROUTES.values())]
+    assert len(picked) == 1, (
+        f"expected one DEBUG line naming the transport picked for {tgt.name!r}, got {picked!r} "
+        "(the plugin logs it only with NIXL_LOG_LEVEL=DEBUG, as the tests set)")
+    assert ROUTES[route] in picked[0], (
+        f"the plugin did not pick {route} for {tgt.name!r} (process {tgt.pid}): {picked[0]!r}")
+    if route == "cma":
+        assert f"pid {tgt.pid}" in picked[0], f"CMA to another process than {tgt.pid}: {picked[0]!r}"
+    log(f"transport for {tgt.name!r} (process {tgt.pid}): {route}")
+    return text
+
+
+def guards(buf: str, off: int, length: int, fill: int, guard: int) -> tuple:
+    """check() entries: `guard` bytes of `fill` just before and just after [off, off+length)."""
+    digest = sha256(filled(guard, fill))
+    return ((buf, off - guard, guard, digest), (buf, off + length, guard, digest))
+
+
+# g. 1 byte to 64 MiB at unaligned addresses on both sides ------------------------------
+
+UNALIGNED_SIZES = [1, 3, 4095, 4097, MiB + 1, 64 * MiB]
+UNALIGNED_OFFSETS = [(1, 3), (3, 7), (7, 1)]  # (local, remote) bytes past a 4 KiB slot start
+GUARD = 64  # bytes checked untouched on each side of every destination range
+W_FILL, R_FILL = 0x5A, 0xA5  # what the target's and the initiator's destinations hold
+
+
+def sc_xp_unaligned(args) -> None:
+    proto = args.protocol
+    layout, base = [], 4 * KiB  # (size, local offset, remote offset); slots 4 KiB apart
+    for i, n in enumerate(UNALIGNED_SIZES):
+        lo, ro = UNALIGNED_OFFSETS[i % len(UNALIGNED_OFFSETS)]
+        layout.append((n, base + lo, base + ro))
+        base += -(-(n + 8 + GUARD) // (4 * KiB)) * 4 * KiB + 4 * KiB
+    total = base
+    bufs = [{"name": "w", "size": total, "fill": W_FILL}, {"name": "r", "size": total, "seed": 150}]
+    with target_process("xp-odd-target", proto, bufs) as tgt:
+        ini = new_agent_with("xp-odd-init", proto)
+        src, dst = fast_pattern(total, 151), filled(total, R_FILL)
+        register(ini, src, dst)
+        add_remote_expecting(ini, tgt, "cma")
+        remote_r = fast_pattern(total, 150)  # what the target holds in "r"
+        w_image = filled(total, W_FILL)  # what "w" must hold in the end
+        t_all = time.perf_counter()
+        for i, (n, lo, ro) in enumerate(layout):
+            for a, what in ((addr(src) + lo, "local"), (tgt.addrs["w"] + ro, "remote w"),
+                            (addr(dst) + lo, "local dst"), (tgt.addrs["r"] + ro, "remote r")):
+                assert a % 8, f"{what} address {a:#x} is 8-byte aligned"
+            where = f"{n} B at local +{lo % (4 * KiB)}, remote +{ro % (4 * KiB)}"
+            msg = b"odd-w-%d" % i
+            h = ini.initialize_xfer("WRITE", xfer_descs(ini, src[lo:lo + n]),
+                                    tgt.descs(ini, "w", ro, n), tgt.name, msg)
+            dt = post(ini, h, f"WRITE of {where}")
+            ini.release_xfer_handle(h)
+            w_image[ro:ro + n] = src[lo:lo + n]
+            tgt.check(f"WRITE of {where}", "xp-odd-init", [msg],
+                      (("w", ro, n, sha256(src[lo:lo + n])), *guards("w", ro, n, W_FILL, GUARD)))
+            msg = b"odd-r-%d" % i
+            h = ini.initialize_xfer("READ", xfer_descs(ini, dst[lo:lo + n]),
+                                    tgt.descs(ini, "r", ro, n), tgt.name, msg)
+            dt_r = post(ini, h, f"READ of {where}")
+            ini.release_xfer_handle(h)
+            assert same(dst[lo:lo + n], remote_r[ro:ro + n]), f"READ of {where}: data mismatch"
+            assert (dst[lo - GUARD:lo] == R_FILL).all(), f"READ of {where} wrote before its range"
+            assert (dst[lo + n:lo + n + GUARD] == R_FILL).all(), (
+                f"READ of {where} wrote after its range")
+            tgt.check(f"READ of {where}", "xp-odd-init", [msg])
+            log(f"{where}: WRITE {dt * 1e3:.2f} ms, READ {dt_r * 1e3:.2f} ms; data, "
+                f"{GUARD} guard bytes each side and notifications verified")
+        # Nothing else changed anywhere: the whole of both destinations.
+        tgt.check("the whole of 'w' after every WRITE", "xp-odd-init", [],
+                  (("w", 0, total, sha256(w_image)),))
+        d_image = filled(total, R_FILL)
+        for n, lo, ro in layout:
+            d_image[lo:lo + n] = remote_r[ro:ro + n]
+        assert same(dst, d_image), "READs changed bytes outside their ranges"
+        log(f"{len(layout)} sizes from 1 byte to {UNALIGNED_SIZES[-1] // MiB} MiB each way at "
+            f"unaligned addresses verified in {time.perf_counter() - t_all:.2f}s, both "
+            "destinations whole")
+        tgt.quit()
+
+
+# h. 100,000 descriptors in one transfer ---------------------------------------------------
+
+
+def sc_xp_many_descs(args) -> None:
+    """WRITE of N scattered 64-byte blocks (remote slots permuted), then READ of N
+    blocks of 1 to 128 bytes at arbitrary offsets; one transfer each, no merging
+    possible (initialize_xfer lists reach the backend unmerged anyway)."""
+    proto = args.protocol
+    n, block = args.descs, 64
+    lstride, rstride = block + 16, block + 32  # gaps differ per side
+    lbase, rbase = 3, 5  # unaligned starts
+    slot = 160  # READ: one block of 1..128 bytes somewhere in each 160-byte slot
+    w_size, r_size = rbase + n * rstride, n * slot
+    bufs = [{"name": "w", "size": w_size, "fill": W_FILL}, {"name": "r", "size": r_size, "seed": 160}]
+    rng = np.random.default_rng(161)
+    with target_process("xp-many-target", proto, bufs) as tgt:
+        ini = new_agent_with("xp-many-init", proto)
+        src, dst = fast_pattern(lbase + n * lstride, 162), filled(r_size, R_FILL)
+        register(ini, src, dst)
+        add_remote_expecting(ini, tgt, "cma")
+
+        perm = rng.permutation(n)
+        local = block_table(addr(src) + lbase, n, block, lstride)
+        remote = desc_table(tgt.addrs["w"] + rbase + perm.astype(np.uint64) * np.uint64(rstride),
+                            block)
+        t0 = time.perf_counter()
+        h = ini.initialize_xfer("WRITE", ini.get_xfer_descs(local, "DRAM"),
+                                ini.get_xfer_descs(remote, "DRAM"), tgt.name, b"many-w")
+        t1 = time.perf_counter()
+        dt = post(ini, h, f"WRITE of {n} x {block} B")
+        ini.release_xfer_handle(h)
+        log(f"WRITE of {n} scattered {block}-byte blocks in one transfer: prepared in "
+            f"{(t1 - t0) * 1e3:.0f} ms, done in {dt * 1e3:.1f} ms")
+        image = filled(w_size, W_FILL)
+        rows = image[rbase:].reshape(n, rstride)
+        rows[perm, :block] = src[lbase:].reshape(n, lstride)[:, :block]
+        tgt.check(f"WRITE of {n} blocks (whole buffer, gaps included)", "xp-many-init",
+                  [b"many-w"], (("w", 0, w_size, sha256(image)),))
+        log("target verified its whole buffer: every block in its permuted slot, gaps untouched")
+
+        lengths = rng.integers(1, 129, n)
+        lstart = rng.permutation(n) * slot + rng.integers(0, slot - lengths + 1)
+        rstart = rng.permutation(n) * slot + rng.integers(0, slot - lengths + 1)
+        local = desc_table(addr(dst) + lstart.astype(np.uint64), 0)
+        local[:, 1] = lengths
+        remote = desc_table(tgt.addrs["r"] + rstart.astype(np.uint64), 0)
+        remote[:, 1] = lengths
+        t0 = time.perf_counter()
+        h = ini.initialize_xfer("READ", ini.get_xfer_descs(local, "DRAM"),
+                                ini.get_xfer_descs(remote, "DRAM"), tgt.name, b"many-r")
+        t1 = time.perf_counter()
+        dt = post(ini, h, f"READ of {n} mixed blocks")
+        ini.release_xfer_handle(h)
+        log(f"READ of {n} blocks of 1-128 bytes ({int(lengths.sum())} bytes) in one transfer: "
+            f"prepared in {(t1 - t0) * 1e3:.0f} ms, done in {dt * 1e3:.1f} ms")
+        tgt.check(f"READ of {n} blocks", "xp-many-init", [b"many-r"])
+        # Byte i of block k: dst[lstart[k] + i] == remote[rstart[k] + i].
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        expected = filled(r_size, R_FILL)
+        expected[np.repeat(lstart, lengths) + within] = \
+            fast_pattern(r_size, 160)[np.repeat(rstart, lengths) + within]
+        assert same(dst, expected), f"READ of {n} blocks: contents differ (or bytes outside them)"
+        log("READ verified over the whole local buffer: every block, nothing outside them")
+        tgt.quit()
+
+
+# i. the probe forced to fail ----------------------------------------------------------------
+
+
+def sc_xp_probe_fail(args) -> None:
+    """NIXL_MOONCAKE_CMA_PROBE=fail in this process (which loads the target's metadata)
+    only: auto falls back to TCP with one warning; cma accepts the metadata but
+    refuses the first transfer (and a notification) with NIXL_ERR_NOT_SUPPORTED."""
+    proto = args.protocol
+    os.environ[CMA_PROBE_ENV] = "fail"  # no agent exists yet in this process
+    size = 4 * MiB
+    bufs = [{"name": "w", "size": size}, {"name": "r", "size": size, "seed": 170}]
+    with target_process("xp-unprobed", proto, bufs, env={CMA_PROBE_ENV: None}) as tgt:
+        ini = new_agent_with("xp-prober", proto)
+        src, dst = fast_pattern(size, 171), filled(size)
+        register(ini, src, dst)
+        if proto == "auto":
+            text = add_remote_expecting(ini, tgt, "tcp")
+            with capture_fds() as cap:
+                w = ini.initialize_xfer("WRITE", xfer_descs(ini, src), tgt.descs(ini, "w"),
+                                        tgt.name, b"fallback-w")
+                post(ini, w, "WRITE over the fallback")
+                r = ini.initialize_xfer("READ", xfer_descs(ini, dst), tgt.descs(ini, "r"),
+                                        tgt.name, b"fallback-r")
+                post(ini, r, "READ over the fallback")
+                post(ini, w, "WRITE over the fallback, reposted", b"fallback-w2")
+            replay("transfers", cap["text"])
+            warnings = [line for line in (text + cap["text"]).splitlines()
+                        if "cross-memory attach is not possible" in line]
+            assert len(warnings) == 1, f"expected one fallback warning, got {warnings!r}"
+            assert "WARN" in warnings[0] and "using TCP" in warnings[0] and \
+                CMA_PROBE_ENV in warnings[0], f"fallback warning: {warnings[0]!r}"
+            log(f"fallback warning (once): {warnings[0]!r}")
+            assert same(dst, fast_pattern(size, 170)), "READ over the fallback: data mismatch"
+            tgt.check("transfers over the fallback", "xp-prober",
+                      [b"fallback-w", b"fallback-r", b"fallback-w2"], (("w", 0, size, sha256(src)),))
+            log("WRITE, READ and a repost over TCP verified, notifications included")
+            ini.release_xfer_handle(w)
+            ini.release_xfer_handle(r)
+        else:
+            add_remote_expecting(ini, tgt, None)  # accepted: the refusal comes with a transfer
+            attempts = {
+                "initialize_xfer": lambda: ini.initialize_xfer(
+                    "WRITE", xfer_descs(ini, src), tgt.descs(ini, "w"), tgt.name, b"never"),
+            }
+            local_h = ini.prep_xfer_dlist("NIXL_INIT_AGENT", [(addr(dst), size, 0)], "DRAM")
+            remote_h = ini.prep_xfer_dlist(tgt.name, [(tgt.addrs["r"], size, 0)], "DRAM")
+            attempts["make_prepped_xfer"] = lambda: ini.make_prepped_xfer(
+                "READ", local_h, [0], remote_h, [0], b"never")
+            attempts["send_notif"] = lambda: ini.send_notif(tgt.name, b"never")
+            for call, attempt in attempts.items():
+                with capture_fds() as cap:
+                    try:
+                        attempt()
+                    except Exception as e:  # noqa: BLE001 - checked below
+                        failure = e
+                    else:
+                        failure = None
+                replay(call, cap["text"])
+                assert failure is not None, f"protocol=cma with a failed probe: {call} succeeded"
+                assert type(failure).__name__ == "nixlNotSupportedError", (
+                    f"{call}: {type(failure).__module__}.{type(failure).__name__}: {failure} "
+                    "(expected NIXL_ERR_NOT_SUPPORTED)")
+                errors = [line for line in cap["text"].splitlines()
+                          if "ERROR" in line and "protocol=cma" in line]
+                assert errors, f"{call} failed without an ERROR line naming protocol=cma"
+                assert any(CMA_PROBE_ENV in line for line in errors), (
+                    f"the ERROR line does not give the reason: {errors!r}")
+                log(f"{call} refused with {type(failure).__name__}; plugin said {errors[0]!r}")
+            ini.release_dlist_handle(local_h)
+            ini.release_dlist_handle(remote_h)
+            tgt.request("quiet", seconds=0.2, what="nothing could reach the target")
+        tgt.quit()
+
+
+# j. SIGKILL of the target during a stream of big transfers over CMA ------------------------
+
+
+def sc_xp_kill_stream(args) -> None:
+    proto = args.protocol
+    size = args.size_mib * MiB
+    name = "xp-streamed"
+    ini = new_agent_with("xp-streamer", proto)
+    src, dst = fast_pattern(size, 180), filled(size)
+    register(ini, src, dst)
+    bufs = [{"name": "w", "size": size}, {"name": "r", "size": size, "seed": 181}]
+    remote_r = fast_pattern(size, 181)  # what every target holds in "r"
+    rounds = args.kill_ops + ["none"]
+    for rnd, kill_op in enumerate(rounds):
+        with target_process(name, proto, bufs) as tgt:
+            add_remote_expecting(ini, tgt, "cma")
+            # A verified transfer each way first (after a kill: to the new process).
+            np.bitwise_xor(fast_pattern(size, 180), rnd, out=src)
+            h = ini.initialize_xfer("WRITE", xfer_descs(ini, src), tgt.descs(ini, "w"), name,
+                                    b"hello-w-%d" % rnd)
+            post(ini, h, f"round {rnd}: WRITE")
+            ini.release_xfer_handle(h)
+            dst[:] = 0
+            h = ini.initialize_xfer("READ", xfer_descs(ini, dst), tgt.descs(ini, "r"), name,
+                                    b"hello-r-%d" % rnd)
+            post(ini, h, f"round {rnd}: READ")
+            ini.release_xfer_handle(h)
+            assert same(dst, remote_r), f"round {rnd}: READ data mismatch"
+            tgt.check(f"round {rnd}: first transfers", "xp-streamer",
+                      [b"hello-w-%d" % rnd, b"hello-r-%d" % rnd], (("w", 0, size, sha256(src)),))
+            log(f"round {rnd}: target process {tgt.pid}: WRITE and READ of {size // MiB} MiB "
+                "verified")
+            if kill_op == "none":
+                tgt.quit()
+                break
+
+            # The stream: one handle reposted as soon as it is done; the target is
+            # killed right after post number `kill_at` was issued.
+            local, remote = (src, "w") if kill_op == "WRITE" else (dst, "r")
+            h = ini.initialize_xfer(kill_op, xfer_descs(ini, local), tgt.descs(ini, remote), name,
+                                    b"stream")
+            seen = {"posts": 0, "at": "", "state": ""}
+            t_kill, t_stream, t_failed, failure = None, 0.0, 0.0, None
+            deadline = time.monotonic() + OP_TIMEOUT
+            t0 = time.perf_counter()
+            while failure is None:
+                assert time.monotonic() < deadline, (
+                    f"round {rnd}: no failure after {seen['posts']} posts in {OP_TIMEOUT:.0f}s "
+                    f"({'after' if t_kill else 'before'} the kill)")
+                try:
+                    seen["at"] = "the post"
+                    state = ini.transfer(h)
+                    assert state in ("DONE", "PROC"), f"transfer() returned {state!r}"
+                    seen["posts"] += 1
+                    if seen["posts"] == args.kill_at:
+                        t_stream = time.perf_counter() - t0
+                        seen["state"] = state
+                        t_kill = tgt.kill()
+                    seen["at"] = "check_xfer_state"
+                    if state == "PROC":
+                        wait_xfer(ini, h, f"round {rnd}: {kill_op} post #{seen['posts']}")
+                except Exception as e:  # noqa: BLE001 - checked here
+                    assert is_nixl_error(e), f"a non-NIXL error: {e!r}"
+                    failure, t_failed = e, time.monotonic()
+                    assert t_kill is not None, f"round {rnd}: the stream failed before the kill: {e}"
+            elapsed = t_failed - t_kill
+            log(f"round {rnd}: {args.kill_at - 1} x {size // MiB} MiB {kill_op} streamed "
+                f"({rate((args.kill_at - 1) * size, t_stream)}), target killed right after post "
+                f"#{args.kill_at} (it returned {seen['state']}); {seen['at']} raised "
+                f"{type(failure).__name__} ({failure}) {elapsed * 1e3:.1f} ms after the kill, "
+                f"after {seen['posts']} post(s)")
+            print(f"KILL-TO-FAILURE {kill_op} {elapsed * 1e3:.1f} ms", flush=True)
+            assert type(failure).__name__ == "nixlRemoteDisconnectError", (
+                f"expected NIXL_ERR_REMOTE_DISCONNECT, got {type(failure).__name__}: {failure}")
+            assert elapsed < 1.0, f"the dead target was noticed only after {elapsed:.3f}s"
+            ini.release_xfer_handle(h)
+            # As in sc_xp_kill_target: forget the dead process before loading the new one.
+            known = ini.check_remote_metadata(name)
+            log(f"round {rnd}: after the failure NIXL {'still' if known else 'no longer'} holds "
+                f"{name!r}'s metadata{'; removing it' if known else ''}")
+            if known:
+                ini.remove_remote_agent(name)
+    log(f"{len(rounds) - 1} target(s) killed during a stream of {size // MiB} MiB transfers; "
+        "every new target process served verified transfers over cross-memory attach")
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -1580,7 +1927,7 @@ def main() -> None:
 
     def xp(name: str, fn, help_text: str):
         s = sub.add_parser(name, help=help_text)
-        s.add_argument("--protocol", choices=["auto", "tcp"], default="auto")
+        s.add_argument("--protocol", choices=["auto", "tcp", "cma"], default="auto")
         s.set_defaults(fn=fn)
         return s
 
@@ -1595,6 +1942,14 @@ def main() -> None:
     s.add_argument("--size-mib", type=int, default=128)
     s.add_argument("--kill-ops", nargs="+", choices=["WRITE", "READ"], default=["WRITE", "READ"])
     xp("xp_notif_bytes", sc_xp_notif_bytes, "processes: empty and binary notifications")
+    xp("xp_unaligned", sc_xp_unaligned, "processes: 1 byte to 64 MiB at unaligned addresses")
+    s = xp("xp_many_descs", sc_xp_many_descs, "processes: one transfer of many descriptors")
+    s.add_argument("--descs", type=int, default=100_000)
+    xp("xp_probe_fail", sc_xp_probe_fail, "processes: the cross-memory attach probe fails")
+    s = xp("xp_kill_stream", sc_xp_kill_stream, "processes: SIGKILL during a stream over CMA")
+    s.add_argument("--size-mib", type=int, default=64)
+    s.add_argument("--kill-at", type=int, default=4, help="kill right after this post")
+    s.add_argument("--kill-ops", nargs="+", choices=["WRITE", "READ"], default=["WRITE", "READ"])
 
     s = sub.add_parser("_xp_target", help=argparse.SUPPRESS)
     s.set_defaults(fn=sc_xp_target)

@@ -166,6 +166,51 @@ def test_cross_process_empty_and_binary_notifications(run_scenario, protocol):
     run_scenario("xp_notif_bytes", "--protocol", protocol)
 
 
+# cross-process, same host: cross-memory attach, forced (cma) or picked by auto ---------
+# The plugin says at DEBUG which transport it picked for a peer; the scenarios check
+# that line in the initiator's own output.
+
+CMA_PROTOCOLS = ["cma", "auto"]
+DEBUG_LOG = {"NIXL_LOG_LEVEL": "DEBUG"}
+
+
+def _cma_only(backend: str) -> None:
+    if backend != "Mooncake":
+        pytest.skip("cross-memory attach and its options and log lines are the plugin's own")
+
+
+@pytest.mark.parametrize("protocol", CMA_PROTOCOLS)
+def test_cma_1_byte_to_64mib_at_unaligned_addresses(run_scenario, backend, protocol):
+    _cma_only(backend)
+    run_scenario("xp_unaligned", "--protocol", protocol, env=DEBUG_LOG)
+
+
+@pytest.mark.parametrize("protocol", CMA_PROTOCOLS)
+def test_cma_100000_descriptors_in_one_transfer(run_scenario, backend, protocol):
+    _cma_only(backend)
+    run_scenario("xp_many_descs", "--protocol", protocol, "--descs", "100000", env=DEBUG_LOG)
+
+
+@pytest.mark.parametrize("protocol", CMA_PROTOCOLS)
+def test_cma_probe_failure_auto_falls_back_cma_refuses(run_scenario, backend, protocol):
+    # The scenario sets NIXL_MOONCAKE_CMA_PROBE=fail in the initiator's process only.
+    _cma_only(backend)
+    run_scenario("xp_probe_fail", "--protocol", protocol, env=DEBUG_LOG)
+
+
+@pytest.mark.parametrize("protocol", CMA_PROTOCOLS)
+def test_cma_sigkill_target_during_stream_then_new_target(run_scenario, backend, protocol):
+    _cma_only(backend)
+    out = run_scenario("xp_kill_stream", "--protocol", protocol, "--size-mib", "64",
+                       env=DEBUG_LOG)
+    figures = re.findall(r"^KILL-TO-FAILURE (\w+) ([\d.]+) ms$", out, re.M)
+    assert [op for op, _ in figures] == ["WRITE", "READ"], out
+    for op, ms in figures:
+        print(f"SIGKILL during a stream of {op}s over CMA: NIXL_ERR_REMOTE_DISCONNECT "
+              f"{ms} ms after the kill")
+        assert float(ms) < 1000.0
+
+
 # k. the wheel's C++ example ------------------------------------------------------------------
 
 
