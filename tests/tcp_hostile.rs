@@ -356,6 +356,44 @@ fn notifications_from_an_authenticated_client_arrive_intact() {
     assert!(got.iter().all(|(from, _)| from.as_bytes() == b"raw"));
 }
 
+#[test]
+fn connections_that_never_say_hello_are_capped_and_others_still_get_in() {
+    let t = target();
+    // Fill the handshake slots with silent clients.
+    let silent: Vec<TcpStream> = (0..64).map(|_| connect(t.addr)).collect();
+    // Wait until the server accepted them all (a new one is then refused).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut probe = connect(t.addr);
+        probe
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        if closed_by_server(&mut probe) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never refused a connection"
+        );
+    }
+    drop(silent);
+    // Once they are gone, a real client is served again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut s = connect(t.addr);
+        hello(&mut s, t.token);
+        let mut h = [0u8; HEADER_LEN];
+        if s.read_exact(&mut h).is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server never recovered"
+        );
+    }
+    still_serves(&t);
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;

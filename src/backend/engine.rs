@@ -53,10 +53,11 @@ pub struct EngineConfig {
     pub progress_delay: Duration,
 }
 
-/// Transfers up to this size run inline in `postXfer` (lowest latency).
-const INLINE_BYTES: u64 = 64 << 10;
+/// Copy transfers (in-process, CMA) up to this size run inline in `postXfer`:
+/// no hand-off to the progress thread (at most ~100 us of copying).
+const INLINE_BYTES: u64 = 1 << 20;
 /// ... provided they have at most this many segments.
-const INLINE_SEGMENTS: usize = 256;
+const INLINE_SEGMENTS: usize = 1024;
 /// Without a progress thread, steps of work done inside one call.
 const STEPS_PER_CALL: usize = 8;
 
@@ -179,8 +180,10 @@ impl Engine {
             endpoints: vec![conn_info::Endpoint::Tcp(tcp_server.local_addr())],
             cma_probe: cma_cookie.as_ref().map(Cookie::addr),
         };
-        let worker = Worker::start(config.progress_thread, config.progress_delay)
-            .map_err(|e| Error::Backend(format!("cannot start the progress thread: {e}")))?;
+        let worker = Worker::start(config.progress_thread, config.progress_delay).map_err(|e| {
+            tcp_server.shutdown();
+            Error::Backend(format!("cannot start the progress thread: {e}"))
+        })?;
         inproc::publish(&endpoint);
         info!(
             "Mooncake: engine for agent {name} created (protocol={}, progress thread {})",
@@ -644,6 +647,9 @@ impl Engine {
                 return post.completion().result();
             }
             Target::Cma { link, peer } => {
+                // The control connection must be up: it is how we learn that
+                // the peer's engine went away (see `CmaCopy`).
+                link.ensure_connected()?;
                 let notif = notif.map(<[u8]>::to_vec);
                 let job = Arc::new(CmaCopy::job(
                     req.plan.clone(),
@@ -766,15 +772,17 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         inproc::withdraw(self.endpoint.token);
+        // Connections first: shutting their sockets releases any thread
+        // blocked on a peer, so the cancels below cannot wait on the network.
+        for (_, peer) in self.peers.get_mut().drain() {
+            if let Some(link) = peer.route.as_ref().ok().and_then(Route::link) {
+                link.close();
+            }
+        }
         self.worker.shutdown();
         for req in self.requests.drain() {
             if let Some(job) = req.current.lock().take() {
                 job.cancel();
-            }
-        }
-        for (_, peer) in self.peers.get_mut().drain() {
-            if let Some(link) = peer.route.as_ref().ok().and_then(Route::link) {
-                link.close();
             }
         }
         self.tcp_server.shutdown();

@@ -12,13 +12,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::io::{self, RawRange};
 use crate::backend::registry::Pin;
@@ -72,17 +72,26 @@ pub struct TcpPost {
     /// Set once the post finished, failed or was cancelled: none of its data
     /// moves any more.
     stopped: AtomicBool,
-    /// Held while the post's data moves between a socket and its memory.
-    /// Only `cancel` waits for it (so that nothing moves after it returned);
-    /// completion and failure never do, so a receiver thread can never wait
-    /// on a sender blocked in the network.
-    io: Mutex<()>,
+    /// Held shared while the post's data moves between a socket and its
+    /// memory (streams move frames of one post in parallel), exclusively by
+    /// `cancel` (so that nothing moves after it returned). Completion and
+    /// failure never take it, so a receiver never waits on a sender blocked
+    /// in the network.
+    io: RwLock<()>,
+    /// The connections the post runs on (to give up on them if a cancel
+    /// finds a frame stuck on a stalled peer).
+    conns: Weak<Conns>,
     completion: Completion,
     notif: Option<Vec<u8>>,
 }
 
 impl TcpPost {
-    fn new(plan: Arc<Plan>, notif: Option<Vec<u8>>, frame_bytes: u64) -> TcpPost {
+    fn new(
+        plan: Arc<Plan>,
+        notif: Option<Vec<u8>>,
+        frame_bytes: u64,
+        conns: Weak<Conns>,
+    ) -> TcpPost {
         let mut pieces = Vec::with_capacity(plan.segments.len());
         let mut frames = vec![0];
         let mut frame_len = 0u64;
@@ -118,7 +127,8 @@ impl TcpPost {
             frames,
             remaining: AtomicUsize::new(count),
             stopped: AtomicBool::new(false),
-            io: Mutex::new(()),
+            io: RwLock::new(()),
+            conns,
             completion: Completion::default(),
             notif,
         }
@@ -204,7 +214,18 @@ impl Transfer for TcpPost {
     }
 
     fn cancel(&self) {
-        let _moving = self.io.lock();
+        let _moving = self.io.try_write_for(CANCEL_WAIT).unwrap_or_else(|| {
+            // A frame is stuck on a peer that stopped reading or sending:
+            // give up on the connection (its sockets are shut, so the blocked
+            // I/O returns at once), then no byte can move any more.
+            if let Some(conns) = self.conns.upgrade() {
+                conns.fail_all(Error::RemoteDisconnect(format!(
+                    "agent {} stalled in the middle of a frame of a cancelled transfer",
+                    conns.peer
+                )));
+            }
+            self.io.write()
+        });
         self.finish(Err(Error::Canceled(
             "the request was released while in flight".into(),
         )));
@@ -240,6 +261,10 @@ struct Queue {
 /// A post of one frame up to this size is sent by the posting thread itself
 /// when its stream is idle (no hand-off to the writer thread: lower latency).
 const INLINE_FRAME_BYTES: u64 = 64 << 10;
+
+/// How long a cancel waits for a frame in motion before it gives up on a
+/// connection that stalls in the middle of it.
+const CANCEL_WAIT: Duration = Duration::from_millis(200);
 
 /// The live connections to one peer.
 struct Conns {
@@ -531,7 +556,12 @@ impl PeerLink {
     /// [`Error::RemoteDisconnect`] when the peer is unreachable or dead.
     pub fn post(&self, plan: Arc<Plan>, notif: Option<Vec<u8>>) -> Result<Arc<TcpPost>> {
         let conns = self.conns()?;
-        let post = Arc::new(TcpPost::new(plan, notif, self.config.frame_bytes));
+        let post = Arc::new(TcpPost::new(
+            plan,
+            notif,
+            self.config.frame_bytes,
+            Arc::downgrade(&conns),
+        ));
         if post.frame_count() == 0 {
             post.remaining.store(1, Ordering::Relaxed);
             post.frame_done(&conns);
@@ -564,6 +594,16 @@ impl PeerLink {
             }
         }
         Ok(post)
+    }
+
+    /// True once the connections to the peer failed or were closed (a link
+    /// never connected, or connecting right now, is not down).
+    pub fn is_down(&self) -> bool {
+        match self.state.try_lock().as_deref() {
+            Some(LinkState::Up(c)) => c.is_down(),
+            Some(LinkState::Down(_)) => true,
+            _ => false,
+        }
     }
 
     /// Sends a notification outside any transfer.
@@ -609,7 +649,8 @@ impl PeerLink {
 
     /// Closes the connections; requests in flight fail with `RemoteDisconnect`.
     pub fn close(&self) {
-        let conns = match std::mem::replace(&mut *self.state.lock(), LinkState::Idle) {
+        let closed = Error::RemoteDisconnect(format!("disconnected from agent {}", self.peer));
+        let conns = match std::mem::replace(&mut *self.state.lock(), LinkState::Down(closed)) {
             LinkState::Up(c) => c,
             _ => return,
         };
@@ -666,7 +707,7 @@ fn send(conns: &Conns, sock: &TcpStream, out: Out) -> std::io::Result<()> {
         Out::Frame { tag, post, frame } => {
             // Only WRITE data is read from user memory: only then is the I/O
             // lock held (a ReadReq must never wait behind a receiver).
-            let moving = (post.plan.op == Op::Write).then(|| post.io.lock());
+            let moving = (post.plan.op == Op::Write).then(|| post.io.read());
             if post.is_stopped() {
                 conns.pending.lock().remove(&tag);
                 return Ok(());
@@ -702,7 +743,7 @@ fn send(conns: &Conns, sock: &TcpStream, out: Out) -> std::io::Result<()> {
             }
         }
         Out::Notif { msg, post } => {
-            let guard = post.as_ref().map(|p| p.io.lock());
+            let guard = post.as_ref().map(|p| p.io.read());
             if post.as_ref().is_some_and(|p| p.is_stopped()) {
                 return Ok(()); // cancelled or failed: no notification
             }
@@ -774,25 +815,39 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<bool> {
                 )));
             }
             if let Some(p) = conns.pending.lock().remove(&h.tag) {
+                if p.post.plan.op != Op::Write {
+                    return Err(protocol_violation(
+                        conns,
+                        &p.post,
+                        "answered a read with a write acknowledgement",
+                    ));
+                }
                 p.post.frame_done(conns);
             }
         }
         Kind::ReadResp => {
             let pending = conns.pending.lock().remove(&h.tag);
+            if let Some(p) = pending.as_ref().filter(|p| p.post.plan.op != Op::Read) {
+                return Err(protocol_violation(
+                    conns,
+                    &p.post,
+                    "answered a write with read data",
+                ));
+            }
             let Some(p) = pending else {
                 // The request is gone (cancelled): drain its data elsewhere.
                 io::discard(sock, u64::from(h.body_len)).map_err(lost)?;
                 return Ok(true);
             };
             if u64::from(h.body_len) != p.post.frame_bytes(p.frame) {
-                return Err(Error::RemoteDisconnect(format!(
-                    "agent {} answered a read of {} bytes with {}",
-                    conns.peer,
+                let what = format!(
+                    "answered a read of {} bytes with {}",
                     p.post.frame_bytes(p.frame),
                     h.body_len
-                )));
+                );
+                return Err(protocol_violation(conns, &p.post, &what));
             }
-            let moving = p.post.io.lock();
+            let moving = p.post.io.read();
             let stopped = p.post.is_stopped();
             let pins = if stopped {
                 None
@@ -804,20 +859,26 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<bool> {
                     // SAFETY: the local ranges lie in regions checked at prep time and
                     // pinned here; `io` is held, so a cancel waits for this read and
                     // no byte lands in the buffer after the cancel returned.
-                    unsafe { io::recv_into(sock.as_raw_fd(), &p.post.local_ranges(p.frame)) }
-                        .map_err(lost)?;
+                    let received =
+                        unsafe { io::recv_into(sock.as_raw_fd(), &p.post.local_ranges(p.frame)) };
+                    if let Err(e) = received {
+                        // The post left `pending`: fail it here, not in fail_all.
+                        let e = lost(e);
+                        p.post.finish(Err(e.clone()));
+                        return Err(e);
+                    }
                     drop(pins);
                     drop(moving);
                     p.post.frame_done(conns);
                 }
                 None => {
                     drop(moving);
-                    io::discard(sock, u64::from(h.body_len)).map_err(lost)?;
                     if !stopped {
                         p.post.finish(Err(Error::InvalidParam(
                             "a local region was deregistered during the transfer".into(),
                         )));
                     }
+                    io::discard(sock, u64::from(h.body_len)).map_err(lost)?;
                 }
             }
         }
@@ -829,6 +890,14 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// The peer broke the protocol answering `post` (already out of `pending`):
+/// fail the post, and return the error that takes the connection down.
+fn protocol_violation(conns: &Conns, post: &TcpPost, what: &str) -> Error {
+    let e = Error::RemoteDisconnect(format!("agent {} {what}", conns.peer));
+    post.finish(Err(e.clone()));
+    e
 }
 
 fn remote_error(peer: &AgentName, status: i64, reason: &[u8]) -> Error {

@@ -135,6 +135,29 @@ pub fn read_exact(mut stream: &TcpStream, buf: &mut [u8]) -> io::Result<()> {
     stream.read_exact(buf).map_err(timed_out)
 }
 
+/// Reads exactly `buf.len()` bytes before `deadline`, however slowly they come.
+pub fn read_exact_by(
+    mut stream: &TcpStream,
+    buf: &mut [u8],
+    deadline: std::time::Instant,
+) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(timed_out(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Reads and throws away `len` bytes (data nobody may receive any more).
 pub fn discard(stream: &TcpStream, mut len: u64) -> io::Result<()> {
     let mut scratch = vec![0u8; len.min(1 << 20) as usize];

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ use super::io::{self, RawRange};
 use crate::backend::registry::{LocalRegion, Pin};
 use crate::backend::{AgentName, Endpoint, Error, Status};
 use crate::wire::frame::{self, Header, Hello, Kind, SEG_LEN, Seg};
+
+/// Most connections that may be in their handshake at once.
+const MAX_HANDSHAKING: usize = 64;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,6 +36,8 @@ pub struct TcpServer {
     /// Served connections by id, so that shutdown can close them.
     conns: Mutex<HashMap<u64, TcpStream>>,
     next_conn: AtomicU64,
+    /// Connections that have not completed their handshake yet.
+    handshaking: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -53,6 +58,7 @@ impl TcpServer {
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            handshaking: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
         });
         let s = server.clone();
@@ -83,6 +89,13 @@ impl TcpServer {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
+            // Bound what connections that never authenticate can hold.
+            if self.handshaking.load(Ordering::Acquire) >= MAX_HANDSHAKING {
+                warn!(
+                    "Mooncake: refusing a connection from {from}: {MAX_HANDSHAKING} others are still in their handshake"
+                );
+                continue;
+            }
             let Ok(clone) = stream.try_clone() else {
                 continue;
             };
@@ -93,7 +106,7 @@ impl TcpServer {
             let spawned = std::thread::Builder::new()
                 .name("mooncake-serve".into())
                 .spawn(move || {
-                    serve(&stream, from, &endpoint, stall);
+                    serve(&stream, from, &endpoint, stall, &server.handshaking);
                     // Close for real: the copy kept for shutdown holds the fd open.
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                     server.conns.lock().remove(&id);
@@ -104,7 +117,12 @@ impl TcpServer {
                     threads.retain(|t| !t.is_finished());
                     threads.push(handle);
                 }
-                Err(e) => warn!("Mooncake: cannot serve connection from {from}: {e}"),
+                Err(e) => {
+                    warn!("Mooncake: cannot serve connection from {from}: {e}");
+                    if let Some(c) = self.conns.lock().remove(&id) {
+                        let _ = c.shutdown(std::net::Shutdown::Both);
+                    }
+                }
             }
         }
     }
@@ -127,9 +145,18 @@ impl TcpServer {
 /// Why a connection is being closed.
 type Close = String;
 
-fn serve(stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint, stall: Duration) {
+fn serve(
+    stream: &TcpStream,
+    from: SocketAddr,
+    endpoint: &Endpoint,
+    stall: Duration,
+    handshaking: &AtomicUsize,
+) {
     let _ = stream.set_nodelay(true);
-    let peer = match handshake(stream, endpoint) {
+    handshaking.fetch_add(1, Ordering::AcqRel);
+    let greeted = handshake(stream, endpoint);
+    handshaking.fetch_sub(1, Ordering::AcqRel);
+    let peer = match greeted {
         Ok(peer) => peer,
         Err(why) => {
             warn!(
@@ -143,7 +170,10 @@ fn serve(stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint, stall: Durat
         "Mooncake: agent {} serving agent {peer} from {from}",
         endpoint.name
     );
+    // Bounds how long a peer that stops reading or sending mid-frame can
+    // hold a pinned region (and with it deregisterMem).
     let _ = stream.set_read_timeout((!stall.is_zero()).then_some(stall));
+    let _ = stream.set_write_timeout((!stall.is_zero()).then_some(stall));
     let mut scratch = Vec::new();
     loop {
         match serve_one(stream, endpoint, &peer, &mut scratch) {
@@ -164,17 +194,17 @@ fn serve(stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint, stall: Durat
 }
 
 fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<AgentName, Close> {
-    stream
-        .set_read_timeout(Some(HELLO_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+    // One deadline for the whole handshake: a client trickling bytes cannot
+    // hold this thread longer.
+    let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
     let mut raw = [0u8; frame::HEADER_LEN];
-    io::read_exact(stream, &mut raw).map_err(|e| format!("no hello: {e}"))?;
+    io::read_exact_by(stream, &mut raw, deadline).map_err(|e| format!("no hello: {e}"))?;
     let header = Header::decode(&raw).map_err(|e| format!("bad hello header: {e}"))?;
     if header.kind != Kind::Hello {
         return Err(format!("first frame is {:?}, not Hello", header.kind));
     }
     let mut body = vec![0u8; header.body_len as usize];
-    io::read_exact(stream, &mut body).map_err(|e| format!("truncated hello: {e}"))?;
+    io::read_exact_by(stream, &mut body, deadline).map_err(|e| format!("truncated hello: {e}"))?;
     let hello = Hello::decode(&body).map_err(|e| e.to_string())?;
     if hello.target_token != endpoint.token {
         return Err("it did not present this engine's token (stale or forged metadata)".into());

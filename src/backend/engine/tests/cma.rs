@@ -145,3 +145,28 @@ fn release_cancels_without_writing_afterwards() {
     assert_eq!(p.bbuf, snapshot);
     assert!(p.b.get_notifs().is_empty());
 }
+
+#[test]
+fn a_peer_whose_engine_is_gone_is_never_written_even_if_its_process_lives() {
+    let p = pair_with(4096, true, CMA);
+    let id = p.whole(Op::Write);
+    let _ = p.a.post_xfer(id, None).unwrap();
+    assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    let Pair {
+        a, b, abuf, bbuf, ..
+    } = p;
+    // B's engine goes away; its memory stays mapped (same process), so a
+    // write would land unnoticed: it must be refused instead.
+    drop(b);
+    let snapshot = bbuf.clone();
+    let failed = match a.post_xfer(id, None) {
+        Err(e) => Err(e),
+        Ok(_) => wait(&a, id),
+    };
+    assert!(
+        matches!(failed, Err(Error::RemoteDisconnect(_))),
+        "{failed:?}"
+    );
+    assert_eq!(bbuf, snapshot);
+    drop((abuf, bbuf));
+}

@@ -249,6 +249,138 @@ fn a_peer_with_a_forged_token_is_refused() {
     assert!(b.get_notifs().is_empty());
 }
 
+/// A fake peer on loopback: accepts one connection, answers the hello, then
+/// hands the socket to `then`. Returns its address and thread.
+fn fake_peer(
+    then: impl FnOnce(std::net::TcpStream) + Send + 'static,
+) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    use crate::wire::frame::{HEADER_LEN, Header, Kind};
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = [0u8; HEADER_LEN];
+        s.read_exact(&mut head).unwrap();
+        let mut body = vec![0u8; Header::decode(&head).unwrap().body_len as usize];
+        s.read_exact(&mut body).unwrap();
+        s.write_all(&Header::new(Kind::HelloOk, 0, 0, 0).encode())
+            .unwrap();
+        then(s);
+    });
+    (addr, t)
+}
+
+/// An engine "A" that knows a fake agent "Fake" at `addr` with one 1 MiB
+/// region at 0x10000, and a prepped request of `len` bytes to it.
+fn to_fake(
+    addr: std::net::SocketAddr,
+    op: Op,
+    len: u64,
+    params: &[(&str, &str)],
+) -> (Engine, Vec<u8>, ReqId) {
+    use crate::wire::region::RegionPublic;
+    let a = engine_with("A", true, params);
+    let mut info = ConnInfo::decode(a.conn_info()).unwrap();
+    info.agent = b"Fake".to_vec();
+    info.token = 77;
+    info.pid = 0;
+    info.endpoints = vec![conn_info::Endpoint::Tcp(addr)];
+    a.load_remote_conn_info(b"Fake", &info.encode()).unwrap();
+    let buf = vec![0u8; len as usize];
+    let lmd = a.register_mem(buf.as_ptr() as u64, len, 0, 0).unwrap();
+    let region = RegionPublic {
+        owner: 77,
+        key: 5,
+        addr: 0x10000,
+        len,
+        mem_type: 0,
+        dev_id: 0,
+    };
+    let rmd = a
+        .load_remote_md(0x10000, len, 0, &region.encode(), b"Fake")
+        .unwrap();
+    let id = a
+        .prep_xfer(
+            op,
+            &[Desc {
+                addr: buf.as_ptr() as u64,
+                len,
+                md: lmd,
+            }],
+            &[Desc {
+                addr: 0x10000,
+                len,
+                md: rmd,
+            }],
+            b"Fake",
+        )
+        .unwrap();
+    (a, buf, id)
+}
+
+#[test]
+fn release_never_hangs_on_a_peer_that_stopped_reading() {
+    // The fake peer reads nothing: a 64 MiB WRITE fills the socket buffers and
+    // a sender blocks in the middle of a frame.
+    let (addr, fake) = fake_peer(|s| {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_secs(2));
+        drop(s);
+    });
+    let params = &[
+        ("protocol", "tcp"),
+        ("ip_addr", "127.0.0.1"),
+        ("streams", "1"),
+        ("timeout_ms", "0"),
+    ];
+    let (a, _buf, id) = to_fake(addr, Op::Write, 64 << 20, params);
+    assert_eq!(a.post_xfer(id, None), Ok(Status::InProg));
+    // Let the sender get stuck.
+    wait_for("the sender to block", || link(&a, "Fake").pending() > 0);
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    a.release_req(id).unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "releaseReqH took {took:?}");
+    drop(a);
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_reply_of_the_wrong_kind_breaks_the_link_not_the_memory() {
+    use crate::wire::frame::{HEADER_LEN, Header, Kind};
+    use std::io::{Read, Write};
+    // The fake peer answers a WRITE with "read data" for its tag.
+    let (addr, fake) = fake_peer(|mut s| {
+        let mut head = [0u8; HEADER_LEN];
+        s.read_exact(&mut head).unwrap();
+        let h = Header::decode(&head).unwrap();
+        let mut body = vec![0u8; h.body_len as usize];
+        s.read_exact(&mut body).unwrap();
+        let data = vec![0xEEu8; 4096];
+        s.write_all(&Header::new(Kind::ReadResp, 4096, h.tag, 0).encode())
+            .unwrap();
+        let _ = s.write_all(&data);
+        let mut sink = [0u8; 1024];
+        while s.read(&mut sink).is_ok_and(|n| n > 0) {}
+    });
+    let params = &[
+        ("protocol", "tcp"),
+        ("ip_addr", "127.0.0.1"),
+        ("streams", "1"),
+    ];
+    let (a, buf, id) = to_fake(addr, Op::Write, 4096, params);
+    let _ = a.post_xfer(id, None);
+    assert!(matches!(wait(&a, id), Err(Error::RemoteDisconnect(m)) if m.contains("read data")));
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "the WRITE's source buffer was not written"
+    );
+    drop(a);
+    fake.join().unwrap();
+}
+
 #[test]
 fn a_hung_peer_is_caught_by_the_stall_timeout() {
     use crate::wire::frame::{HEADER_LEN, Header, Kind};
@@ -323,5 +455,31 @@ fn a_hung_peer_is_caught_by_the_stall_timeout() {
     );
     assert!(started.elapsed() >= Duration::from_millis(300));
     drop(a); // closes the connection: the fake peer's read loop ends
+    fake.join().unwrap();
+}
+
+#[test]
+fn a_peer_that_dies_in_the_middle_of_read_data_fails_the_read() {
+    use crate::wire::frame::{HEADER_LEN, Header, Kind};
+    use std::io::{Read, Write};
+    let (addr, fake) = fake_peer(|mut s| {
+        let mut head = [0u8; HEADER_LEN];
+        s.read_exact(&mut head).unwrap();
+        let h = Header::decode(&head).unwrap();
+        let mut body = vec![0u8; h.body_len as usize];
+        s.read_exact(&mut body).unwrap();
+        // Promise 4096 bytes, deliver 100, vanish.
+        s.write_all(&Header::new(Kind::ReadResp, 4096, h.tag, 0).encode())
+            .unwrap();
+        s.write_all(&[0x11; 100]).unwrap();
+    });
+    let params = &[
+        ("protocol", "tcp"),
+        ("ip_addr", "127.0.0.1"),
+        ("streams", "1"),
+    ];
+    let (a, _buf, id) = to_fake(addr, Op::Read, 4096, params);
+    let _ = a.post_xfer(id, None);
+    assert!(matches!(wait(&a, id), Err(Error::RemoteDisconnect(_))));
     fake.join().unwrap();
 }
