@@ -16,7 +16,8 @@
 //!   `prep_xfer` once, then `post_xfer` + `check_xfer` until done per
 //!   iteration), progress thread on as NIXL's Python API defaults to:
 //!   one 4 KiB, 1 MiB and 64 MiB descriptor, and 4096 scattered 4 KiB ones;
-//! - frame encoding (`wire::frame`): to be added with `src/wire/frame.rs`.
+//! - `frame`: the TCP frame codec (`wire::frame`): header encode/decode, and a
+//!   1024-segment table encode/decode (the largest a frame carries).
 //!
 //! Throughput is reported in bytes (copy) or elements (notifications).
 
@@ -30,6 +31,7 @@ use plugin_Mooncake::backend::requests::RequestSlab;
 use plugin_Mooncake::backend::{AgentName, Desc, Engine, EngineConfig, MdId, ReqId, Status};
 use plugin_Mooncake::transport::Op;
 use plugin_Mooncake::wire::conn_info::ConnInfo;
+use plugin_Mooncake::wire::frame::{self, Header, Kind, Seg};
 use plugin_Mooncake::wire::region::RegionPublic;
 
 const KIB: usize = 1 << 10;
@@ -249,9 +251,38 @@ fn copy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(
-    benches, requests, wire, notifs,
-    copy,
-    // frame: wire::frame encode/decode, once src/wire/frame.rs exists
-);
+// ---- TCP frames --------------------------------------------------------------------
+
+fn frame(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    let header = Header::new(Kind::Write, 20 * 1024 + (1 << 20), 42, 1024);
+    let raw = header.encode();
+    g.bench_function("header/encode", |b| b.iter(|| black_box(&header).encode()));
+    g.bench_function("header/decode", |b| {
+        b.iter(|| Header::decode(black_box(&raw)).unwrap())
+    });
+    let segs: Vec<Seg> = (0..1024u64)
+        .map(|i| Seg {
+            key: 0xfeed,
+            addr: 0x7f00_0000_0000 + i * 8192,
+            len: 1024,
+        })
+        .collect();
+    let mut table = Vec::new();
+    frame::encode_segs(&segs, &mut table);
+    g.throughput(Throughput::Elements(segs.len() as u64));
+    g.bench_function("segs_1024/encode", |b| {
+        b.iter_batched_ref(
+            || Vec::with_capacity(table.len()),
+            |out| frame::encode_segs(black_box(&segs), out),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("segs_1024/decode", |b| {
+        b.iter(|| frame::decode_segs(black_box(&table), 1024, Some(1 << 20)).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, requests, wire, notifs, frame, copy);
 criterion_main!(benches);
