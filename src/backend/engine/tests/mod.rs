@@ -80,6 +80,31 @@ impl Pair {
     }
 }
 
+/// Registers `src` on `a` and `dst` on `b` (agent `b_name`), and loads the
+/// metadata of `dst` on `a`: returns `a`'s ids for `src` and for remote `dst`.
+fn expose(a: &Engine, b: &Engine, b_name: &[u8], src: &[u8], dst: &[u8]) -> (MdId, MdId) {
+    let smd = a
+        .register_mem(src.as_ptr() as u64, src.len() as u64, 0, 0)
+        .unwrap();
+    let dmd = b
+        .register_mem(dst.as_ptr() as u64, dst.len() as u64, 0, 0)
+        .unwrap();
+    let blob = b.public_data(dmd).unwrap();
+    let rmd = a
+        .load_remote_md(dst.as_ptr() as u64, dst.len() as u64, 0, &blob, b_name)
+        .unwrap();
+    (smd, rmd)
+}
+
+/// A descriptor covering all of `buf`, with metadata `md`.
+fn whole(buf: &[u8], md: MdId) -> Desc {
+    Desc {
+        addr: buf.as_ptr() as u64,
+        len: buf.len() as u64,
+        md,
+    }
+}
+
 fn wait(engine: &Engine, id: ReqId) -> Result<Status> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -384,37 +409,10 @@ pub(super) fn four_threads_post_at_once_with(params: &[(&str, &str)]) {
                 let len = 3 << 20;
                 let src: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(t + 1)).collect();
                 let dst = vec![0u8; len];
-                let smd = a
-                    .register_mem(src.as_ptr() as u64, len as u64, 0, 0)
-                    .unwrap();
-                let dmd = b
-                    .register_mem(dst.as_ptr() as u64, len as u64, 0, 0)
-                    .unwrap();
-                let rmd = a
-                    .load_remote_md(
-                        dst.as_ptr() as u64,
-                        len as u64,
-                        0,
-                        &b.public_data(dmd).unwrap(),
-                        b"B",
-                    )
-                    .unwrap();
+                let (smd, rmd) = expose(&a, &b, b"B", &src, &dst);
                 for _ in 0..10 {
                     let id = a
-                        .prep_xfer(
-                            Op::Write,
-                            &[Desc {
-                                addr: src.as_ptr() as u64,
-                                len: len as u64,
-                                md: smd,
-                            }],
-                            &[Desc {
-                                addr: dst.as_ptr() as u64,
-                                len: len as u64,
-                                md: rmd,
-                            }],
-                            b"B",
-                        )
+                        .prep_xfer(Op::Write, &[whole(&src, smd)], &[whole(&dst, rmd)], b"B")
                         .unwrap();
                     let _ = a.post_xfer(id, Some(&[t])).unwrap();
                     assert_eq!(wait(&a, id), Ok(Status::Success));

@@ -146,39 +146,9 @@ fn a_dead_peer_fails_transfers_at_once_and_a_restarted_one_works() {
     let len = 64 << 20;
     let src = vec![1u8; len];
     let dst = vec![0u8; len];
-    let smd = a
-        .register_mem(src.as_ptr() as u64, len as u64, 0, 0)
-        .unwrap();
-    let dmd = b
-        .register_mem(dst.as_ptr() as u64, len as u64, 0, 0)
-        .unwrap();
-    let rmd = a
-        .load_remote_md(
-            dst.as_ptr() as u64,
-            len as u64,
-            0,
-            &b.public_data(dmd).unwrap(),
-            b"B",
-        )
-        .unwrap();
-    let descs = |md| {
-        [Desc {
-            addr: src.as_ptr() as u64,
-            len: len as u64,
-            md,
-        }]
-    };
+    let (smd, rmd) = expose(&a, &b, b"B", &src, &dst);
     let id = a
-        .prep_xfer(
-            Op::Write,
-            &descs(smd),
-            &[Desc {
-                addr: dst.as_ptr() as u64,
-                len: len as u64,
-                md: rmd,
-            }],
-            b"B",
-        )
+        .prep_xfer(Op::Write, &[whole(&src, smd)], &[whole(&dst, rmd)], b"B")
         .unwrap();
     a.connect(b"B").unwrap();
     // Kill B's side of every connection (what the kernel does when B dies).
@@ -216,16 +186,7 @@ fn a_dead_peer_fails_transfers_at_once_and_a_restarted_one_works() {
         )
         .unwrap();
     let id2 = a
-        .prep_xfer(
-            Op::Write,
-            &descs(smd),
-            &[Desc {
-                addr: dst.as_ptr() as u64,
-                len: len as u64,
-                md: rmd2,
-            }],
-            b"B",
-        )
+        .prep_xfer(Op::Write, &[whole(&src, smd)], &[whole(&dst, rmd2)], b"B")
         .unwrap();
     let _ = a.post_xfer(id2, Some(b"back")).unwrap();
     assert_eq!(wait(&a, id2), Ok(Status::Success));
