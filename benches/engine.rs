@@ -16,6 +16,8 @@
 //!   `prep_xfer` once, then `post_xfer` + `check_xfer` until done per
 //!   iteration), progress thread on as NIXL's Python API defaults to:
 //!   one 4 KiB, 1 MiB and 64 MiB descriptor, and 4096 scattered 4 KiB ones;
+//! - `tcp`: the TCP transport between two engines of this process over
+//!   loopback: 4 KiB WRITE round trips, 16 MiB WRITE and READ;
 //! - `frame`: the TCP frame codec (`wire::frame`): header encode/decode, and a
 //!   1024-segment table encode/decode (the largest a frame carries).
 //!
@@ -141,19 +143,22 @@ struct Pair {
     bmd_remote: MdId,
 }
 
-fn engine(name: &str) -> Engine {
+fn engine(name: &str, params: &[(&str, &str)]) -> Engine {
     Engine::new(EngineConfig {
         local_agent: name.as_bytes().to_vec(),
-        params: vec![],
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         progress_thread: true,
         progress_delay: Duration::ZERO,
     })
     .expect("engine")
 }
 
-fn pair(len: usize) -> Pair {
-    let a = engine("A");
-    let b = engine("B");
+fn pair(len: usize, params: &[(&str, &str)]) -> Pair {
+    let a = engine("A", params);
+    let b = engine("B", params);
     a.load_remote_conn_info(b"B", b.conn_info())
         .expect("loadRemoteConnInfo");
     let abuf: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
@@ -223,7 +228,7 @@ fn copy(c: &mut Criterion) {
         // Scattered: every other block of A to every other block of B, in
         // reverse order, so no two descriptors can be merged.
         let span = if scattered { 2 * n } else { n };
-        let p = pair(span * block);
+        let p = pair(span * block, &[]);
         let (l, r): (Vec<Desc>, Vec<Desc>) = (0..n)
             .map(|i| {
                 if scattered {
@@ -284,5 +289,26 @@ fn frame(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, requests, wire, notifs, frame, copy);
+// ---- the TCP path ---------------------------------------------------------------------
+
+/// Two engines in this process forced onto TCP over loopback: 4 KiB WRITE
+/// round trips (post to done), and a 16 MiB WRITE and READ.
+fn tcp(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tcp");
+    let p = pair(16 * MIB, &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")]);
+    for (name, op, block) in [
+        ("write_4k", Op::Write, 4 * KIB),
+        ("write_16m", Op::Write, 16 * MIB),
+        ("read_16m", Op::Read, 16 * MIB),
+    ] {
+        let (l, r) = p.descs(block, 0, 0);
+        let id = p.a.prep_xfer(op, &[l], &[r], b"B").expect("prepXfer");
+        g.throughput(Throughput::Bytes(block as u64));
+        g.bench_function(name, |b| b.iter(|| post_and_wait(&p.a, id)));
+        p.a.release_req(id).expect("releaseReqH");
+    }
+    g.finish();
+}
+
+criterion_group!(benches, requests, wire, notifs, frame, copy, tcp);
 criterion_main!(benches);
