@@ -72,6 +72,47 @@ enum Md {
     },
 }
 
+/// The distinct metadata objects of one descriptor list, in order of first
+/// appearance, each resolved once.
+struct Interned<T> {
+    index: HashMap<MdId, u32>,
+    /// Consecutive descriptors nearly always share their metadata.
+    last: Option<(MdId, u32)>,
+    items: Vec<T>,
+}
+
+impl<T> Default for Interned<T> {
+    fn default() -> Self {
+        Interned {
+            index: HashMap::new(),
+            last: None,
+            items: Vec::new(),
+        }
+    }
+}
+
+impl<T> Interned<T> {
+    /// The index of `md`, resolving it with `resolve` on its first appearance.
+    fn index(&mut self, md: MdId, resolve: impl FnOnce() -> Result<T>) -> Result<u32> {
+        if let Some((last, x)) = self.last
+            && last == md
+        {
+            return Ok(x);
+        }
+        let x = match self.index.get(&md) {
+            Some(&x) => x,
+            None => {
+                self.items.push(resolve()?);
+                let x = (self.items.len() - 1) as u32;
+                self.index.insert(md, x);
+                x
+            }
+        };
+        self.last = Some((md, x));
+        Ok(x)
+    }
+}
+
 /// How one peer is reached.
 #[derive(Clone)]
 enum Route {
@@ -522,18 +563,11 @@ impl Engine {
 
     fn plan(&self, op: Op, local: &[Desc], remote: &[Desc], agent: &AgentName) -> Result<Plan> {
         let mds = self.mds.read();
-        let mut local_index: HashMap<MdId, u32> = HashMap::new();
-        let mut remote_index: HashMap<MdId, u32> = HashMap::new();
-        let mut last_local: Option<(MdId, u32)> = None;
-        let mut last_remote: Option<(MdId, u32)> = None;
-        let mut plan = Plan {
-            op,
-            segments: Vec::with_capacity(local.len()),
-            local_regions: Vec::new(),
-            remote_regions: Vec::new(),
-            remote_extent: Vec::new(),
-            total_bytes: 0,
-        };
+        let mut locals = Interned::default();
+        let mut remotes = Interned::default();
+        let mut remote_extent: Vec<(u64, u64)> = Vec::new();
+        let mut segments = Vec::with_capacity(local.len());
+        let mut total_bytes = 0;
         for (i, (l, r)) in local.iter().zip(remote).enumerate() {
             if l.len != r.len {
                 return Err(Error::Mismatch(format!(
@@ -541,70 +575,41 @@ impl Engine {
                     l.len, r.len
                 )));
             }
-            // Consecutive descriptors nearly always share their metadata:
-            // skip the lookups then.
-            let li = match last_local {
-                Some((md, x)) if md == l.md => x,
-                _ => match local_index.get(&l.md) {
-                    Some(&x) => x,
-                    None => {
-                        let Some(Md::Local(region)) = mds.get(&l.md) else {
-                            return Err(Error::InvalidParam(format!(
-                                "prepXfer: local descriptor {i} does not carry one of our registrations"
-                            )));
-                        };
-                        plan.local_regions.push(region.clone());
-                        let x = (plan.local_regions.len() - 1) as u32;
-                        local_index.insert(l.md, x);
-                        x
-                    }
-                },
-            };
-            last_local = Some((l.md, li));
-            if !plan.local_regions[li as usize].contains(l.addr, l.len) {
+            let li = locals.index(l.md, || match mds.get(&l.md) {
+                Some(Md::Local(region)) => Ok(region.clone()),
+                _ => Err(Error::InvalidParam(format!(
+                    "prepXfer: local descriptor {i} does not carry one of our registrations"
+                ))),
+            })?;
+            if !locals.items[li as usize].contains(l.addr, l.len) {
                 return Err(Error::InvalidParam(format!(
                     "prepXfer: local descriptor {i} ({:#x}+{}) lies outside its registration",
                     l.addr, l.len
                 )));
             }
-            let ri = match last_remote {
-                Some((md, x)) if md == r.md => x,
-                _ => match remote_index.get(&r.md) {
-                    Some(&x) => x,
-                    None => {
-                        let region = match mds.get(&r.md) {
-                            Some(Md::Remote { agent: a, region }) if a == agent => *region,
-                            Some(Md::Remote { agent: a, .. }) => {
-                                return Err(Error::InvalidParam(format!(
-                                    "prepXfer: remote descriptor {i} belongs to agent {a}, not {agent}"
-                                )));
-                            }
-                            _ => {
-                                return Err(Error::InvalidParam(format!(
-                                    "prepXfer: remote descriptor {i} carries no loaded metadata of agent {agent}"
-                                )));
-                            }
-                        };
-                        plan.remote_regions.push(region);
-                        plan.remote_extent.push((u64::MAX, 0));
-                        let x = (plan.remote_regions.len() - 1) as u32;
-                        remote_index.insert(r.md, x);
-                        x
-                    }
-                },
-            };
-            last_remote = Some((r.md, ri));
-            if !plan.remote_regions[ri as usize].contains(r.addr, r.len) {
+            let ri = remotes.index(r.md, || match mds.get(&r.md) {
+                Some(Md::Remote { agent: a, region }) if a == agent => Ok(*region),
+                Some(Md::Remote { agent: a, .. }) => Err(Error::InvalidParam(format!(
+                    "prepXfer: remote descriptor {i} belongs to agent {a}, not {agent}"
+                ))),
+                _ => Err(Error::InvalidParam(format!(
+                    "prepXfer: remote descriptor {i} carries no loaded metadata of agent {agent}"
+                ))),
+            })?;
+            if !remotes.items[ri as usize].contains(r.addr, r.len) {
                 return Err(Error::InvalidParam(format!(
                     "prepXfer: remote descriptor {i} ({:#x}+{}) lies outside agent {agent}'s registration",
                     r.addr, r.len
                 )));
             }
-            let extent = &mut plan.remote_extent[ri as usize];
+            if remote_extent.len() == ri as usize {
+                remote_extent.push((u64::MAX, 0));
+            }
+            let extent = &mut remote_extent[ri as usize];
             extent.0 = extent.0.min(r.addr);
             extent.1 = extent.1.max(r.addr + r.len);
-            plan.total_bytes += l.len;
-            plan.segments.push(Segment {
+            total_bytes += l.len;
+            segments.push(Segment {
                 local: li,
                 remote: ri,
                 local_addr: l.addr,
@@ -612,7 +617,14 @@ impl Engine {
                 len: l.len,
             });
         }
-        Ok(plan)
+        Ok(Plan {
+            op,
+            segments,
+            local_regions: locals.items,
+            remote_regions: remotes.items,
+            remote_extent,
+            total_bytes,
+        })
     }
 
     /// `postXfer`: starts (or restarts) a prepped request. `notif` is
