@@ -101,11 +101,7 @@ fn memory_unmapped_behind_a_registration_fails_cleanly() {
     let id =
         p.a.prep_xfer(
             Op::Write,
-            &[Desc {
-                addr: src.as_ptr() as u64,
-                len: src.len() as u64,
-                md: smd,
-            }],
+            &[whole(&src, smd)],
             &[Desc {
                 addr: base,
                 len: 4 * page as u64,

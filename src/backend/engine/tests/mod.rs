@@ -164,16 +164,8 @@ pub(super) fn write_and_read_with_notifications_both_progress_modes_with(params:
         let r =
             p.a.prep_xfer(
                 Op::Read,
-                &[Desc {
-                    addr: dst.as_ptr() as u64,
-                    len: dst.len() as u64,
-                    md: dst_md,
-                }],
-                &[Desc {
-                    addr: src.as_ptr() as u64,
-                    len: src.len() as u64,
-                    md: remote,
-                }],
+                &[whole(&dst, dst_md)],
+                &[whole(&src, remote)],
                 b"B",
             )
             .unwrap();
@@ -280,16 +272,8 @@ fn loopback_through_load_local_md() {
     let id = a
         .prep_xfer(
             Op::Write,
-            &[Desc {
-                addr: src.as_ptr() as u64,
-                len: src.len() as u64,
-                md: smd,
-            }],
-            &[Desc {
-                addr: dst.as_ptr() as u64,
-                len: dst.len() as u64,
-                md: dloop,
-            }],
+            &[whole(&src, smd)],
+            &[whole(&dst, dloop)],
             b"Self",
         )
         .unwrap();

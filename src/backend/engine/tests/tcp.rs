@@ -2,6 +2,9 @@
 //! onto TCP (`protocol=tcp`) on loopback.
 
 use super::*;
+use crate::wire::frame::{HEADER_LEN, Header, Kind};
+use crate::wire::region::RegionPublic;
+use std::io::{Read, Write};
 
 const TCP: &[(&str, &str)] = &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")];
 
@@ -215,16 +218,11 @@ fn a_peer_with_a_forged_token_is_refused() {
 fn fake_peer(
     then: impl FnOnce(std::net::TcpStream) + Send + 'static,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
-    use crate::wire::frame::{HEADER_LEN, Header, Kind};
-    use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let t = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
-        let mut head = [0u8; HEADER_LEN];
-        s.read_exact(&mut head).unwrap();
-        let mut body = vec![0u8; Header::decode(&head).unwrap().body_len as usize];
-        s.read_exact(&mut body).unwrap();
+        read_frame(&mut s); // the hello
         s.write_all(&Header::new(Kind::HelloOk, 0, 0, 0).encode())
             .unwrap();
         then(s);
@@ -240,7 +238,6 @@ fn to_fake(
     len: u64,
     params: &[(&str, &str)],
 ) -> (Engine, Vec<u8>, ReqId) {
-    use crate::wire::region::RegionPublic;
     let a = engine_with("A", true, params);
     let mut info = ConnInfo::decode(a.conn_info()).unwrap();
     info.agent = b"Fake".to_vec();
@@ -308,30 +305,39 @@ fn release_never_hangs_on_a_peer_that_stopped_reading() {
     fake.join().unwrap();
 }
 
+/// Reads one frame (header and body) from a fake peer's socket.
+fn read_frame(s: &mut std::net::TcpStream) -> crate::wire::frame::Header {
+    let mut head = [0u8; HEADER_LEN];
+    s.read_exact(&mut head).unwrap();
+    let h = Header::decode(&head).unwrap();
+    let mut body = vec![0u8; h.body_len as usize];
+    s.read_exact(&mut body).unwrap();
+    h
+}
+
+/// Reads until the other side closes.
+fn drain_until_closed(mut s: std::net::TcpStream) {
+    let mut sink = [0u8; 65536];
+    while s.read(&mut sink).is_ok_and(|n| n > 0) {}
+}
+
+const ONE_STREAM: &[(&str, &str)] = &[
+    ("protocol", "tcp"),
+    ("ip_addr", "127.0.0.1"),
+    ("streams", "1"),
+];
+
 #[test]
 fn a_reply_of_the_wrong_kind_breaks_the_link_not_the_memory() {
-    use crate::wire::frame::{HEADER_LEN, Header, Kind};
-    use std::io::{Read, Write};
     // The fake peer answers a WRITE with "read data" for its tag.
     let (addr, fake) = fake_peer(|mut s| {
-        let mut head = [0u8; HEADER_LEN];
-        s.read_exact(&mut head).unwrap();
-        let h = Header::decode(&head).unwrap();
-        let mut body = vec![0u8; h.body_len as usize];
-        s.read_exact(&mut body).unwrap();
-        let data = vec![0xEEu8; 4096];
+        let h = read_frame(&mut s);
         s.write_all(&Header::new(Kind::ReadResp, 4096, h.tag, 0).encode())
             .unwrap();
-        let _ = s.write_all(&data);
-        let mut sink = [0u8; 1024];
-        while s.read(&mut sink).is_ok_and(|n| n > 0) {}
+        let _ = s.write_all(&[0xEE; 4096]);
+        drain_until_closed(s);
     });
-    let params = &[
-        ("protocol", "tcp"),
-        ("ip_addr", "127.0.0.1"),
-        ("streams", "1"),
-    ];
-    let (a, buf, id) = to_fake(addr, Op::Write, 4096, params);
+    let (a, buf, id) = to_fake(addr, Op::Write, 4096, ONE_STREAM);
     let _ = a.post_xfer(id, None);
     assert!(matches!(wait(&a, id), Err(Error::RemoteDisconnect(m)) if m.contains("read data")));
     assert!(
@@ -344,69 +350,15 @@ fn a_reply_of_the_wrong_kind_breaks_the_link_not_the_memory() {
 
 #[test]
 fn a_hung_peer_is_caught_by_the_stall_timeout() {
-    use crate::wire::frame::{HEADER_LEN, Header, Kind};
-    use crate::wire::region::RegionPublic;
-    use std::io::{Read, Write};
-
-    // A fake peer: accepts, answers the hello, then reads and never answers.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let fake = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut head = [0u8; HEADER_LEN];
-        s.read_exact(&mut head).unwrap();
-        let mut body = vec![0u8; Header::decode(&head).unwrap().body_len as usize];
-        s.read_exact(&mut body).unwrap();
-        s.write_all(&Header::new(Kind::HelloOk, 0, 0, 0).encode())
-            .unwrap();
-        let mut sink = [0u8; 65536];
-        while s.read(&mut sink).is_ok_and(|n| n > 0) {}
-    });
-    let a = engine_with(
-        "A",
-        true,
-        &[
-            ("protocol", "tcp"),
-            ("ip_addr", "127.0.0.1"),
-            ("timeout_ms", "300"),
-            ("streams", "1"),
-        ],
-    );
-    let mut info = ConnInfo::decode(a.conn_info()).unwrap();
-    info.agent = b"Hung".to_vec();
-    info.token = 77;
-    info.pid = 0;
-    info.endpoints = vec![conn_info::Endpoint::Tcp(addr)];
-    a.load_remote_conn_info(b"Hung", &info.encode()).unwrap();
-    let buf = vec![0u8; 4096];
-    let lmd = a.register_mem(buf.as_ptr() as u64, 4096, 0, 0).unwrap();
-    let region = RegionPublic {
-        owner: 77,
-        key: 5,
-        addr: 0x10000,
-        len: 4096,
-        mem_type: 0,
-        dev_id: 0,
-    };
-    let rmd = a
-        .load_remote_md(0x10000, 4096, 0, &region.encode(), b"Hung")
-        .unwrap();
-    let id = a
-        .prep_xfer(
-            Op::Write,
-            &[Desc {
-                addr: buf.as_ptr() as u64,
-                len: 4096,
-                md: lmd,
-            }],
-            &[Desc {
-                addr: 0x10000,
-                len: 4096,
-                md: rmd,
-            }],
-            b"Hung",
-        )
-        .unwrap();
+    // The fake peer reads everything and never answers.
+    let (addr, fake) = fake_peer(drain_until_closed);
+    let params = &[
+        ("protocol", "tcp"),
+        ("ip_addr", "127.0.0.1"),
+        ("timeout_ms", "300"),
+        ("streams", "1"),
+    ];
+    let (a, _buf, id) = to_fake(addr, Op::Write, 4096, params);
     let started = Instant::now();
     assert_eq!(a.post_xfer(id, None), Ok(Status::InProg));
     let result = wait(&a, id);
@@ -421,25 +373,14 @@ fn a_hung_peer_is_caught_by_the_stall_timeout() {
 
 #[test]
 fn a_peer_that_dies_in_the_middle_of_read_data_fails_the_read() {
-    use crate::wire::frame::{HEADER_LEN, Header, Kind};
-    use std::io::{Read, Write};
     let (addr, fake) = fake_peer(|mut s| {
-        let mut head = [0u8; HEADER_LEN];
-        s.read_exact(&mut head).unwrap();
-        let h = Header::decode(&head).unwrap();
-        let mut body = vec![0u8; h.body_len as usize];
-        s.read_exact(&mut body).unwrap();
+        let h = read_frame(&mut s);
         // Promise 4096 bytes, deliver 100, vanish.
         s.write_all(&Header::new(Kind::ReadResp, 4096, h.tag, 0).encode())
             .unwrap();
         s.write_all(&[0x11; 100]).unwrap();
     });
-    let params = &[
-        ("protocol", "tcp"),
-        ("ip_addr", "127.0.0.1"),
-        ("streams", "1"),
-    ];
-    let (a, _buf, id) = to_fake(addr, Op::Read, 4096, params);
+    let (a, _buf, id) = to_fake(addr, Op::Read, 4096, ONE_STREAM);
     let _ = a.post_xfer(id, None);
     assert!(matches!(wait(&a, id), Err(Error::RemoteDisconnect(_))));
     fake.join().unwrap();
