@@ -154,6 +154,20 @@ def sha256(buf: np.ndarray) -> str:
     return hashlib.sha256(memoryview(buf)).hexdigest()
 
 
+def check_scattered_read(local, remote, total, block, l_stride, r_stride, lidx, ridx) -> None:
+    """After a READ of blocks `ridx` of `remote` into blocks `lidx` of `local`
+    (both strided, local pre-filled with 0xAA): the selected blocks match, and
+    neither unselected blocks nor the gaps between blocks were written."""
+    lv, rv = block_view(local, total, block, l_stride), block_view(remote, total, block, r_stride)
+    assert same(lv[lidx], rv[ridx]), "prepped READ: block contents differ"
+    untouched = np.ones(total, dtype=bool)
+    untouched[lidx] = False
+    assert (lv[untouched] == 0xAA).all(), "prepped READ wrote blocks it was not asked to"
+    gaps = local[: total * l_stride].reshape(total, l_stride)[:, block:]
+    assert (gaps == 0xAA).all(), "prepped READ wrote into the gaps between blocks"
+    log("all blocks verified, gaps and unselected blocks untouched")
+
+
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = OP_TIMEOUT) -> None:
     """Poll cond() until it holds; fail after `timeout` seconds.
 
@@ -509,14 +523,7 @@ def sc_prepped(args) -> None:
     log(f"prepped READ of {nsel} x 4 KiB scattered blocks:", rate(nsel * block, dt))
     b_notifs.expect("decode", [notif], "prepped READ notification")
 
-    lv, rv = block_view(local, total, block, l_stride), block_view(remote, total, block, r_stride)
-    assert same(lv[lidx], rv[ridx]), "prepped READ: block contents differ"
-    untouched = np.ones(total, dtype=bool)
-    untouched[lidx] = False
-    assert (lv[untouched] == 0xAA).all(), "prepped READ wrote blocks it was not asked to"
-    gaps = local[: total * l_stride].reshape(total, l_stride)[:, block:]
-    assert (gaps == 0xAA).all(), "prepped READ wrote into the gaps between blocks"
-    log("all blocks verified, gaps and unselected blocks untouched")
+    check_scattered_read(local, remote, total, block, l_stride, r_stride, lidx, ridx)
 
     # Same buffers viewed as dense 4 KiB blocks, reading runs of consecutive
     # indices: NIXL merges adjacent blocks, so the backend sees fewer, longer
@@ -1245,15 +1252,7 @@ def sc_xp_prepped(args) -> None:
         log("notification checked on the target")
 
         remote = fast_pattern(total * r_stride, 90)  # what the target holds
-        lv = block_view(local, total, block, l_stride)
-        rv = block_view(remote, total, block, r_stride)
-        assert same(lv[lidx], rv[ridx]), "prepped READ: block contents differ"
-        untouched = np.ones(total, dtype=bool)
-        untouched[lidx] = False
-        assert (lv[untouched] == 0xAA).all(), "prepped READ wrote blocks it was not asked to"
-        gaps = local[: total * l_stride].reshape(total, l_stride)[:, block:]
-        assert (gaps == 0xAA).all(), "prepped READ wrote into the gaps between blocks"
-        log("all blocks verified, gaps and unselected blocks untouched")
+        check_scattered_read(local, remote, total, block, l_stride, r_stride, lidx, ridx)
 
         # Runs of consecutive blocks over dense views: NIXL merges them, so the
         # backend sees fewer, longer descriptors of varying length.
