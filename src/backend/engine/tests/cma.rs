@@ -110,10 +110,7 @@ fn memory_unmapped_behind_a_registration_fails_cleanly() {
             b"B",
         )
         .unwrap();
-    let result = match p.a.post_xfer(id, Some(b"no")) {
-        Ok(_) => wait(&p.a, id),
-        Err(e) => Err(e),
-    };
+    let result = p.a.post_xfer(id, Some(b"no")).and_then(|_| wait(&p.a, id));
     assert!(matches!(result, Err(Error::NotAllowed(_))), "{result:?}");
     assert!(
         p.b.get_notifs().is_empty(),
@@ -155,10 +152,7 @@ fn a_peer_whose_engine_is_gone_is_never_written_even_if_its_process_lives() {
     // write would land unnoticed: it must be refused instead.
     drop(b);
     let snapshot = bbuf.clone();
-    let failed = match a.post_xfer(id, None) {
-        Err(e) => Err(e),
-        Ok(_) => wait(&a, id),
-    };
+    let failed = a.post_xfer(id, None).and_then(|_| wait(&a, id));
     assert!(
         matches!(failed, Err(Error::RemoteDisconnect(_))),
         "{failed:?}"

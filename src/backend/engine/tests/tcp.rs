@@ -156,10 +156,7 @@ fn a_dead_peer_fails_transfers_at_once_and_a_restarted_one_works() {
     a.connect(b"B").unwrap();
     // Kill B's side of every connection (what the kernel does when B dies).
     b.tcp_server.shutdown();
-    let failed = match a.post_xfer(id, None) {
-        Err(e) => Err(e),
-        Ok(_) => wait(&a, id),
-    };
+    let failed = a.post_xfer(id, None).and_then(|_| wait(&a, id));
     assert!(
         matches!(failed, Err(Error::RemoteDisconnect(_))),
         "{failed:?}"
