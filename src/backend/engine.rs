@@ -252,11 +252,6 @@ impl Engine {
         &self.endpoint.name
     }
 
-    /// The validated options.
-    pub fn options(&self) -> &Options {
-        &self.options
-    }
-
     /// True when a progress thread runs transfers.
     pub fn has_progress_thread(&self) -> bool {
         self.worker.has_thread()

@@ -53,11 +53,6 @@ impl LocalRegion {
         range_within(self.addr, self.len, addr, len)
     }
 
-    /// Whether the region is still registered.
-    pub fn is_live(&self) -> bool {
-        *self.live.read()
-    }
-
     /// The data a peer needs to address this region.
     pub fn public(&self, owner: u128) -> RegionPublic {
         RegionPublic {
