@@ -198,12 +198,14 @@ impl Engine {
         let addr =
             tcp::listen_address(options.ip_addr, options.port).map_err(Error::InvalidParam)?;
         let tcp_server =
-            TcpServer::start(endpoint.clone(), addr, options.timeout).map_err(|e| {
-                Error::InvalidParam(format!(
-                    "cannot listen on {addr} (backend options ip_addr and port, or ${}): {e}",
-                    tcp::IP_ENV
-                ))
-            })?;
+            TcpServer::start(endpoint.clone(), addr, options.timeout, options.busy_poll).map_err(
+                |e| {
+                    Error::InvalidParam(format!(
+                        "cannot listen on {addr} (backend options ip_addr and port, or ${}): {e}",
+                        tcp::IP_ENV
+                    ))
+                },
+            )?;
         let tcp_config = TcpConfig {
             streams: options.streams.unwrap_or_else(tcp::default_streams),
             stall_timeout: options.timeout,
@@ -708,7 +710,10 @@ impl Engine {
         };
         if job.completion().in_progress() {
             match &req.target {
-                Target::Tcp(link) => link.watchdog(),
+                Target::Tcp(link) => {
+                    job.poll();
+                    link.watchdog();
+                }
                 _ if !self.worker.has_thread() => {
                     self.worker.drive(STEPS_PER_CALL);
                 }

@@ -121,6 +121,9 @@ pub trait Transfer: Send + Sync {
     /// Cancels the transfer. After return, no byte of it is written anywhere
     /// and its notification is not delivered.
     fn cancel(&self);
+    /// Called by `checkXfer` while the transfer runs: a transport may make
+    /// progress on the caller's thread (by default it does nothing).
+    fn poll(&self) {}
 }
 
 /// How an engine reaches one peer.

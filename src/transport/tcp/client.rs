@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -83,7 +83,12 @@ pub struct TcpPost {
     conns: Weak<Conns>,
     completion: Completion,
     notif: Option<Vec<u8>>,
+    /// The stream a small post was sent on by the posting thread (see
+    /// [`Receiver`]); `NO_STREAM` otherwise.
+    inline_stream: AtomicUsize,
 }
+
+const NO_STREAM: usize = usize::MAX;
 
 impl TcpPost {
     fn new(
@@ -131,6 +136,7 @@ impl TcpPost {
             conns,
             completion: Completion::default(),
             notif,
+            inline_stream: AtomicUsize::new(NO_STREAM),
         }
     }
 
@@ -213,6 +219,15 @@ impl Transfer for TcpPost {
         &self.completion
     }
 
+    fn poll(&self) {
+        let i = self.inline_stream.load(Ordering::Acquire);
+        if i != NO_STREAM
+            && let Some(conns) = self.conns.upgrade()
+        {
+            conns.poll_stream(i);
+        }
+    }
+
     fn cancel(&self) {
         let _moving = self.io.try_write_for(CANCEL_WAIT).unwrap_or_else(|| {
             // A frame is stuck on a peer that stopped reading or sending:
@@ -258,6 +273,54 @@ struct Queue {
     closed: bool,
 }
 
+/// Who reads a stream's answers: its reader thread, or an application thread
+/// polling `checkXfer` on a small post.
+///
+/// A reader thread blocked on the socket must be woken by the scheduler for
+/// every answer, which dominates the latency of a small transfer on a busy
+/// host. So while an application thread polls (it did within
+/// [`HANDOFF`]), it reads small answers itself and the reader thread sleeps
+/// until the polls stop; an answer with a large body is handed back to the
+/// reader thread at once. Whoever reads holds `lock`, so frames stay whole.
+struct Receiver {
+    lock: Mutex<()>,
+    /// Until when (nanoseconds since `Conns::epoch`) the reader thread leaves
+    /// the stream to pollers.
+    polled_until: AtomicU64,
+    /// Set when a poller handed the stream back: pollers keep off until the
+    /// reader thread has read the next answer (so that polls in a tight loop
+    /// cannot keep a reader that was just woken from ever reading).
+    reader_claim: AtomicBool,
+    park: Mutex<()>,
+    wake: Condvar,
+}
+
+impl Receiver {
+    fn new() -> Receiver {
+        Receiver {
+            lock: Mutex::new(()),
+            polled_until: AtomicU64::new(0),
+            reader_claim: AtomicBool::new(false),
+            park: Mutex::new(()),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// Gives the stream back to the reader thread now.
+    fn hand_back(&self) {
+        self.reader_claim.store(true, Ordering::Release);
+        self.polled_until.store(0, Ordering::Release);
+        let _g = self.park.lock();
+        self.wake.notify_all();
+    }
+}
+
+/// How long after the last poll the reader thread takes a stream back.
+const HANDOFF: Duration = Duration::from_millis(1);
+
+/// Answers up to this body size may be read by a polling application thread.
+const POLL_BODY_BYTES: u32 = (INLINE_FRAME_BYTES + 4096) as u32;
+
 /// A post of one frame up to this size is sent by the posting thread itself
 /// when its stream is idle (no hand-off to the writer thread: lower latency).
 const INLINE_FRAME_BYTES: u64 = 64 << 10;
@@ -271,6 +334,10 @@ struct Conns {
     peer: AgentName,
     socks: Vec<TcpStream>,
     queues: Vec<(Mutex<Queue>, Condvar)>,
+    receivers: Vec<Receiver>,
+    epoch: Instant,
+    /// Answers read by polling application threads (for tests).
+    polled: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
     next_tag: std::sync::atomic::AtomicU64,
     next_stream: AtomicUsize,
@@ -312,9 +379,18 @@ impl Conns {
             }
             q.busy = true;
         }
+        if let Out::Frame { post, .. } = &out {
+            post.inline_stream.store(i, Ordering::Release);
+        }
         let result = send(self, &self.socks[i], out);
-        queue.lock().busy = false;
-        cv.notify_one();
+        let queued = {
+            let mut q = queue.lock();
+            q.busy = false;
+            !q.items.is_empty()
+        };
+        if queued {
+            cv.notify_one(); // what others queued meanwhile
+        }
         if let Err(e) = result {
             self.fail_all(Error::RemoteDisconnect(format!(
                 "sending to agent {} failed: {e}",
@@ -322,6 +398,48 @@ impl Conns {
             )));
         }
         Ok(())
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// An application thread polls stream `i` (see [`Receiver`]): reads the
+    /// small answers already there, unless the reader thread is reading.
+    fn poll_stream(&self, i: usize) {
+        let rx = &self.receivers[i];
+        if rx.reader_claim.load(Ordering::Acquire) {
+            return;
+        }
+        rx.polled_until
+            .store(self.now_ns() + HANDOFF.as_nanos() as u64, Ordering::Release);
+        let Some(_reading) = rx.lock.try_lock() else {
+            return;
+        };
+        let sock = &self.socks[i];
+        // A few answers per call: a poller never stalls its caller for long.
+        for _ in 0..16 {
+            let mut raw = [0u8; frame::HEADER_LEN];
+            match io::peek_now(sock, &mut raw) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => return rx.hand_back(), // closed or failed: the reader reports it
+            }
+            match Header::decode(&raw) {
+                Ok(h) if h.body_len <= POLL_BODY_BYTES => {}
+                _ => return rx.hand_back(),
+            }
+            match receive(self, sock) {
+                Ok(true) => {
+                    self.polled.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(false) => return rx.hand_back(),
+                Err(e) => {
+                    self.fail_all(e);
+                    return rx.hand_back();
+                }
+            }
+        }
     }
 
     fn down_error(&self) -> Error {
@@ -367,6 +485,9 @@ impl Conns {
         }
         for s in &self.socks {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for rx in &self.receivers {
+            rx.hand_back();
         }
     }
 
@@ -511,6 +632,9 @@ impl PeerLink {
                 .iter()
                 .map(|_| (Mutex::new(Queue::default()), Condvar::new()))
                 .collect(),
+            receivers: socks.iter().map(|_| Receiver::new()).collect(),
+            epoch: Instant::now(),
+            polled: AtomicU64::new(0),
             socks,
             pending: Mutex::new(HashMap::new()),
             next_tag: std::sync::atomic::AtomicU64::new(1),
@@ -585,8 +709,14 @@ impl PeerLink {
                 frame,
             };
             if post.frame_count() == 1 && post.frame_bytes(0) <= INLINE_FRAME_BYTES {
-                let i = conns.next_stream.fetch_add(1, Ordering::Relaxed) % conns.queues.len();
-                if let Err(out) = conns.send_inline(i, out) {
+                let mut out = Some(out);
+                for i in 0..conns.queues.len() {
+                    match conns.send_inline(i, out.take().expect("unsent")) {
+                        Ok(()) => break,
+                        Err(back) => out = Some(back),
+                    }
+                }
+                if let Some(out) = out {
                     conns.enqueue(out);
                 }
             } else {
@@ -643,6 +773,15 @@ impl PeerLink {
     pub(crate) fn pending(&self) -> usize {
         match &*self.state.lock() {
             LinkState::Up(c) => c.pending.lock().len(),
+            _ => 0,
+        }
+    }
+
+    /// Answers read by application threads polling `checkXfer` (for tests).
+    #[cfg(test)]
+    pub(crate) fn polled(&self) -> u64 {
+        match &*self.state.lock() {
+            LinkState::Up(c) => c.polled.load(Ordering::Relaxed),
             _ => 0,
         }
     }
@@ -765,8 +904,29 @@ fn send(conns: &Conns, sock: &TcpStream, out: Out) -> std::io::Result<()> {
 
 fn read_loop(conns: &Conns, i: usize) {
     let sock = &conns.socks[i];
+    let rx = &conns.receivers[i];
     loop {
-        match receive(conns, sock) {
+        // Leave the stream to an application thread while it polls.
+        {
+            let mut parked = rx.park.lock();
+            loop {
+                if conns.is_down() {
+                    return;
+                }
+                let until = rx.polled_until.load(Ordering::Acquire);
+                let now = conns.now_ns();
+                if until <= now {
+                    break;
+                }
+                rx.wake
+                    .wait_for(&mut parked, Duration::from_nanos(until - now));
+            }
+        }
+        let reading = rx.lock.lock();
+        let received = receive(conns, sock);
+        rx.reader_claim.store(false, Ordering::Release);
+        drop(reading);
+        match received {
             Ok(true) => {}
             Ok(false) => {
                 conns.fail_all(Error::RemoteDisconnect(format!(

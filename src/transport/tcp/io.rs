@@ -196,6 +196,39 @@ pub fn read_header(mut stream: &TcpStream, buf: &mut [u8], idle: &mut bool) -> i
     Ok(true)
 }
 
+/// True when the socket has bytes to read (or was closed or failed), without
+/// waiting and without consuming anything.
+pub fn readable_now(stream: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    !matches!(peek_now(stream, &mut byte), Ok(false))
+}
+
+/// Copies the next `buf.len()` bytes of the socket into `buf` without
+/// consuming them and without waiting: `Ok(true)` when that many are there,
+/// `Ok(false)` when fewer are. A closed socket is an `UnexpectedEof` error.
+pub fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> io::Result<bool> {
+    // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(false),
+            _ => Err(e),
+        };
+    }
+    if n == 0 && !buf.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed"));
+    }
+    Ok(n as usize == buf.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

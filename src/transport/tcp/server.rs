@@ -38,6 +38,12 @@ pub struct TcpServer {
     next_conn: AtomicU64,
     /// Connections that have not completed their handshake yet.
     handshaking: AtomicUsize,
+    /// How long a stall mid-frame may last (0: forever).
+    stall: Duration,
+    /// How long a served connection polls for the next frame (0: never).
+    spin: Duration,
+    /// Connections polling right now (at most one).
+    spinners: AtomicUsize,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -50,6 +56,7 @@ impl TcpServer {
         endpoint: Arc<Endpoint>,
         addr: SocketAddr,
         stall: Duration,
+        spin: Duration,
     ) -> std::io::Result<Arc<TcpServer>> {
         let listener = TcpListener::bind(addr)?;
         let server = Arc::new(TcpServer {
@@ -59,12 +66,15 @@ impl TcpServer {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
             handshaking: AtomicUsize::new(0),
+            stall,
+            spin,
+            spinners: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
         });
         let s = server.clone();
         let accept = std::thread::Builder::new()
             .name("mooncake-accept".into())
-            .spawn(move || s.accept_loop(endpoint, stall))?;
+            .spawn(move || s.accept_loop(endpoint))?;
         server.threads.lock().push(accept);
         info!("Mooncake: agent listening on tcp://{}", server.addr);
         Ok(server)
@@ -75,7 +85,7 @@ impl TcpServer {
         self.addr
     }
 
-    fn accept_loop(self: Arc<Self>, endpoint: Arc<Endpoint>, stall: Duration) {
+    fn accept_loop(self: Arc<Self>, endpoint: Arc<Endpoint>) {
         loop {
             let (stream, from) = match self.listener.accept() {
                 Ok(c) => c,
@@ -106,7 +116,7 @@ impl TcpServer {
             let spawned = std::thread::Builder::new()
                 .name("mooncake-serve".into())
                 .spawn(move || {
-                    serve(&stream, from, &endpoint, stall, &server.handshaking);
+                    serve(&stream, from, &endpoint, &server);
                     // Close for real: the copy kept for shutdown holds the fd open.
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                     server.conns.lock().remove(&id);
@@ -145,13 +155,9 @@ impl TcpServer {
 /// Why a connection is being closed.
 type Close = String;
 
-fn serve(
-    stream: &TcpStream,
-    from: SocketAddr,
-    endpoint: &Endpoint,
-    stall: Duration,
-    handshaking: &AtomicUsize,
-) {
+fn serve(stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint, server: &TcpServer) {
+    let stall = server.stall;
+    let handshaking = &server.handshaking;
     let _ = stream.set_nodelay(true);
     handshaking.fetch_add(1, Ordering::AcqRel);
     let greeted = handshake(stream, endpoint);
@@ -177,7 +183,7 @@ fn serve(
     let mut scratch = Vec::new();
     loop {
         match serve_one(stream, endpoint, &peer, &mut scratch) {
-            Ok(true) => {}
+            Ok(true) => linger(stream, server.spin, &server.spinners),
             Ok(false) => {
                 debug!("Mooncake: agent {peer} closed its connection from {from}");
                 return;
@@ -191,6 +197,27 @@ fn serve(
             }
         }
     }
+}
+
+/// After serving a frame, polls the socket for up to `spin` before going
+/// back to a blocking read, so that the next request of a peer posting one
+/// transfer after another is picked up without a thread wake-up (the
+/// largest part of a small transfer's latency). At most one thread of a
+/// server spins at a time, and only for `spin` after a frame: an idle engine
+/// uses no CPU.
+fn linger(stream: &TcpStream, spin: Duration, spinners: &AtomicUsize) {
+    if spin.is_zero()
+        || spinners
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+    {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < spin && !io::readable_now(stream) {
+        std::hint::spin_loop();
+    }
+    spinners.store(0, Ordering::Release);
 }
 
 fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<AgentName, Close> {
@@ -358,4 +385,65 @@ fn reply(
     parts.extend_from_slice(data);
     // SAFETY: `reason` is a live slice; data ranges lie in regions the caller pinned.
     unsafe { io::send_all(stream.as_raw_fd(), &header, &parts) }.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    /// Runs `linger` with a spin of ten minutes on another thread; true if it
+    /// returned within the generous bound (it must, long before the spin ends).
+    fn lingers_briefly(
+        server: TcpStream,
+        spinners: Arc<AtomicUsize>,
+        poke: Option<TcpStream>,
+    ) -> bool {
+        let (done, returned) = mpsc::channel();
+        let t = std::thread::spawn(move || {
+            linger(&server, Duration::from_secs(600), &spinners);
+            done.send(()).unwrap();
+        });
+        if let Some(mut client) = poke {
+            client.write_all(b"x").unwrap();
+        }
+        let ok = returned.recv_timeout(Duration::from_secs(60)).is_ok();
+        if ok {
+            t.join().unwrap();
+        }
+        ok
+    }
+
+    #[test]
+    fn a_lingering_connection_stops_polling_when_a_request_arrives() {
+        let (client, server) = socket_pair();
+        let spinners = Arc::new(AtomicUsize::new(0));
+        assert!(lingers_briefly(server, spinners.clone(), Some(client)));
+        assert_eq!(
+            spinners.load(Ordering::Acquire),
+            0,
+            "the poll slot is free again"
+        );
+    }
+
+    #[test]
+    fn only_one_connection_polls_at_a_time() {
+        let (_client, server) = socket_pair();
+        // Another connection holds the poll slot: this one must not spin.
+        let spinners = Arc::new(AtomicUsize::new(1));
+        assert!(lingers_briefly(server, spinners.clone(), None));
+        assert_eq!(
+            spinners.load(Ordering::Acquire),
+            1,
+            "the other's slot is untouched"
+        );
+    }
 }

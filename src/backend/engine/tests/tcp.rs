@@ -69,6 +69,92 @@ fn large_descriptors_are_sliced_over_streams() {
     );
 }
 
+/// Small posts on one link: `slots` WRITE and READ requests of 4 KiB each
+/// between `p.abuf` and `p.bbuf`.
+fn small_requests(p: &Pair, op: Op, slots: usize) -> Vec<ReqId> {
+    (0..slots)
+        .map(|s| {
+            let off = (s * 4096) as u64;
+            let l = Desc {
+                addr: p.abuf.as_ptr() as u64 + off,
+                len: 4096,
+                md: p.amd,
+            };
+            let r = Desc {
+                addr: p.bbuf.as_ptr() as u64 + off,
+                len: 4096,
+                md: p.bmd_remote,
+            };
+            p.a.prep_xfer(op, &[l], &[r], b"B").unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn a_polling_caller_reads_small_answers_and_the_reader_takes_back_when_polls_stop() {
+    let p = pair_with(32 * 4096, true, TCP);
+    let writes = small_requests(&p, Op::Write, 32);
+    // Back-to-back small posts, each polled to completion: after the first
+    // answer the reader thread leaves the stream to the polling thread.
+    for _ in 0..8 {
+        for &id in &writes {
+            let _ = p.a.post_xfer(id, None).unwrap();
+            assert_eq!(wait(&p.a, id), Ok(Status::Success));
+        }
+    }
+    assert_eq!(p.abuf, p.bbuf);
+    let l = link(&p.a, "B");
+    assert!(l.polled() > 0, "no answer was read by the polling thread");
+    // A post nobody polls: the reader thread takes the stream back, reads
+    // the acknowledgement and sends the notification behind it.
+    let _ = p.a.post_xfer(writes[0], Some(b"unpolled")).unwrap();
+    assert_eq!(
+        notifs_until(&p.b, 1),
+        vec![(AgentName::from("A"), b"unpolled".to_vec())]
+    );
+    assert_eq!(wait(&p.a, writes[0]), Ok(Status::Success));
+}
+
+#[test]
+fn large_answers_go_back_to_the_reader_while_small_ones_are_polled() {
+    // One stream: the big READ's data and the small posts' answers share it.
+    let params = &[
+        ("protocol", "tcp"),
+        ("ip_addr", "127.0.0.1"),
+        ("streams", "1"),
+    ];
+    let p = pair_with(4096, true, params);
+    let len = 16 << 20;
+    let local = vec![0u8; len];
+    let remote: Vec<u8> = (0..len).map(|i| (i * 13 + 5) as u8).collect();
+    let (lmd, rmd) = expose(&p.a, &p.b, b"B", &local, &remote);
+    let read = |off: usize, n: usize| {
+        let l = Desc {
+            addr: local.as_ptr() as u64 + off as u64,
+            len: n as u64,
+            md: lmd,
+        };
+        let r = Desc {
+            addr: remote.as_ptr() as u64 + off as u64,
+            len: n as u64,
+            md: rmd,
+        };
+        p.a.prep_xfer(Op::Read, &[l], &[r], b"B").unwrap()
+    };
+    // Small READs of the first 32 blocks, one big READ of the rest.
+    let small: Vec<ReqId> = (0..32).map(|s| read(s * 4096, 4096)).collect();
+    let big = read(32 * 4096, len - 32 * 4096);
+    for _ in 0..4 {
+        let _ = p.a.post_xfer(big, None).unwrap();
+        for &id in &small {
+            let _ = p.a.post_xfer(id, None).unwrap();
+            assert_eq!(wait(&p.a, id), Ok(Status::Success));
+        }
+        assert_eq!(wait(&p.a, big), Ok(Status::Success));
+    }
+    assert!(local == remote, "every byte read, small and large");
+}
+
 #[test]
 fn the_target_refuses_a_deregistered_region_with_a_clear_error() {
     let p = pair_with(4096, true, TCP);
