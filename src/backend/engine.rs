@@ -719,6 +719,12 @@ impl Engine {
                 }
                 _ => {}
             }
+            if job.completion().in_progress() {
+                // Our threads move the data: a caller polling in a tight loop
+                // leaves them the CPU (on a busy host that is most of the
+                // bandwidth; with idle cores this returns at once).
+                std::thread::yield_now();
+            }
         }
         job.completion().result()
     }
