@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::{RwLock, RwLockReadGuard};
 
@@ -33,6 +34,9 @@ pub struct LocalRegion {
     /// Device id from the registration.
     pub dev_id: u64,
     live: RwLock<bool>,
+    /// Set when a deregistration starts: no new pin succeeds after it, so
+    /// a steady stream of short pins cannot keep the deregistration waiting.
+    dying: AtomicBool,
 }
 
 /// Proof that a region stays registered while the guard lives.
@@ -44,6 +48,9 @@ impl LocalRegion {
     /// Pins are recursive: one thread may pin a region several times even
     /// while a deregistration waits.
     pub fn pin(&self) -> Option<Pin<'_>> {
+        if self.dying.load(Ordering::Acquire) {
+            return None;
+        }
         let guard = self.live.read_recursive();
         (*guard).then_some(guard)
     }
@@ -117,6 +124,7 @@ impl Registry {
             mem_type,
             dev_id,
             live: RwLock::new(true),
+            dying: AtomicBool::new(false),
         });
         map.insert(key, region.clone());
         Ok(region)
@@ -131,6 +139,7 @@ impl Registry {
         let region = self.by_key.write().remove(&key).ok_or_else(|| {
             Error::NotFound(format!("deregisterMem: no region with key {key:#x}"))
         })?;
+        region.dying.store(true, Ordering::Release);
         *region.live.write() = false;
         Ok(())
     }
@@ -230,7 +239,6 @@ mod tests {
 
     #[test]
     fn deregistration_waits_for_a_pinned_copy() {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let reg = Arc::new(Registry::default());
         let r = reg.register(0x1000, 16, DRAM_SEG, 0).unwrap();
         let copy_done = Arc::new(AtomicBool::new(false));
@@ -248,5 +256,37 @@ mod tests {
         copy_done.store(true, Ordering::SeqCst);
         drop(pin);
         t.join().unwrap();
+    }
+
+    #[test]
+    fn overlapping_pins_cannot_starve_a_deregistration() {
+        let reg = Arc::new(Registry::default());
+        let r = reg.register(0x1000, 16, DRAM_SEG, 0).unwrap();
+        // A copier whose every pin is taken before the previous one is
+        // dropped: the region is never unpinned while pins succeed.
+        let (first, pinned) = std::sync::mpsc::channel();
+        let copier = {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let mut current = r.pin().unwrap();
+                first.send(()).unwrap();
+                while let Some(next) = r.pin() {
+                    drop(std::mem::replace(&mut current, next));
+                    std::thread::yield_now();
+                }
+            })
+        };
+        pinned.recv().unwrap();
+        let (done, deregistered) = std::sync::mpsc::channel();
+        let key = r.key;
+        let reg2 = reg.clone();
+        std::thread::spawn(move || done.send(reg2.deregister(key)).unwrap());
+        let result = deregistered.recv_timeout(std::time::Duration::from_secs(60));
+        assert!(
+            matches!(result, Ok(Ok(()))),
+            "the deregistration never finished"
+        );
+        assert!(r.pin().is_none(), "no pin after deregistration");
+        copier.join().unwrap();
     }
 }

@@ -502,7 +502,10 @@ fn fail_out(out: Out, err: &Error) {
         | Out::Notif {
             post: Some(post), ..
         } => post.finish(Err(err.clone())),
-        Out::Notif { post: None, .. } => {}
+        Out::Notif { post: None, msg } => warn!(
+            "Mooncake: a notification of {} bytes was not delivered: {err}",
+            msg.len()
+        ),
     }
 }
 
