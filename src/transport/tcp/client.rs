@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -329,10 +329,14 @@ const INLINE_FRAME_BYTES: u64 = 64 << 10;
 /// connection that stalls in the middle of it.
 const CANCEL_WAIT: Duration = Duration::from_millis(200);
 
-/// The live connections to one peer.
+/// The connections to one peer. Each stream's writer thread opens its
+/// socket (no caller waits on the network: posts queue until it is up).
 struct Conns {
     peer: AgentName,
-    socks: Vec<TcpStream>,
+    /// Set by the stream's writer thread once the handshake succeeded.
+    socks: Vec<OnceLock<TcpStream>>,
+    /// Signalled when a stream comes up or the connections fail.
+    up: (Mutex<()>, Condvar),
     queues: Vec<(Mutex<Queue>, Condvar)>,
     receivers: Vec<Receiver>,
     epoch: Instant,
@@ -372,6 +376,9 @@ impl Conns {
     /// sending there and nothing is queued; otherwise hands it back.
     fn send_inline(&self, i: usize, out: Out) -> std::result::Result<(), Out> {
         let (queue, cv) = &self.queues[i];
+        let Some(sock) = self.socks[i].get() else {
+            return Err(out); // still connecting: the writer thread sends it
+        };
         {
             let mut q = queue.lock();
             if q.busy || q.closed || !q.items.is_empty() {
@@ -382,7 +389,7 @@ impl Conns {
         if let Out::Frame { post, .. } = &out {
             post.inline_stream.store(i, Ordering::Release);
         }
-        let result = send(self, &self.socks[i], out);
+        let result = send(self, sock, out);
         let queued = {
             let mut q = queue.lock();
             q.busy = false;
@@ -416,7 +423,9 @@ impl Conns {
         let Some(_reading) = rx.lock.try_lock() else {
             return;
         };
-        let sock = &self.socks[i];
+        let Some(sock) = self.socks[i].get() else {
+            return;
+        };
         // A few answers per call: a poller never stalls its caller for long.
         for _ in 0..16 {
             let mut raw = [0u8; frame::HEADER_LEN];
@@ -440,6 +449,33 @@ impl Conns {
                 }
             }
         }
+    }
+
+    /// Waits until stream `i` is up (`Some`) or the connections failed.
+    fn stream(&self, i: usize) -> Option<&TcpStream> {
+        let mut g = self.up.0.lock();
+        loop {
+            if self.is_down() {
+                return None;
+            }
+            if let Some(s) = self.socks[i].get() {
+                return Some(s);
+            }
+            self.up.1.wait(&mut g);
+        }
+    }
+
+    /// Waits until every stream is up, or says why not.
+    fn wait_all_up(&self) -> Result<()> {
+        if self.socks.iter().all(|s| s.get().is_some()) && !self.is_down() {
+            return Ok(());
+        }
+        for i in 0..self.socks.len() {
+            if self.stream(i).is_none() {
+                return Err(self.down_error());
+            }
+        }
+        Ok(())
     }
 
     fn down_error(&self) -> Error {
@@ -483,8 +519,12 @@ impl Conns {
         for p in pending {
             p.post.finish(Err(err.clone()));
         }
-        for s in &self.socks {
+        for s in self.socks.iter().filter_map(OnceLock::get) {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        {
+            let _g = self.up.0.lock();
+            self.up.1.notify_all();
         }
         for rx in &self.receivers {
             rx.hand_back();
@@ -506,6 +546,68 @@ fn fail_out(out: Out, err: &Error) {
             "Mooncake: a notification of {} bytes was not delivered: {err}",
             msg.len()
         ),
+    }
+}
+
+/// What a writer thread needs to open its stream.
+struct Dial {
+    addr: SocketAddr,
+    /// The encoded Hello body.
+    hello: Vec<u8>,
+    stall: Option<Duration>,
+}
+
+impl Dial {
+    /// Opens stream `i` of `conns`: connects, presents the peer's token,
+    /// waits for its HelloOk. Gives up when the connections fail meanwhile
+    /// (`close` never waits for a slow connect).
+    fn open(&self, conns: &Conns, i: usize) -> Result<()> {
+        let unreachable = |e: std::io::Error| {
+            Error::RemoteDisconnect(format!(
+                "cannot connect to agent {} at {}: {e}",
+                conns.peer, self.addr
+            ))
+        };
+        let abort = || conns.is_down();
+        let s = io::connect_by(self.addr, Instant::now() + CONNECT_TIMEOUT, &abort)
+            .map_err(unreachable)?;
+        s.set_nodelay(true).map_err(unreachable)?;
+        io::send_bytes(
+            &s,
+            &[
+                &Header::new(Kind::Hello, self.hello.len() as u32, 0, 0).encode(),
+                &self.hello,
+            ],
+        )
+        .map_err(unreachable)?;
+        let mut raw = [0u8; frame::HEADER_LEN];
+        io::read_exact_by(&s, &mut raw, Instant::now() + HELLO_TIMEOUT, &abort).map_err(|e| {
+            Error::RemoteDisconnect(format!(
+                "agent {} at {} refused the connection (it is not the engine whose metadata we hold?): {e}",
+                conns.peer, self.addr
+            ))
+        })?;
+        match Header::decode(&raw) {
+            Ok(h) if h.kind == Kind::HelloOk => {}
+            _ => {
+                return Err(Error::RemoteDisconnect(format!(
+                    "agent {} at {} answered the hello with garbage",
+                    conns.peer, self.addr
+                )));
+            }
+        }
+        s.set_read_timeout(self.stall).map_err(unreachable)?;
+        s.set_write_timeout(self.stall).map_err(unreachable)?;
+        let slot = &conns.socks[i];
+        let _ = slot.set(s); // only this thread sets stream `i`
+        // Shut it if the connections failed while it was being opened (the
+        // failure may have missed it).
+        if conns.is_down() {
+            let _ = slot.get().map(|s| s.shutdown(std::net::Shutdown::Both));
+        }
+        let _g = conns.up.0.lock();
+        conns.up.1.notify_all();
+        Ok(())
     }
 }
 
@@ -561,7 +663,7 @@ impl PeerLink {
             LinkState::Down(e) => return Err(e.clone()),
             LinkState::Idle => {}
         }
-        match self.connect() {
+        match self.start() {
             Ok(c) => {
                 *state = LinkState::Up(c.clone());
                 Ok(c)
@@ -573,72 +675,29 @@ impl PeerLink {
         }
     }
 
-    /// Opens the connections now (NIXL's `connect`).
+    /// Opens the connections now and waits until they are up (NIXL's
+    /// `connect`).
     ///
     /// # Errors
     /// [`Error::RemoteDisconnect`] when the peer cannot be reached.
     pub fn ensure_connected(&self) -> Result<()> {
-        self.conns().map(drop)
+        self.conns()?.wait_all_up()
     }
 
-    fn connect(&self) -> Result<Arc<Conns>> {
-        let unreachable = |e: std::io::Error| {
-            Error::RemoteDisconnect(format!(
-                "cannot connect to agent {} at {}: {e}",
-                self.peer, self.addr
-            ))
-        };
-        let hello = Hello {
-            target_token: self.peer_token,
-            sender_token: self.my_token,
-            name: self.me.as_bytes().to_vec(),
-        }
-        .encode();
-        let mut socks = Vec::with_capacity(self.config.streams);
-        for _ in 0..self.config.streams.max(1) {
-            let s = TcpStream::connect_timeout(&self.addr, CONNECT_TIMEOUT).map_err(unreachable)?;
-            s.set_nodelay(true).map_err(unreachable)?;
-            s.set_read_timeout(Some(HELLO_TIMEOUT))
-                .map_err(unreachable)?;
-            io::send_bytes(
-                &s,
-                &[
-                    &Header::new(Kind::Hello, hello.len() as u32, 0, 0).encode(),
-                    &hello,
-                ],
-            )
-            .map_err(unreachable)?;
-            let mut raw = [0u8; frame::HEADER_LEN];
-            io::read_exact(&s, &mut raw).map_err(|e| {
-                Error::RemoteDisconnect(format!(
-                    "agent {} at {} refused the connection (it is not the engine whose metadata we hold?): {e}",
-                    self.peer, self.addr
-                ))
-            })?;
-            match Header::decode(&raw) {
-                Ok(h) if h.kind == Kind::HelloOk => {}
-                _ => {
-                    return Err(Error::RemoteDisconnect(format!(
-                        "agent {} at {} answered the hello with garbage",
-                        self.peer, self.addr
-                    )));
-                }
-            }
-            let stall = (!self.config.stall_timeout.is_zero()).then_some(self.config.stall_timeout);
-            s.set_read_timeout(stall).map_err(unreachable)?;
-            s.set_write_timeout(stall).map_err(unreachable)?;
-            socks.push(s);
-        }
+    /// Creates the connections' state and starts their threads; each
+    /// writer thread opens its stream (see [`dial`]).
+    fn start(&self) -> Result<Arc<Conns>> {
+        let n = self.config.streams.max(1);
         let conns = Arc::new(Conns {
             peer: self.peer.clone(),
-            queues: socks
-                .iter()
+            socks: (0..n).map(|_| OnceLock::new()).collect(),
+            up: (Mutex::new(()), Condvar::new()),
+            queues: (0..n)
                 .map(|_| (Mutex::new(Queue::default()), Condvar::new()))
                 .collect(),
-            receivers: socks.iter().map(|_| Receiver::new()).collect(),
+            receivers: (0..n).map(|_| Receiver::new()).collect(),
             epoch: Instant::now(),
             polled: AtomicU64::new(0),
-            socks,
             pending: Mutex::new(HashMap::new()),
             next_tag: std::sync::atomic::AtomicU64::new(1),
             next_stream: AtomicUsize::new(0),
@@ -646,16 +705,29 @@ impl PeerLink {
             last_progress: Mutex::new(Instant::now()),
             threads: Mutex::new(Vec::new()),
         });
-        for i in 0..conns.socks.len() {
+        let dial = Arc::new(Dial {
+            addr: self.addr,
+            hello: Hello {
+                target_token: self.peer_token,
+                sender_token: self.my_token,
+                name: self.me.as_bytes().to_vec(),
+            }
+            .encode(),
+            stall: (!self.config.stall_timeout.is_zero()).then_some(self.config.stall_timeout),
+        });
+        for i in 0..n {
             for writer in [true, false] {
-                let c = conns.clone();
+                let (c, dial) = (conns.clone(), dial.clone());
                 let spawned = std::thread::Builder::new()
                     .name(if writer { "mooncake-tx" } else { "mooncake-rx" }.into())
                     .spawn(move || {
                         if writer {
-                            write_loop(&c, i)
-                        } else {
-                            read_loop(&c, i)
+                            match dial.open(&c, i) {
+                                Ok(()) => write_loop(&c, i),
+                                Err(e) => c.fail_all(e),
+                            }
+                        } else if c.stream(i).is_some() {
+                            read_loop(&c, i);
                         }
                     });
                 match spawned {
@@ -669,10 +741,8 @@ impl PeerLink {
             }
         }
         debug!(
-            "Mooncake: connected to agent {} at {} with {} streams",
-            self.peer,
-            self.addr,
-            conns.socks.len()
+            "Mooncake: connecting to agent {} at {} with {n} streams",
+            self.peer, self.addr
         );
         Ok(conns)
     }
@@ -814,7 +884,9 @@ impl Drop for PeerLink {
 }
 
 fn write_loop(conns: &Conns, i: usize) {
-    let sock = &conns.socks[i];
+    let Some(sock) = conns.socks[i].get() else {
+        return;
+    };
     let (queue, cv) = &conns.queues[i];
     loop {
         let out = {
@@ -906,7 +978,9 @@ fn send(conns: &Conns, sock: &TcpStream, out: Out) -> std::io::Result<()> {
 }
 
 fn read_loop(conns: &Conns, i: usize) {
-    let sock = &conns.socks[i];
+    let Some(sock) = conns.socks[i].get() else {
+        return;
+    };
     let rx = &conns.receivers[i];
     loop {
         // Leave the stream to an application thread while it polls.

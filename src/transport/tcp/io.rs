@@ -2,8 +2,11 @@
 //! `sendmsg`/`readv` over raw address ranges, no intermediate copy.
 
 use std::io::{self, Read};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Most iovecs one system call takes (Linux `IOV_MAX`).
 const IOV_MAX: usize = 1024;
@@ -135,27 +138,91 @@ pub fn read_exact(mut stream: &TcpStream, buf: &mut [u8]) -> io::Result<()> {
     stream.read_exact(buf).map_err(timed_out)
 }
 
-/// Reads exactly `buf.len()` bytes before `deadline`, however slowly they come.
+/// How often a wait that can be aborted checks whether it should stop.
+const ABORT_CHECK: Duration = Duration::from_millis(50);
+
+fn aborted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "given up: the link was closed",
+    )
+}
+
+/// Reads exactly `buf.len()` bytes before `deadline`, however slowly they
+/// come, unless `abort()` turns true first (checked every 50 ms).
 pub fn read_exact_by(
     mut stream: &TcpStream,
     buf: &mut [u8],
-    deadline: std::time::Instant,
+    deadline: Instant,
+    abort: &dyn Fn() -> bool,
 ) -> io::Result<()> {
     let mut got = 0;
     while got < buf.len() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if abort() {
+            return Err(aborted());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
         }
-        stream.set_read_timeout(Some(left))?;
+        stream.set_read_timeout(Some(left.min(ABORT_CHECK)))?;
         match stream.read(&mut buf[got..]) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed")),
             Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(timed_out(e)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// Opens a TCP connection to `addr` before `deadline`, unless `abort()`
+/// turns true first (checked every 50 ms): a blocking `connect` could hold
+/// a thread that must exit for as long as the kernel retries.
+pub fn connect_by(
+    addr: SocketAddr,
+    deadline: Instant,
+    abort: &dyn Fn() -> bool,
+) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => loop {
+            if abort() {
+                return Err(aborted());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection timed out",
+                ));
+            }
+            let mut pfd = libc::pollfd {
+                fd: socket.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let wait_ms = left.min(ABORT_CHECK).as_millis().max(1) as libc::c_int;
+            // SAFETY: one valid pollfd on the stack, for the duration of the call.
+            if unsafe { libc::poll(&raw mut pfd, 1, wait_ms) } > 0 {
+                if let Some(e) = socket.take_error()? {
+                    return Err(e);
+                }
+                break;
+            }
+        },
+        Err(e) => return Err(e),
+    }
+    socket.set_nonblocking(false)?;
+    Ok(socket.into())
 }
 
 /// Reads and throws away `len` bytes (data nobody may receive any more).

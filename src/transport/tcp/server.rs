@@ -225,13 +225,15 @@ fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<AgentName, Close
     // hold this thread longer.
     let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
     let mut raw = [0u8; frame::HEADER_LEN];
-    io::read_exact_by(stream, &mut raw, deadline).map_err(|e| format!("no hello: {e}"))?;
+    io::read_exact_by(stream, &mut raw, deadline, &|| false)
+        .map_err(|e| format!("no hello: {e}"))?;
     let header = Header::decode(&raw).map_err(|e| format!("bad hello header: {e}"))?;
     if header.kind != Kind::Hello {
         return Err(format!("first frame is {:?}, not Hello", header.kind));
     }
     let mut body = vec![0u8; header.body_len as usize];
-    io::read_exact_by(stream, &mut body, deadline).map_err(|e| format!("truncated hello: {e}"))?;
+    io::read_exact_by(stream, &mut body, deadline, &|| false)
+        .map_err(|e| format!("truncated hello: {e}"))?;
     let hello = Hello::decode(&body).map_err(|e| e.to_string())?;
     if hello.target_token != endpoint.token {
         return Err("it did not present this engine's token (stale or forged metadata)".into());

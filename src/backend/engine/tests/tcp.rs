@@ -468,3 +468,77 @@ fn a_peer_that_dies_in_the_middle_of_read_data_fails_the_read() {
     assert!(matches!(wait(&a, id), Err(Error::RemoteDisconnect(_))));
     fake.join().unwrap();
 }
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so
+/// a connect to it hangs as one to an unreachable host does. Returns its
+/// address and the sockets that must live as long as the test.
+fn blackhole() -> (std::net::SocketAddr, socket2::Socket, std::net::TcpStream) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&any.into()).unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (addr, listener, filler)
+}
+
+#[test]
+fn a_post_never_waits_for_the_network_and_close_never_waits_for_a_connect() {
+    let (addr, _listener, _filler) = blackhole();
+    let (a, _buf, id) = to_fake(addr, Op::Write, 4096, TCP);
+    // The connect hangs: the post, and a notification, queue behind it.
+    assert_eq!(a.post_xfer(id, Some(b"queued")), Ok(Status::InProg));
+    assert_eq!(a.check_xfer(id), Ok(Status::InProg));
+    assert_eq!(a.gen_notif(b"Fake", b"queued too"), Ok(()));
+    // Closing the link gives up on the connects in progress (each checks
+    // every 50 ms) instead of waiting out the 5 s connect timeout.
+    let started = Instant::now();
+    a.disconnect(b"Fake").unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "disconnect took {took:?}");
+    assert!(matches!(wait(&a, id), Err(Error::RemoteDisconnect(_))));
+}
+
+#[test]
+fn a_peer_that_never_accepts_fails_the_queued_post_after_the_connect_timeout() {
+    let (addr, _listener, _filler) = blackhole();
+    let (a, _buf, id) = to_fake(addr, Op::Read, 4096, ONE_STREAM);
+    assert_eq!(a.post_xfer(id, None), Ok(Status::InProg));
+    assert!(
+        matches!(wait(&a, id), Err(Error::RemoteDisconnect(m)) if m.contains("cannot connect")),
+        "the post fails with the reason"
+    );
+    // The link stays down: later posts fail at once, with the same reason.
+    assert!(
+        matches!(a.post_xfer(id, None), Err(Error::RemoteDisconnect(m)) if m.contains("cannot connect"))
+    );
+}
+
+#[test]
+fn posts_queued_during_a_slow_handshake_go_out_once_it_completes() {
+    let (go, hello_ok) = std::sync::mpsc::channel::<()>();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        read_frame(&mut s); // the hello, answered only when the test says so
+        hello_ok.recv().unwrap();
+        s.write_all(&Header::new(Kind::HelloOk, 0, 0, 0).encode())
+            .unwrap();
+        let w = read_frame(&mut s);
+        assert_eq!(w.kind, Kind::Write);
+        s.write_all(&Header::new(Kind::WriteAck, 0, w.tag, 0).encode())
+            .unwrap();
+        let n = read_frame(&mut s);
+        assert_eq!(n.kind, Kind::Notif, "the notification follows the data");
+        drain_until_closed(s);
+    });
+    let (a, _buf, id) = to_fake(addr, Op::Write, 4096, ONE_STREAM);
+    assert_eq!(a.post_xfer(id, Some(b"after")), Ok(Status::InProg));
+    assert_eq!(a.check_xfer(id), Ok(Status::InProg));
+    go.send(()).unwrap();
+    assert_eq!(wait(&a, id), Ok(Status::Success));
+    drop(a);
+    fake.join().unwrap();
+}
