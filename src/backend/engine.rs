@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use parking_lot::{Mutex, RwLock};
@@ -160,7 +160,14 @@ struct Request {
     plan: Arc<Plan>,
     target: Target,
     current: Mutex<Option<Arc<dyn Transfer>>>,
+    /// When `checkXfer` last saw this request in progress (nanoseconds since
+    /// `Engine::epoch`), to tell a caller spinning on it from a sweep.
+    last_check: AtomicU64,
 }
+
+/// Two `checkXfer` calls on one request this close together are a caller
+/// spinning on it.
+const SPIN_CHECK_NS: u64 = 50_000;
 
 /// One agent's backend engine.
 pub struct Engine {
@@ -173,6 +180,8 @@ pub struct Engine {
     peers: RwLock<HashMap<AgentName, Arc<Peer>>>,
     requests: RequestSlab<Arc<Request>>,
     worker: Arc<Worker>,
+    /// Time base of `Request::last_check`.
+    epoch: Instant,
     tcp_server: Arc<TcpServer>,
     tcp_config: TcpConfig,
     /// What same-host peers read to probe cross-memory attach (kept alive
@@ -243,6 +252,7 @@ impl Engine {
             peers: RwLock::new(HashMap::new()),
             requests: RequestSlab::default(),
             worker,
+            epoch: Instant::now(),
             tcp_server,
             tcp_config,
             _cma_cookie: cma_cookie,
@@ -554,6 +564,7 @@ impl Engine {
             plan: Arc::new(plan),
             target,
             current: Mutex::new(None),
+            last_check: AtomicU64::new(0),
         }));
         Ok(id)
     }
@@ -720,10 +731,15 @@ impl Engine {
                 _ => {}
             }
             if job.completion().in_progress() {
-                // Our threads move the data: a caller polling in a tight loop
+                // Our threads move the data: a caller spinning on this request
                 // leaves them the CPU (on a busy host that is most of the
-                // bandwidth; with idle cores this returns at once).
-                std::thread::yield_now();
+                // bandwidth; with idle cores this returns at once). A caller
+                // sweeping over many requests is not slowed down.
+                let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                let last = req.last_check.swap(now, Ordering::Relaxed);
+                if now.saturating_sub(last) < SPIN_CHECK_NS {
+                    std::thread::yield_now();
+                }
             }
         }
         job.completion().result()

@@ -43,10 +43,10 @@ pub struct LocalRegion {
 pub type Pin<'a> = RwLockReadGuard<'a, bool>;
 
 impl LocalRegion {
-    /// Pins the region for one access, or `None` once it was deregistered.
+    /// Pins the region for one access, or `None` once its deregistration
+    /// started (pins taken before then are waited for).
     ///
-    /// Pins are recursive: one thread may pin a region several times even
-    /// while a deregistration waits.
+    /// Pins are recursive: one thread may pin a region several times.
     pub fn pin(&self) -> Option<Pin<'_>> {
         if self.dying.load(Ordering::Acquire) {
             return None;

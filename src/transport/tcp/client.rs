@@ -37,6 +37,9 @@ pub struct TcpConfig {
     /// A peer that answers nothing for this long while work is outstanding
     /// is declared dead (0 disables).
     pub stall_timeout: Duration,
+    /// How long after an application thread's last poll a stream's reader
+    /// thread takes the stream back (see [`Receiver`]).
+    pub handoff: Duration,
 }
 
 impl Default for TcpConfig {
@@ -45,6 +48,7 @@ impl Default for TcpConfig {
             streams: 2,
             frame_bytes: 1 << 20,
             stall_timeout: Duration::from_secs(30),
+            handoff: Duration::from_micros(200),
         }
     }
 }
@@ -279,17 +283,20 @@ struct Queue {
 /// A reader thread blocked on the socket must be woken by the scheduler for
 /// every answer, which dominates the latency of a small transfer on a busy
 /// host. So while an application thread polls (it did within
-/// [`HANDOFF`]), it reads small answers itself and the reader thread sleeps
-/// until the polls stop; an answer with a large body is handed back to the
-/// reader thread at once. Whoever reads holds `lock`, so frames stay whole.
+/// [`TcpConfig::handoff`]), it reads small answers itself and the reader
+/// thread sleeps until the polls stop; an answer with a large body, or one
+/// not yet wholly arrived, is handed back to the reader thread at once (a
+/// poller never waits on the network). Whoever reads holds `lock`, so frames
+/// stay whole.
 struct Receiver {
     lock: Mutex<()>,
     /// Until when (nanoseconds since `Conns::epoch`) the reader thread leaves
     /// the stream to pollers.
     polled_until: AtomicU64,
     /// Set when a poller handed the stream back: pollers keep off until the
-    /// reader thread has read the next answer (so that polls in a tight loop
-    /// cannot keep a reader that was just woken from ever reading).
+    /// reader thread has read a small answer (so that polls in a tight loop
+    /// cannot keep a reader that was just woken from reading, and a stream
+    /// of large answers stays with the reader).
     reader_claim: AtomicBool,
     park: Mutex<()>,
     wake: Condvar,
@@ -315,9 +322,6 @@ impl Receiver {
     }
 }
 
-/// How long after the last poll the reader thread takes a stream back.
-const HANDOFF: Duration = Duration::from_millis(1);
-
 /// Answers up to this body size may be read by a polling application thread.
 const POLL_BODY_BYTES: u32 = (INLINE_FRAME_BYTES + 4096) as u32;
 
@@ -340,8 +344,11 @@ struct Conns {
     queues: Vec<(Mutex<Queue>, Condvar)>,
     receivers: Vec<Receiver>,
     epoch: Instant,
+    handoff: Duration,
     /// Answers read by polling application threads (for tests).
     polled: AtomicU64,
+    /// Answers a poller handed back to the reader thread (for tests).
+    handed_back: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
     next_tag: std::sync::atomic::AtomicU64,
     next_stream: AtomicUsize,
@@ -412,19 +419,28 @@ impl Conns {
     }
 
     /// An application thread polls stream `i` (see [`Receiver`]): reads the
-    /// small answers already there, unless the reader thread is reading.
+    /// small answers wholly there, unless the reader thread is reading.
     fn poll_stream(&self, i: usize) {
         let rx = &self.receivers[i];
         if rx.reader_claim.load(Ordering::Acquire) {
             return;
         }
-        rx.polled_until
-            .store(self.now_ns() + HANDOFF.as_nanos() as u64, Ordering::Release);
+        let until = self.now_ns() + u64::try_from(self.handoff.as_nanos()).unwrap_or(u64::MAX);
+        rx.polled_until.store(until, Ordering::Release);
+        if rx.reader_claim.load(Ordering::Acquire) {
+            // Another poller handed the stream back meanwhile: keep off.
+            rx.polled_until.store(0, Ordering::Release);
+            return;
+        }
         let Some(_reading) = rx.lock.try_lock() else {
             return;
         };
         let Some(sock) = self.socks[i].get() else {
             return;
+        };
+        let hand_back = || {
+            self.handed_back.fetch_add(1, Ordering::Relaxed);
+            rx.hand_back();
         };
         // A few answers per call: a poller never stalls its caller for long.
         for _ in 0..16 {
@@ -432,20 +448,23 @@ impl Conns {
             match io::peek_now(sock, &mut raw) {
                 Ok(true) => {}
                 Ok(false) => return,
-                Err(_) => return rx.hand_back(), // closed or failed: the reader reports it
+                Err(_) => return hand_back(), // closed or failed: the reader reports it
             }
-            match Header::decode(&raw) {
-                Ok(h) if h.body_len <= POLL_BODY_BYTES => {}
-                _ => return rx.hand_back(),
+            let whole = match Header::decode(&raw) {
+                Ok(h) if h.body_len <= POLL_BODY_BYTES => frame::HEADER_LEN + h.body_len as usize,
+                _ => return hand_back(),
+            };
+            if io::buffered(sock).is_none_or(|n| n < whole) {
+                return hand_back(); // reading it could wait on the network
             }
             match receive(self, sock) {
-                Ok(true) => {
+                Ok(Got::Frame { .. }) => {
                     self.polled.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(false) => return rx.hand_back(),
+                Ok(_) => return hand_back(),
                 Err(e) => {
                     self.fail_all(e);
-                    return rx.hand_back();
+                    return hand_back();
                 }
             }
         }
@@ -697,7 +716,9 @@ impl PeerLink {
                 .collect(),
             receivers: (0..n).map(|_| Receiver::new()).collect(),
             epoch: Instant::now(),
+            handoff: self.config.handoff,
             polled: AtomicU64::new(0),
+            handed_back: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             next_tag: std::sync::atomic::AtomicU64::new(1),
             next_stream: AtomicUsize::new(0),
@@ -830,7 +851,11 @@ impl PeerLink {
             return;
         };
         let timeout = self.config.stall_timeout;
-        if timeout.is_zero() || conns.pending.lock().is_empty() {
+        // Streams still connecting have their own connect and hello timeouts.
+        if timeout.is_zero()
+            || conns.pending.lock().is_empty()
+            || conns.socks.iter().any(|s| s.get().is_none())
+        {
             return;
         }
         if conns.last_progress.lock().elapsed() > timeout {
@@ -859,6 +884,16 @@ impl PeerLink {
         }
     }
 
+    /// Answers a polling application thread handed back to the reader
+    /// thread (for tests).
+    #[cfg(test)]
+    pub(crate) fn handed_back(&self) -> u64 {
+        match &*self.state.lock() {
+            LinkState::Up(c) => c.handed_back.load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+
     /// Closes the connections; requests in flight fail with `RemoteDisconnect`.
     pub fn close(&self) {
         let closed = Error::RemoteDisconnect(format!("disconnected from agent {}", self.peer));
@@ -870,6 +905,11 @@ impl PeerLink {
             "disconnected from agent {}",
             self.peer
         )));
+        // An application thread may be reading an answer in checkXfer:
+        // wait for it, so that nothing lands in memory after close returns.
+        for rx in &conns.receivers {
+            drop(rx.lock.lock());
+        }
         let threads: Vec<_> = conns.threads.lock().drain(..).collect();
         for t in threads {
             let _ = t.join();
@@ -1001,11 +1041,13 @@ fn read_loop(conns: &Conns, i: usize) {
         }
         let reading = rx.lock.lock();
         let received = receive(conns, sock);
-        rx.reader_claim.store(false, Ordering::Release);
         drop(reading);
         match received {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Got::Frame { body }) if body > POLL_BODY_BYTES => {} // keep the claim
+            Ok(Got::Frame { .. } | Got::Idle) => {
+                rx.reader_claim.store(false, Ordering::Release);
+            }
+            Ok(Got::Closed) => {
                 conns.fail_all(Error::RemoteDisconnect(format!(
                     "agent {} closed the connection",
                     conns.peer
@@ -1020,15 +1062,25 @@ fn read_loop(conns: &Conns, i: usize) {
     }
 }
 
-/// Handles one answer from the peer. `Ok(false)`: the peer closed.
-fn receive(conns: &Conns, sock: &TcpStream) -> Result<bool> {
+/// What [`receive`] found on the socket.
+enum Got {
+    /// An answer with a body of this many bytes, handled.
+    Frame { body: u32 },
+    /// Nothing within the socket's read timeout.
+    Idle,
+    /// The peer closed the connection between frames.
+    Closed,
+}
+
+/// Handles one answer from the peer.
+fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
     let lost = |e: std::io::Error| {
         Error::RemoteDisconnect(format!("connection to agent {} broke: {e}", conns.peer))
     };
     let mut raw = [0u8; frame::HEADER_LEN];
     let mut idle = false;
     if !io::read_header(sock, &mut raw, &mut idle).map_err(lost)? {
-        return Ok(idle); // idle: keep waiting; else the peer closed
+        return Ok(if idle { Got::Idle } else { Got::Closed });
     }
     let h = Header::decode(&raw).map_err(|e| {
         Error::RemoteDisconnect(format!("agent {} sent a bad frame: {e}", conns.peer))
@@ -1074,7 +1126,7 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<bool> {
             let Some(p) = pending else {
                 // The request is gone (cancelled): drain its data elsewhere.
                 io::discard(sock, u64::from(h.body_len)).map_err(lost)?;
-                return Ok(true);
+                return Ok(Got::Frame { body: h.body_len });
             };
             if u64::from(h.body_len) != p.post.frame_bytes(p.frame) {
                 let what = format!(
@@ -1126,7 +1178,7 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<bool> {
             )));
         }
     }
-    Ok(true)
+    Ok(Got::Frame { body: h.body_len })
 }
 
 /// The peer broke the protocol answering `post` (already out of `pending`):

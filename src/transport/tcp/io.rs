@@ -270,6 +270,15 @@ pub fn readable_now(stream: &TcpStream) -> bool {
     !matches!(peek_now(stream, &mut byte), Ok(false))
 }
 
+/// How many bytes the socket has received and not yet handed out (`None`
+/// if the kernel does not say).
+pub fn buffered(stream: &TcpStream) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into `n`.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    (rc == 0).then(|| usize::try_from(n).ok()).flatten()
+}
+
 /// Copies the next `buf.len()` bytes of the socket into `buf` without
 /// consuming them and without waiting: `Ok(true)` when that many are there,
 /// `Ok(false)` when fewer are. A closed socket is an `UnexpectedEof` error.

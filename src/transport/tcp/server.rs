@@ -265,9 +265,9 @@ fn serve_one(
                 scratch,
                 Some((h.body_len as usize - table_len) as u64),
             )?;
-            let (status, reason) = match resolve(endpoint, &segs) {
-                Ok(regions) => {
-                    let pins = pin_all(&regions).ok_or("a target region was deregistered")?;
+            let regions = resolve(endpoint, &segs);
+            let (status, reason) = match pin_all(&regions) {
+                Ok(pins) => {
                     let ranges = ranges(&segs);
                     // SAFETY: every range was checked to lie inside a region of our registry,
                     // and the pins keep those regions registered until the data is in place.
@@ -290,9 +290,9 @@ fn serve_one(
         }
         Kind::ReadReq => {
             let segs = read_segs(stream, &h, scratch, None)?;
-            match resolve(endpoint, &segs) {
-                Ok(regions) => {
-                    let pins = pin_all(&regions).ok_or("a target region was deregistered")?;
+            let regions = resolve(endpoint, &segs);
+            match pin_all(&regions) {
+                Ok(pins) => {
                     reply(
                         stream,
                         Kind::ReadResp,
@@ -355,8 +355,15 @@ fn resolve(endpoint: &Endpoint, segs: &[Seg]) -> Result<Vec<Arc<LocalRegion>>, E
     Ok(regions)
 }
 
-fn pin_all(regions: &[Arc<LocalRegion>]) -> Option<Vec<Pin<'_>>> {
-    regions.iter().map(|r| r.pin()).collect()
+/// Pins every resolved region for one access; a region whose
+/// deregistration started since it was resolved is refused like an unknown one.
+fn pin_all(regions: &Result<Vec<Arc<LocalRegion>>, Error>) -> Result<Vec<Pin<'_>>, Error> {
+    let regions = regions.as_ref().map_err(Clone::clone)?;
+    regions
+        .iter()
+        .map(|r| r.pin())
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| Error::NotAllowed("a target region is being deregistered".into()))
 }
 
 fn ranges(segs: &[Seg]) -> Vec<RawRange> {
@@ -434,6 +441,32 @@ mod tests {
             0,
             "the poll slot is free again"
         );
+    }
+
+    #[test]
+    fn a_connection_polls_holding_the_slot_until_a_request_arrives() {
+        let (mut client, server) = socket_pair();
+        let spinners = Arc::new(AtomicUsize::new(0));
+        let (done, returned) = mpsc::channel();
+        let s = spinners.clone();
+        let t = std::thread::spawn(move || {
+            linger(&server, Duration::from_secs(600), &s);
+            done.send(()).unwrap();
+        });
+        // It holds the poll slot, and keeps polling while nothing arrives.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while spinners.load(Ordering::Acquire) == 0 {
+            assert!(std::time::Instant::now() < deadline, "it never polled");
+            std::thread::yield_now();
+        }
+        assert!(
+            returned.try_recv().is_err(),
+            "it stopped with nothing to read"
+        );
+        client.write_all(b"x").unwrap();
+        returned.recv_timeout(Duration::from_secs(60)).unwrap();
+        t.join().unwrap();
+        assert_eq!(spinners.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -149,8 +149,19 @@ fn a_peer_whose_engine_is_gone_is_never_written_even_if_its_process_lives() {
         a, b, abuf, bbuf, ..
     } = p;
     // B's engine goes away; its memory stays mapped (same process), so a
-    // write would land unnoticed: it must be refused instead.
+    // write would land unnoticed: once A's control connection to B saw it
+    // close (which happens on its own threads, a moment after), every post
+    // must be refused instead.
     drop(b);
+    let control_closed = || match &a.peers.read()[&AgentName::from("B")].route {
+        Ok(Route::Cma { link, .. }) => link.is_down(),
+        _ => panic!("agent B is not reached by cross-memory attach"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !control_closed() {
+        assert!(Instant::now() < deadline, "A never saw B's engine go");
+        std::thread::yield_now();
+    }
     let snapshot = bbuf.clone();
     let failed = a.post_xfer(id, None).and_then(|_| wait(&a, id));
     assert!(

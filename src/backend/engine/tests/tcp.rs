@@ -96,15 +96,19 @@ fn a_polling_caller_reads_small_answers_and_the_reader_takes_back_when_polls_sto
     let writes = small_requests(&p, Op::Write, 32);
     // Back-to-back small posts, each polled to completion: after the first
     // answer the reader thread leaves the stream to the polling thread.
-    for _ in 0..8 {
+    let l = link(&p.a, "B");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while l.polled() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no answer was read by the polling thread"
+        );
         for &id in &writes {
             let _ = p.a.post_xfer(id, None).unwrap();
             assert_eq!(wait(&p.a, id), Ok(Status::Success));
         }
     }
     assert_eq!(p.abuf, p.bbuf);
-    let l = link(&p.a, "B");
-    assert!(l.polled() > 0, "no answer was read by the polling thread");
     // A post nobody polls: the reader thread takes the stream back, reads
     // the acknowledgement and sends the notification behind it.
     let _ = p.a.post_xfer(writes[0], Some(b"unpolled")).unwrap();
@@ -153,6 +157,93 @@ fn large_answers_go_back_to_the_reader_while_small_ones_are_polled() {
         assert_eq!(wait(&p.a, big), Ok(Status::Success));
     }
     assert!(local == remote, "every byte read, small and large");
+}
+
+/// Reads one request from a fake peer's socket: its header and the bytes
+/// its segments name (`None` once the engine closed the connection).
+fn read_request(s: &mut std::net::TcpStream) -> Option<(Header, usize)> {
+    let mut head = [0u8; HEADER_LEN];
+    s.read_exact(&mut head).ok()?;
+    let h = Header::decode(&head).unwrap();
+    let mut table = vec![0u8; h.body_len as usize];
+    s.read_exact(&mut table).ok()?;
+    let segs = crate::wire::frame::decode_segs(&table, h.aux as usize, None).unwrap();
+    Some((h, segs.iter().map(|g| g.len as usize).sum()))
+}
+
+#[test]
+fn a_parked_reader_is_handed_a_large_answer_that_arrives_before_a_polled_one() {
+    // The fake peer answers READs with 0xAB; once told, it takes the next
+    // two requests and answers the larger first.
+    let (larger_first, told) = std::sync::mpsc::channel::<()>();
+    let (addr, fake) = fake_peer(move |mut s| {
+        let answer = |s: &mut std::net::TcpStream, h: &Header, len: usize| {
+            let mut out = Header::new(Kind::ReadResp, len as u32, h.tag, 0)
+                .encode()
+                .to_vec();
+            out.resize(HEADER_LEN + len, 0xAB);
+            s.write_all(&out).is_ok()
+        };
+        while let Some((h, len)) = read_request(&mut s) {
+            let mut batch = vec![(h, len)];
+            if told.try_recv().is_ok() {
+                batch.extend(read_request(&mut s));
+                batch.sort_by_key(|&(_, len)| std::cmp::Reverse(len));
+            }
+            for (h, len) in batch {
+                if !answer(&mut s, &h, len) {
+                    return;
+                }
+            }
+        }
+    });
+    // The reader thread stays parked for an hour after a poll: only a
+    // hand-back can make it read the large answer.
+    let (a, buf, lmd, rmd) = fake_agent(addr, 1 << 20, ONE_STREAM, |c| {
+        c.handoff = Duration::from_secs(3600);
+    });
+    let read = |off: u64, len: u64| {
+        let l = Desc {
+            addr: buf.as_ptr() as u64 + off,
+            len,
+            md: lmd,
+        };
+        let r = Desc {
+            addr: 0x10000 + off,
+            len,
+            md: rmd,
+        };
+        a.prep_xfer(Op::Read, &[l], &[r], b"Fake").unwrap()
+    };
+    let small = read(0, 4096);
+    let big = read(4096, 256 << 10);
+    let l = link(&a, "Fake");
+    // Small READs until three answers in a row were read by this thread: the
+    // reader thread is parked then.
+    let (mut streak, mut last) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while streak < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the polling thread never took over"
+        );
+        let _ = a.post_xfer(small, None).unwrap();
+        assert_eq!(wait(&a, small), Ok(Status::Success));
+        let polled = l.polled();
+        streak = if polled > last { streak + 1 } else { 0 };
+        last = polled;
+    }
+    let handed = l.handed_back();
+    larger_first.send(()).unwrap();
+    // The small one first, so that it goes out inline and is polled.
+    let _ = a.post_xfer(small, None).unwrap();
+    let _ = a.post_xfer(big, None).unwrap();
+    assert_eq!(wait(&a, small), Ok(Status::Success));
+    assert_eq!(wait(&a, big), Ok(Status::Success));
+    assert!(l.handed_back() > handed, "the large answer was handed back");
+    assert!(buf[..4096 + (256 << 10)].iter().all(|&b| b == 0xAB));
+    drop(a);
+    fake.join().unwrap();
 }
 
 #[test]
@@ -313,15 +404,18 @@ fn fake_peer(
     (addr, t)
 }
 
-/// An engine "A" that knows a fake agent "Fake" at `addr` with one 1 MiB
-/// region at 0x10000, and a prepped request of `len` bytes to it.
-fn to_fake(
+/// An engine "A" (its TCP settings changed by `config`) that knows a fake
+/// agent "Fake" at `addr` with one region of `len` bytes at 0x10000, and a
+/// registered local buffer of `len` bytes. Returns the engine, the buffer and
+/// the metadata ids of both.
+fn fake_agent(
     addr: std::net::SocketAddr,
-    op: Op,
     len: u64,
     params: &[(&str, &str)],
-) -> (Engine, Vec<u8>, ReqId) {
-    let a = engine_with("A", true, params);
+    config: impl FnOnce(&mut TcpConfig),
+) -> (Engine, Vec<u8>, MdId, MdId) {
+    let mut a = engine_with("A", true, params);
+    config(&mut a.tcp_config);
     let mut info = ConnInfo::decode(a.conn_info()).unwrap();
     info.agent = b"Fake".to_vec();
     info.token = 77;
@@ -341,6 +435,18 @@ fn to_fake(
     let rmd = a
         .load_remote_md(0x10000, len, 0, &region.encode(), b"Fake")
         .unwrap();
+    (a, buf, lmd, rmd)
+}
+
+/// [`fake_agent`] with default settings and a prepped request of `len`
+/// bytes (the whole buffer to the whole region).
+fn to_fake(
+    addr: std::net::SocketAddr,
+    op: Op,
+    len: u64,
+    params: &[(&str, &str)],
+) -> (Engine, Vec<u8>, ReqId) {
+    let (a, buf, lmd, rmd) = fake_agent(addr, len, params, |_| {});
     let id = a
         .prep_xfer(
             op,
