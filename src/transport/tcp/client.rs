@@ -425,7 +425,9 @@ impl Conns {
         if rx.reader_claim.load(Ordering::Acquire) {
             return;
         }
-        let until = self.now_ns() + u64::try_from(self.handoff.as_nanos()).unwrap_or(u64::MAX);
+        let until = self
+            .now_ns()
+            .saturating_add(u64::try_from(self.handoff.as_nanos()).unwrap_or(u64::MAX));
         rx.polled_until.store(until, Ordering::Release);
         if rx.reader_claim.load(Ordering::Acquire) {
             // Another poller handed the stream back meanwhile: keep off.
