@@ -25,7 +25,6 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use plugin_Mooncake::backend::notifs::Inbox;
@@ -72,10 +71,8 @@ fn wire(c: &mut Criterion) {
     // The connection info a real engine publishes (whatever endpoints this
     // build serves), as its peers decode it.
     let publisher = Engine::new(EngineConfig {
-        local_agent: b"vllm-prefill-worker-0".to_vec(),
-        params: vec![("ip_addr".into(), "127.0.0.1".into())],
         progress_thread: false,
-        progress_delay: Duration::ZERO,
+        ..EngineConfig::new("vllm-prefill-worker-0", &[("ip_addr", "127.0.0.1")])
     })
     .expect("engine");
     let info = ConnInfo::decode(publisher.conn_info()).expect("own connection info decodes");
@@ -144,16 +141,7 @@ struct Pair {
 }
 
 fn engine(name: &str, params: &[(&str, &str)]) -> Engine {
-    Engine::new(EngineConfig {
-        local_agent: name.as_bytes().to_vec(),
-        params: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        progress_thread: true,
-        progress_delay: Duration::ZERO,
-    })
-    .expect("engine")
+    Engine::new(EngineConfig::new(name, params)).expect("engine")
 }
 
 fn pair(len: usize, params: &[(&str, &str)]) -> Pair {

@@ -27,16 +27,14 @@ const GUARD: usize = 4096;
 const LEN: usize = 64 << 10;
 
 fn target() -> Target {
-    let engine = Engine::new(EngineConfig {
-        local_agent: b"target".to_vec(),
-        params: vec![
-            ("protocol".into(), "tcp".into()),
-            ("ip_addr".into(), "127.0.0.1".into()),
-            ("timeout_ms".into(), "2000".into()),
+    let engine = Engine::new(EngineConfig::new(
+        "target",
+        &[
+            ("protocol", "tcp"),
+            ("ip_addr", "127.0.0.1"),
+            ("timeout_ms", "2000"),
         ],
-        progress_thread: true,
-        progress_delay: Duration::ZERO,
-    })
+    ))
     .unwrap();
     let buf = vec![0xAAu8; GUARD + LEN + GUARD];
     let md = engine

@@ -53,6 +53,22 @@ pub struct EngineConfig {
     pub progress_delay: Duration,
 }
 
+impl EngineConfig {
+    /// Agent `agent` with `params`, a progress thread (NIXL's Python
+    /// default) and no `pthrDelay`.
+    pub fn new(agent: &str, params: &[(&str, &str)]) -> EngineConfig {
+        EngineConfig {
+            local_agent: agent.as_bytes().to_vec(),
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            progress_thread: true,
+            progress_delay: Duration::ZERO,
+        }
+    }
+}
+
 /// Copy transfers (in-process, CMA) up to this size run inline in `postXfer`:
 /// no hand-off to the progress thread (at most ~100 us of copying).
 const INLINE_BYTES: u64 = 1 << 20;

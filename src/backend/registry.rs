@@ -33,14 +33,16 @@ pub struct LocalRegion {
     pub mem_type: u32,
     /// Device id from the registration.
     pub dev_id: u64,
-    live: RwLock<bool>,
-    /// Set when a deregistration starts: no new pin succeeds after it, so
-    /// a steady stream of short pins cannot keep the deregistration waiting.
+    /// Read-held by every pin; write-taken once by the deregistration, to
+    /// wait for the pins taken before it started.
+    pins: RwLock<()>,
+    /// Set when a deregistration starts: no pin succeeds after it, so a
+    /// steady stream of short pins cannot keep the deregistration waiting.
     dying: AtomicBool,
 }
 
 /// Proof that a region stays registered while the guard lives.
-pub type Pin<'a> = RwLockReadGuard<'a, bool>;
+pub type Pin<'a> = RwLockReadGuard<'a, ()>;
 
 impl LocalRegion {
     /// Pins the region for one access, or `None` once its deregistration
@@ -48,11 +50,10 @@ impl LocalRegion {
     ///
     /// Pins are recursive: one thread may pin a region several times.
     pub fn pin(&self) -> Option<Pin<'_>> {
-        if self.dying.load(Ordering::Acquire) {
-            return None;
-        }
-        let guard = self.live.read_recursive();
-        (*guard).then_some(guard)
+        let guard = self.pins.read_recursive();
+        // Checked under the pin: a deregistration that started before it
+        // is refused, one that starts after it waits for it.
+        (!self.dying.load(Ordering::Acquire)).then_some(guard)
     }
 
     /// True when `[addr, addr+len)` lies inside the region.
@@ -123,7 +124,7 @@ impl Registry {
             len,
             mem_type,
             dev_id,
-            live: RwLock::new(true),
+            pins: RwLock::new(()),
             dying: AtomicBool::new(false),
         });
         map.insert(key, region.clone());
@@ -140,7 +141,7 @@ impl Registry {
             Error::NotFound(format!("deregisterMem: no region with key {key:#x}"))
         })?;
         region.dying.store(true, Ordering::Release);
-        *region.live.write() = false;
+        drop(region.pins.write());
         Ok(())
     }
 

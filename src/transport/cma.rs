@@ -209,29 +209,23 @@ impl Mover for CmaCopy {
                 "peer process {pid} exited"
             )));
         }
+        let call = match plan.op {
+            Op::Write => libc::process_vm_writev,
+            Op::Read => libc::process_vm_readv,
+        };
         // SAFETY: the local iovecs lie in our registered regions, pinned above
         // for the duration of the call; the remote ones lie in the peer's
         // published registrations (checked at prep time), and the kernel
         // validates them against the peer's address space.
         let n = unsafe {
-            match plan.op {
-                Op::Write => libc::process_vm_writev(
-                    pid,
-                    local.as_ptr(),
-                    local.len() as _,
-                    remote.as_ptr(),
-                    remote.len() as _,
-                    0,
-                ),
-                Op::Read => libc::process_vm_readv(
-                    pid,
-                    local.as_ptr(),
-                    local.len() as _,
-                    remote.as_ptr(),
-                    remote.len() as _,
-                    0,
-                ),
-            }
+            call(
+                pid,
+                local.as_ptr(),
+                local.len() as _,
+                remote.as_ptr(),
+                remote.len() as _,
+                0,
+            )
         };
         drop(pins);
         if n < 0 {

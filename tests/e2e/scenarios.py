@@ -168,6 +168,38 @@ def check_scattered_read(local, remote, total, block, l_stride, r_stride, lidx, 
     log("all blocks verified, gaps and unselected blocks untouched")
 
 
+def check_merged_read(a: nixl_agent, remote_agent: str, local, remote_src, remote, dense: int,
+                      block: int, expect_notif: Callable[[bytes], None]) -> None:
+    """Runs of consecutive blocks over dense views of `local` and of the remote
+    agent's buffer at `remote_src` (an array or an address; `remote` holds its
+    contents): NIXL merges adjacent blocks, so the backend sees fewer, longer
+    descriptors of varying length. READs them with a notification, checks it
+    with `expect_notif`, and that only the requested runs were written."""
+    local[:] = 0xAA
+    local_dh = a.prep_xfer_dlist("NIXL_INIT_AGENT", block_table(local, dense, block, block),
+                                 "DRAM")
+    remote_dh = a.prep_xfer_dlist(remote_agent, block_table(remote_src, dense, block, block),
+                                  "DRAM")
+    runs, start = [], 0
+    for length in (1, 2, 3, 64, 7, 500, 1, 1000):
+        runs.append(np.arange(start, start + length))
+        start += length + 5  # 5-block hole between runs
+    idx = np.concatenate(runs).astype(np.int32)
+    notif = b"req-0001:tp1"
+    h = a.make_prepped_xfer("READ", local_dh, idx, remote_dh, idx, notif)
+    post(a, h, "merged prepped READ")
+    expect_notif(notif)
+    ld, rd = block_view(local, dense, block, block), block_view(remote, dense, block, block)
+    assert same(ld[idx], rd[idx]), "merged READ: block contents differ"
+    holes = np.ones(dense, dtype=bool)
+    holes[idx] = False
+    assert (ld[holes] == 0xAA).all(), "merged READ wrote outside the requested runs"
+    log(f"merged READ of {len(runs)} runs ({len(idx)} blocks) verified")
+    a.release_xfer_handle(h)
+    for dl in (local_dh, remote_dh):
+        a.release_dlist_handle(dl)
+
+
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = OP_TIMEOUT) -> None:
     """Poll cond() until it holds; fail after `timeout` seconds.
 
@@ -525,31 +557,13 @@ def sc_prepped(args) -> None:
 
     check_scattered_read(local, remote, total, block, l_stride, r_stride, lidx, ridx)
 
-    # Same buffers viewed as dense 4 KiB blocks, reading runs of consecutive
-    # indices: NIXL merges adjacent blocks, so the backend sees fewer, longer
-    # descriptors of varying length.
-    local[:] = 0xAA
+    # The same buffers as dense 4 KiB blocks, read in runs NIXL merges.
     dense = min(total, (remote.nbytes // block), (local.nbytes // block))
-    local_dh = a.prep_xfer_dlist("NIXL_INIT_AGENT", block_table(local, dense, block, block), "DRAM")
-    remote_dh = a.prep_xfer_dlist("prefill", block_table(remote, dense, block, block), "DRAM")
-    runs, start = [], 0
-    for length in (1, 2, 3, 64, 7, 500, 1, 1000):
-        runs.append(np.arange(start, start + length))
-        start += length + 5  # 5-block hole between runs
-    idx = np.concatenate(runs).astype(np.int32)
-    h2 = a.make_prepped_xfer("READ", local_dh, idx, remote_dh, idx, b"req-0001:tp1")
-    post(a, h2, "merged prepped READ")
-    b_notifs.expect("decode", [b"req-0001:tp1"], "merged READ notification")
-    ld, rd = block_view(local, dense, block, block), block_view(remote, dense, block, block)
-    assert same(ld[idx], rd[idx]), "merged READ: block contents differ"
-    holes = np.ones(dense, dtype=bool)
-    holes[idx] = False
-    assert (ld[holes] == 0xAA).all(), "merged READ wrote outside the requested runs"
-    log(f"merged READ of {len(runs)} runs ({len(idx)} blocks) verified")
+    check_merged_read(a, "prefill", local, remote, remote, dense, block,
+                      lambda n: b_notifs.expect("decode", [n], "merged READ notification"))
 
-    for handle in (h, h2):
-        a.release_xfer_handle(handle)
-    for dl in (local_h, remote_h, local_dh, remote_dh):
+    a.release_xfer_handle(h)
+    for dl in (local_h, remote_h):
         a.release_dlist_handle(dl)
 
 
@@ -1254,31 +1268,12 @@ def sc_xp_prepped(args) -> None:
         remote = fast_pattern(total * r_stride, 90)  # what the target holds
         check_scattered_read(local, remote, total, block, l_stride, r_stride, lidx, ridx)
 
-        # Runs of consecutive blocks over dense views: NIXL merges them, so the
-        # backend sees fewer, longer descriptors of varying length.
-        local[:] = 0xAA
+        # The same buffers as dense 4 KiB blocks, read in runs NIXL merges.
         dense = min(remote.nbytes, local.nbytes) // block
-        local_dh = a.prep_xfer_dlist("NIXL_INIT_AGENT", block_table(local, dense, block, block),
-                                     "DRAM")
-        remote_dh = a.prep_xfer_dlist(tgt.name, block_table(tgt.addrs["kv"], dense, block, block),
-                                      "DRAM")
-        runs, start = [], 0
-        for length in (1, 2, 3, 64, 7, 500, 1, 1000):
-            runs.append(np.arange(start, start + length))
-            start += length + 5
-        idx = np.concatenate(runs).astype(np.int32)
-        h2 = a.make_prepped_xfer("READ", local_dh, idx, remote_dh, idx, b"req-0001:tp1")
-        post(a, h2, "merged prepped READ")
-        tgt.check("merged READ notification", "xp-decode", [b"req-0001:tp1"])
-        ld, rd = block_view(local, dense, block, block), block_view(remote, dense, block, block)
-        assert same(ld[idx], rd[idx]), "merged READ: block contents differ"
-        holes = np.ones(dense, dtype=bool)
-        holes[idx] = False
-        assert (ld[holes] == 0xAA).all(), "merged READ wrote outside the requested runs"
-        log(f"merged READ of {len(runs)} runs ({len(idx)} blocks) verified")
-        for handle in (h, h2):
-            a.release_xfer_handle(handle)
-        for dl in (local_h, remote_h, local_dh, remote_dh):
+        check_merged_read(a, tgt.name, local, tgt.addrs["kv"], remote, dense, block,
+                          lambda n: tgt.check("merged READ notification", "xp-decode", [n]))
+        a.release_xfer_handle(h)
+        for dl in (local_h, remote_h):
             a.release_dlist_handle(dl)
         tgt.quit()
 

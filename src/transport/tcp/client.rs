@@ -877,23 +877,26 @@ impl PeerLink {
         }
     }
 
+    /// A counter of the live connections, 0 without them (for tests).
+    #[cfg(test)]
+    fn counter(&self, which: impl Fn(&Conns) -> &AtomicU64) -> u64 {
+        match &*self.state.lock() {
+            LinkState::Up(c) => which(c).load(Ordering::Relaxed),
+            _ => 0,
+        }
+    }
+
     /// Answers read by application threads polling `checkXfer` (for tests).
     #[cfg(test)]
     pub(crate) fn polled(&self) -> u64 {
-        match &*self.state.lock() {
-            LinkState::Up(c) => c.polled.load(Ordering::Relaxed),
-            _ => 0,
-        }
+        self.counter(|c| &c.polled)
     }
 
     /// Answers a polling application thread handed back to the reader
     /// thread (for tests).
     #[cfg(test)]
     pub(crate) fn handed_back(&self) -> u64 {
-        match &*self.state.lock() {
-            LinkState::Up(c) => c.handed_back.load(Ordering::Relaxed),
-            _ => 0,
-        }
+        self.counter(|c| &c.handed_back)
     }
 
     /// Closes the connections; requests in flight fail with `RemoteDisconnect`.

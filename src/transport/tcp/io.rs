@@ -212,11 +212,18 @@ pub fn connect_by(
             };
             let wait_ms = left.min(ABORT_CHECK).as_millis().max(1) as libc::c_int;
             // SAFETY: one valid pollfd on the stack, for the duration of the call.
-            if unsafe { libc::poll(&raw mut pfd, 1, wait_ms) } > 0 {
-                if let Some(e) = socket.take_error()? {
-                    return Err(e);
+            match unsafe { libc::poll(&raw mut pfd, 1, wait_ms) } {
+                0 => {}
+                n if n > 0 => match socket.take_error()? {
+                    Some(e) => return Err(e),
+                    None => break,
+                },
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
                 }
-                break;
             }
         },
         Err(e) => return Err(e),

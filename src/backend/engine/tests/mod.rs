@@ -12,13 +12,8 @@ fn engine(name: &str, progress_thread: bool) -> Engine {
 
 fn engine_with(name: &str, progress_thread: bool, params: &[(&str, &str)]) -> Engine {
     Engine::new(EngineConfig {
-        local_agent: name.as_bytes().to_vec(),
-        params: params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
         progress_thread,
-        progress_delay: Duration::ZERO,
+        ..EngineConfig::new(name, params)
     })
     .unwrap()
 }
