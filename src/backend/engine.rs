@@ -185,6 +185,14 @@ struct Request {
 /// spinning on it.
 const SPIN_CHECK_NS: u64 = 50_000;
 
+/// A spinning `checkXfer` waits for the rest of a transfer as if it moved at
+/// this many bytes per nanosecond (GB/s): faster than any of our transports.
+const SPIN_WAIT_BYTES_PER_NS: u64 = 20;
+/// ... but no longer than this per call ...
+const SPIN_WAIT_MAX: Duration = Duration::from_micros(200);
+/// ... and not at all below this (it yields instead).
+const SPIN_WAIT_MIN: Duration = Duration::from_micros(10);
+
 /// One agent's backend engine.
 pub struct Engine {
     endpoint: Arc<Endpoint>,
@@ -198,6 +206,8 @@ pub struct Engine {
     worker: Arc<Worker>,
     /// Time base of `Request::last_check`.
     epoch: Instant,
+    /// `checkXfer` calls that waited for a transfer (for tests).
+    spin_waits: AtomicU64,
     tcp_server: Arc<TcpServer>,
     tcp_config: TcpConfig,
     /// What same-host peers read to probe cross-memory attach (kept alive
@@ -269,6 +279,7 @@ impl Engine {
             requests: RequestSlab::default(),
             worker,
             epoch: Instant::now(),
+            spin_waits: AtomicU64::new(0),
             tcp_server,
             tcp_config,
             _cma_cookie: cma_cookie,
@@ -736,29 +747,48 @@ impl Engine {
             )));
         };
         if job.completion().in_progress() {
-            match &req.target {
+            let moved_by_threads = match &req.target {
                 Target::Tcp(link) => {
                     job.poll();
                     link.watchdog();
+                    true
                 }
                 _ if !self.worker.has_thread() => {
                     self.worker.drive(STEPS_PER_CALL);
+                    false
                 }
-                _ => {}
-            }
+                _ => true,
+            };
             if job.completion().in_progress() {
-                // Our threads move the data: a caller spinning on this request
-                // leaves them the CPU (on a busy host that is most of the
-                // bandwidth; with idle cores this returns at once). A caller
-                // sweeping over many requests is not slowed down.
-                let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                let last = req.last_check.swap(now, Ordering::Relaxed);
-                if now.saturating_sub(last) < SPIN_CHECK_NS {
-                    std::thread::yield_now();
-                }
+                self.pace_spinner(&req, &*job, moved_by_threads);
             }
         }
         job.completion().result()
+    }
+
+    /// Leaves the CPU to our threads when the caller spins on `req` (checks
+    /// it again within [`SPIN_CHECK_NS`]); on a busy host that is most of the
+    /// bandwidth. While our threads (`moved_by_threads`) still have much of
+    /// the transfer to move, waits for its completion, at most as long as
+    /// the rest would take at a rate above any our transports reach, and
+    /// [`SPIN_WAIT_MAX`]; otherwise yields, which with idle cores returns at
+    /// once. A caller sweeping over many requests is not slowed down.
+    fn pace_spinner(&self, req: &Request, job: &dyn Transfer, moved_by_threads: bool) {
+        let now = || u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let t = now();
+        if t.saturating_sub(req.last_check.swap(t, Ordering::Relaxed)) >= SPIN_CHECK_NS {
+            return;
+        }
+        let wait =
+            Duration::from_nanos(job.remaining_bytes() / SPIN_WAIT_BYTES_PER_NS).min(SPIN_WAIT_MAX);
+        if moved_by_threads && wait >= SPIN_WAIT_MIN {
+            self.spin_waits.fetch_add(1, Ordering::Relaxed);
+            job.completion().wait(wait);
+        } else {
+            std::thread::yield_now();
+        }
+        // The caller's next check is measured from the end of this one.
+        req.last_check.store(now(), Ordering::Relaxed);
     }
 
     /// `releaseReqH`: frees the request; a transfer still in flight is
@@ -781,6 +811,12 @@ impl Engine {
         self.requests
             .get(id)
             .ok_or_else(|| Error::NotFound(format!("{what}: unknown request {id:#x}")))
+    }
+
+    /// How many `checkXfer` calls waited for their transfer (for tests).
+    #[cfg(test)]
+    pub(crate) fn spin_waits(&self) -> u64 {
+        self.spin_waits.load(Ordering::Relaxed)
     }
 
     /// Number of live request handles.

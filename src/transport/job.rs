@@ -4,6 +4,7 @@
 //! from a cursor position, and how to deliver the notification at the end.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -42,6 +43,8 @@ pub struct SegmentJob<M> {
     mover: M,
     /// Held while bytes move: cancel waits for the step in progress.
     cursor: Mutex<Cursor>,
+    /// Bytes not moved yet (read without the cursor lock).
+    left: AtomicU64,
     completion: Completion,
 }
 
@@ -49,6 +52,7 @@ impl<M: Mover> SegmentJob<M> {
     /// A job that has moved nothing yet.
     pub fn new(plan: Arc<Plan>, mover: M) -> Self {
         SegmentJob {
+            left: AtomicU64::new(plan.total_bytes),
             plan,
             mover,
             cursor: Mutex::new(Cursor::default()),
@@ -79,6 +83,9 @@ impl<M: Mover> Job for SegmentJob<M> {
                     }
                 };
             moved += n;
+            // Only the stepping thread (holding the cursor) writes it.
+            let left = self.left.load(Ordering::Relaxed).saturating_sub(n);
+            self.left.store(left, Ordering::Relaxed);
             // Advance exactly n bytes, then past any empty segments.
             while c.segment < segments.len() && (n > 0 || segments[c.segment].len == c.offset) {
                 let step = (segments[c.segment].len - c.offset).min(n);
@@ -117,5 +124,9 @@ impl<M: Mover> Transfer for SegmentJob<M> {
 
     fn cancel(&self) {
         Job::cancel(self);
+    }
+
+    fn remaining_bytes(&self) -> u64 {
+        self.left.load(Ordering::Relaxed)
     }
 }

@@ -13,7 +13,8 @@ pub mod tcp;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
+use std::time::Duration;
 
 use crate::backend::options::Protocol;
 use crate::backend::registry::LocalRegion;
@@ -69,6 +70,8 @@ pub struct Plan {
 pub struct Completion {
     code: AtomicI32,
     error: Mutex<Option<Error>>,
+    /// Signalled (under `error`) when the result is recorded.
+    done: Condvar,
 }
 
 impl Default for Completion {
@@ -76,6 +79,7 @@ impl Default for Completion {
         Completion {
             code: AtomicI32::new(Status::InProg.code()),
             error: Mutex::new(None),
+            done: Condvar::new(),
         }
     }
 }
@@ -96,6 +100,15 @@ impl Completion {
             }
         };
         self.code.store(code, Ordering::Release);
+        self.done.notify_all(); // cheap when nobody waits
+    }
+
+    /// Waits until the result is recorded or `timeout` passed.
+    pub fn wait(&self, timeout: Duration) {
+        let mut slot = self.error.lock();
+        if self.in_progress() {
+            self.done.wait_for(&mut slot, timeout);
+        }
     }
 
     /// `Ok(InProg)`, `Ok(Success)`, or the error the transfer ended with.
@@ -124,6 +137,11 @@ pub trait Transfer: Send + Sync {
     /// Called by `checkXfer` while the transfer runs: a transport may make
     /// progress on the caller's thread (by default it does nothing).
     fn poll(&self) {}
+    /// About how many bytes are still to move (0 when unknown): a caller
+    /// spinning on a transfer with much left to move may wait instead.
+    fn remaining_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// How an engine reaches one peer.
@@ -200,5 +218,42 @@ pub fn select(local: &ConnInfo, remote: &ConnInfo, protocol: Protocol) -> Result
              cannot be reached with it (use protocol=auto)",
             remote.pid, remote.host.hostname
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn a_wait_ends_when_the_result_is_recorded() {
+        let c = Arc::new(Completion::default());
+        let finisher = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                c.finish(Ok(()));
+            })
+        };
+        let started = Instant::now();
+        c.wait(Duration::from_secs(120));
+        assert!(started.elapsed() < Duration::from_secs(60), "not woken");
+        assert_eq!(c.result(), Ok(Status::Success));
+        finisher.join().unwrap();
+        // Finished: returns at once.
+        let started = Instant::now();
+        c.wait(Duration::from_secs(120));
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_wait_ends_after_its_timeout_while_in_progress() {
+        let c = Completion::default();
+        let started = Instant::now();
+        c.wait(Duration::from_millis(20));
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        assert!(c.in_progress());
     }
 }

@@ -232,6 +232,13 @@ impl Transfer for TcpPost {
         }
     }
 
+    fn remaining_bytes(&self) -> u64 {
+        // Frames of one post are about the same size.
+        let frames = self.frame_count().max(1) as u64;
+        let left = self.remaining.load(Ordering::Acquire) as u64;
+        self.plan.total_bytes / frames * left
+    }
+
     fn cancel(&self) {
         let _moving = self.io.try_write_for(CANCEL_WAIT).unwrap_or_else(|| {
             // A frame is stuck on a peer that stopped reading or sending:

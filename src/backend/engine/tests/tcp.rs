@@ -538,6 +538,36 @@ fn a_reply_of_the_wrong_kind_breaks_the_link_not_the_memory() {
 }
 
 #[test]
+fn a_spinning_caller_waits_on_a_large_transfer_and_only_yields_on_a_small_one() {
+    // The fake peers read everything and never answer: the posts stay in
+    // progress for as long as the test spins on them.
+    for (len, waits) in [(4096u64, false), (4 << 20, true)] {
+        let (addr, fake) = fake_peer(drain_until_closed);
+        let (a, _buf, id) = to_fake(addr, Op::Write, len, ONE_STREAM);
+        assert_eq!(a.post_xfer(id, None), Ok(Status::InProg));
+        // Checks in a tight loop (a check 50 µs after the previous one is
+        // not spinning: a loaded host may interrupt the loop now and then).
+        for _ in 0..2000 {
+            assert_eq!(a.check_xfer(id), Ok(Status::InProg));
+            if a.spin_waits() >= 20 {
+                break;
+            }
+        }
+        if waits {
+            assert!(a.spin_waits() >= 20, "{} waits", a.spin_waits());
+        } else {
+            assert_eq!(
+                a.spin_waits(),
+                0,
+                "a 4 KiB transfer has too little left to wait for"
+            );
+        }
+        drop(a); // closes the connection: the fake peer's read loop ends
+        fake.join().unwrap();
+    }
+}
+
+#[test]
 fn a_hung_peer_is_caught_by_the_stall_timeout() {
     // The fake peer reads everything and never answers.
     let (addr, fake) = fake_peer(drain_until_closed);
