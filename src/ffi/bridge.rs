@@ -260,14 +260,21 @@ fn unload_md(engine: &Engine, md: u64) -> i32 {
     guard("unloadMD", || ok(engine.unload_md(md)))
 }
 
-fn descs(list: &[ffi::XferDesc]) -> Vec<Desc> {
-    list.iter()
-        .map(|d| Desc {
-            addr: d.addr,
-            len: d.len,
-            md: d.md,
-        })
-        .collect()
+/// Converts `list` into `out` (cleared first).
+fn descs_into(list: &[ffi::XferDesc], out: &mut Vec<Desc>) {
+    out.clear();
+    out.extend(list.iter().map(|d| Desc {
+        addr: d.addr,
+        len: d.len,
+        md: d.md,
+    }));
+}
+
+thread_local! {
+    /// Per-thread buffers of `prep_xfer`, reused so that a prep of thousands
+    /// of descriptors costs no fresh pages.
+    static PREP_DESCS: std::cell::RefCell<(Vec<Desc>, Vec<Desc>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 fn prep_xfer(
@@ -288,7 +295,11 @@ fn prep_xfer(
                 )));
             }
         };
-        *out_req = engine.prep_xfer(op, &descs(local), &descs(remote), agent)?;
+        *out_req = PREP_DESCS.with_borrow_mut(|(l, r)| {
+            descs_into(local, l);
+            descs_into(remote, r);
+            engine.prep_xfer(op, l, r, agent)
+        })?;
         Ok(Status::Success)
     })
 }

@@ -24,8 +24,10 @@ uint64_t md_id(const nixlBackendMD *md) {
     return ours ? ours->id : 0; // 0 is never a valid id: Rust reports it
 }
 
-std::vector<XferDesc> flatten(const nixl_meta_dlist_t &list) {
-    std::vector<XferDesc> out;
+// Fills `out` (kept per thread and reused: a prep of thousands of
+// descriptors then costs no fresh pages) with the descriptors of `list`.
+void flatten(const nixl_meta_dlist_t &list, std::vector<XferDesc> &out) {
+    out.clear();
     out.reserve(static_cast<size_t>(list.descCount()));
     // Consecutive descriptors nearly always share one metadata object.
     const nixlBackendMD *last = nullptr;
@@ -38,7 +40,6 @@ std::vector<XferDesc> flatten(const nixl_meta_dlist_t &list) {
         }
         out.push_back(XferDesc{static_cast<uint64_t>(d.addr), static_cast<uint64_t>(d.len), last_id});
     }
-    return out;
 }
 
 // Runs one forwarded call; no exception ever leaves it.
@@ -149,7 +150,9 @@ nixl_status_t ShimEngine::prepXfer(const nixl_xfer_op_t &op, const nixl_meta_dli
                                    nixlBackendReqH *&handle, const nixl_opt_b_args_t *) const {
     return guarded("prepXfer", [&] {
         ENGINE_OR_FAIL;
-        std::vector<XferDesc> l = flatten(local), r = flatten(remote);
+        thread_local std::vector<XferDesc> l, r;
+        flatten(local, l);
+        flatten(remote, r);
         auto h = std::make_unique<ShimReqH>(0);
         auto rc = static_cast<nixl_status_t>(prep_xfer(e, static_cast<int32_t>(op), {l.data(), l.size()},
                                                        {r.data(), r.size()}, bytes(remote_agent), h->id));
