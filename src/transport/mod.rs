@@ -12,9 +12,9 @@ pub mod tcp;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
-use std::time::Duration;
 
 use crate::backend::options::Protocol;
 use crate::backend::registry::LocalRegion;
