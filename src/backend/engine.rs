@@ -769,10 +769,12 @@ impl Engine {
     /// Leaves the CPU to our threads when the caller spins on `req` (checks
     /// it again within [`SPIN_CHECK_NS`]); on a busy host that is most of the
     /// bandwidth. While our threads (`moved_by_threads`) still have much of
-    /// the transfer to move, waits for its completion, at most as long as
-    /// the rest would take at a rate above any our transports reach, and
-    /// [`SPIN_WAIT_MAX`]; otherwise yields, which with idle cores returns at
-    /// once. A caller sweeping over many requests is not slowed down.
+    /// the transfer to move, the caller moves a step of it itself where the
+    /// transport allows (a copy step no other thread is moving), or else
+    /// waits for its completion, at most as long as the rest would take at a
+    /// rate above any our transports reach, and [`SPIN_WAIT_MAX`]. Otherwise
+    /// it yields, which with idle cores returns at once. A caller sweeping
+    /// over many requests is not slowed down.
     fn pace_spinner(&self, req: &Request, job: &dyn Transfer, moved_by_threads: bool) {
         let now = || u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let t = now();
@@ -782,8 +784,10 @@ impl Engine {
         let wait =
             Duration::from_nanos(job.remaining_bytes() / SPIN_WAIT_BYTES_PER_NS).min(SPIN_WAIT_MAX);
         if moved_by_threads && wait >= SPIN_WAIT_MIN {
-            self.spin_waits.fetch_add(1, Ordering::Relaxed);
-            job.completion().wait(wait);
+            if !job.help() {
+                self.spin_waits.fetch_add(1, Ordering::Relaxed);
+                job.completion().wait(wait);
+            }
         } else {
             std::thread::yield_now();
         }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use super::{Completion, Plan, Transfer};
-use crate::backend::progress::Job;
+use crate::backend::progress::{Job, STEP_BYTES};
 use crate::backend::{Error, Result};
 
 /// How a transport moves the bytes of a plan.
@@ -61,9 +61,9 @@ impl<M: Mover> SegmentJob<M> {
     }
 }
 
-impl<M: Mover> Job for SegmentJob<M> {
-    fn step(&self, budget: usize) -> bool {
-        let mut c = self.cursor.lock();
+impl<M: Mover> SegmentJob<M> {
+    /// [`Job::step`] with the cursor held.
+    fn step_locked(&self, c: &mut Cursor, budget: usize) -> bool {
         if c.stopped {
             return true;
         }
@@ -105,6 +105,12 @@ impl<M: Mover> Job for SegmentJob<M> {
         self.completion.finish(self.mover.finished());
         true
     }
+}
+
+impl<M: Mover> Job for SegmentJob<M> {
+    fn step(&self, budget: usize) -> bool {
+        self.step_locked(&mut self.cursor.lock(), budget)
+    }
 
     fn cancel(&self) {
         let mut c = self.cursor.lock();
@@ -128,5 +134,93 @@ impl<M: Mover> Transfer for SegmentJob<M> {
 
     fn remaining_bytes(&self) -> u64 {
         self.left.load(Ordering::Relaxed)
+    }
+
+    /// Moves one step here unless another thread is moving one.
+    fn help(&self) -> bool {
+        match self.cursor.try_lock() {
+            Some(mut c) => {
+                self.step_locked(&mut c, STEP_BYTES);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::transport::{Op, Segment};
+
+    /// Moves nothing (touches no memory); blocks inside its first move until
+    /// told to go on.
+    struct Gate {
+        entered: mpsc::SyncSender<()>,
+        go: parking_lot::Mutex<Option<mpsc::Receiver<()>>>,
+    }
+
+    impl Mover for Gate {
+        fn move_bytes(&self, _: &Plan, _: usize, _: u64, budget: u64) -> Result<u64> {
+            if let Some(go) = self.go.lock().take() {
+                self.entered.send(()).unwrap();
+                go.recv().unwrap();
+            }
+            Ok(budget.min(1 << 20))
+        }
+
+        fn finished(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn plan(len: u64) -> Arc<Plan> {
+        Arc::new(Plan {
+            op: Op::Write,
+            segments: vec![Segment {
+                local: 0,
+                remote: 0,
+                local_addr: 0x1000,
+                remote_addr: 0x2000,
+                len,
+            }],
+            local_regions: Vec::new(),
+            remote_regions: Vec::new(),
+            remote_extent: Vec::new(),
+            total_bytes: len,
+        })
+    }
+
+    #[test]
+    fn a_spinning_caller_helps_only_when_no_other_thread_is_moving_a_step() {
+        let (entered_tx, entered) = mpsc::sync_channel(1);
+        let (go, go_rx) = mpsc::channel();
+        let job = Arc::new(SegmentJob::new(
+            plan(3 << 20),
+            Gate {
+                entered: entered_tx,
+                go: parking_lot::Mutex::new(Some(go_rx)),
+            },
+        ));
+        // A "progress thread" moves one 1 MiB step, and blocks inside it.
+        let worker = {
+            let job = job.clone();
+            std::thread::spawn(move || job.step(1 << 20))
+        };
+        entered.recv().unwrap();
+        assert!(!job.help(), "helped while another thread held the step");
+        assert_eq!(job.remaining_bytes(), 3 << 20);
+        go.send(()).unwrap();
+        assert!(!worker.join().unwrap(), "one step of three");
+        assert_eq!(job.remaining_bytes(), 2 << 20);
+        // Now the caller moves the rest itself (one step of STEP_BYTES).
+        assert!(job.help());
+        assert_eq!(job.remaining_bytes(), 0);
+        assert_eq!(
+            job.completion().result(),
+            Ok(crate::backend::Status::Success)
+        );
     }
 }

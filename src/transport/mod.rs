@@ -142,6 +142,12 @@ pub trait Transfer: Send + Sync {
     fn remaining_bytes(&self) -> u64 {
         0
     }
+    /// Called by a caller spinning on the transfer: a transport whose data
+    /// the caller's thread can move may move a bounded part of it there and
+    /// return true; false when it did nothing (by default).
+    fn help(&self) -> bool {
+        false
+    }
 }
 
 /// How an engine reaches one peer.
