@@ -3,6 +3,7 @@
 //! Every method takes `&self` and is safe to call from any thread at any
 //! time: NIXL may race every call against every other.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -176,14 +177,18 @@ struct Request {
     plan: Arc<Plan>,
     target: Target,
     current: Mutex<Option<Arc<dyn Transfer>>>,
-    /// When `checkXfer` last saw this request in progress (nanoseconds since
-    /// `Engine::epoch`), to tell a caller spinning on it from a sweep.
-    last_check: AtomicU64,
 }
 
-/// Two `checkXfer` calls on one request this close together are a caller
+/// Two `checkXfer` calls of one thread on one request, with no other
+/// request checked between them and this close together, are a caller
 /// spinning on it.
-const SPIN_CHECK_NS: u64 = 50_000;
+const SPIN_CHECK: Duration = Duration::from_micros(50);
+
+thread_local! {
+    /// This thread's last `checkXfer` of a request in progress: the engine
+    /// (its address), the request, and when the call ended.
+    static LAST_CHECK: Cell<Option<(usize, ReqId, Instant)>> = const { Cell::new(None) };
+}
 
 /// A spinning `checkXfer` waits for the rest of a transfer as if it moved at
 /// this many bytes per nanosecond (GB/s): faster than any of our transports.
@@ -204,10 +209,10 @@ pub struct Engine {
     peers: RwLock<HashMap<AgentName, Arc<Peer>>>,
     requests: RequestSlab<Arc<Request>>,
     worker: Arc<Worker>,
-    /// Time base of `Request::last_check`.
-    epoch: Instant,
     /// `checkXfer` calls that waited for a transfer (for tests).
     spin_waits: AtomicU64,
+    /// `checkXfer` calls that moved a step of a transfer (for tests).
+    spin_helps: AtomicU64,
     tcp_server: Arc<TcpServer>,
     tcp_config: TcpConfig,
     /// What same-host peers read to probe cross-memory attach (kept alive
@@ -278,8 +283,8 @@ impl Engine {
             peers: RwLock::new(HashMap::new()),
             requests: RequestSlab::default(),
             worker,
-            epoch: Instant::now(),
             spin_waits: AtomicU64::new(0),
+            spin_helps: AtomicU64::new(0),
             tcp_server,
             tcp_config,
             _cma_cookie: cma_cookie,
@@ -591,7 +596,6 @@ impl Engine {
             plan: Arc::new(plan),
             target,
             current: Mutex::new(None),
-            last_check: AtomicU64::new(0),
         }));
         Ok(id)
     }
@@ -760,39 +764,44 @@ impl Engine {
                 _ => true,
             };
             if job.completion().in_progress() {
-                self.pace_spinner(&req, &*job, moved_by_threads);
+                self.pace_spinner(id, &*job, moved_by_threads);
             }
         }
         job.completion().result()
     }
 
-    /// Leaves the CPU to our threads when the caller spins on `req` (checks
-    /// it again within [`SPIN_CHECK_NS`]); on a busy host that is most of the
-    /// bandwidth. While our threads (`moved_by_threads`) still have much of
-    /// the transfer to move, the caller moves a step of it itself where the
-    /// transport allows (a copy step no other thread is moving), or else
-    /// waits for its completion, at most as long as the rest would take at a
-    /// rate above any our transports reach, and [`SPIN_WAIT_MAX`]. Otherwise
-    /// it yields, which with idle cores returns at once. A caller sweeping
-    /// over many requests is not slowed down.
-    fn pace_spinner(&self, req: &Request, job: &dyn Transfer, moved_by_threads: bool) {
-        let now = || u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let t = now();
-        if t.saturating_sub(req.last_check.swap(t, Ordering::Relaxed)) >= SPIN_CHECK_NS {
-            return;
-        }
-        let wait =
-            Duration::from_nanos(job.remaining_bytes() / SPIN_WAIT_BYTES_PER_NS).min(SPIN_WAIT_MAX);
-        if moved_by_threads && wait >= SPIN_WAIT_MIN {
-            if !job.help() {
-                self.spin_waits.fetch_add(1, Ordering::Relaxed);
-                job.completion().wait(wait);
+    /// Leaves the CPU to our threads when the caller spins on request `id`
+    /// (this thread checked it last, within [`SPIN_CHECK`]); on a busy host
+    /// that is most of the bandwidth. While our threads (`moved_by_threads`)
+    /// still have much of the transfer to move, the caller moves a bounded
+    /// step of it itself where the transport allows (a copy step no other
+    /// thread is moving), or else waits for its completion, at most as long
+    /// as the rest would take at a rate above any of our transports reach,
+    /// and [`SPIN_WAIT_MAX`]. Otherwise it yields, which with idle cores
+    /// returns at once. A caller sweeping over several requests is never
+    /// slowed down.
+    fn pace_spinner(&self, id: ReqId, job: &dyn Transfer, moved_by_threads: bool) {
+        let engine = std::ptr::from_ref(self) as usize;
+        let now = Instant::now();
+        let spinning = LAST_CHECK.get().is_some_and(|(e, r, t)| {
+            e == engine && r == id && now.saturating_duration_since(t) < SPIN_CHECK
+        });
+        if spinning {
+            let wait = Duration::from_nanos(job.remaining_bytes() / SPIN_WAIT_BYTES_PER_NS)
+                .min(SPIN_WAIT_MAX);
+            if moved_by_threads && wait >= SPIN_WAIT_MIN {
+                if job.help() {
+                    self.spin_helps.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.spin_waits.fetch_add(1, Ordering::Relaxed);
+                    job.completion().wait(wait);
+                }
+            } else {
+                std::thread::yield_now();
             }
-        } else {
-            std::thread::yield_now();
         }
         // The caller's next check is measured from the end of this one.
-        req.last_check.store(now(), Ordering::Relaxed);
+        LAST_CHECK.set(Some((engine, id, Instant::now())));
     }
 
     /// `releaseReqH`: frees the request; a transfer still in flight is
@@ -821,6 +830,12 @@ impl Engine {
     #[cfg(test)]
     pub(crate) fn spin_waits(&self) -> u64 {
         self.spin_waits.load(Ordering::Relaxed)
+    }
+
+    /// How many `checkXfer` calls moved a step of their transfer (for tests).
+    #[cfg(test)]
+    pub(crate) fn spin_helps(&self) -> u64 {
+        self.spin_helps.load(Ordering::Relaxed)
     }
 
     /// Number of live request handles.

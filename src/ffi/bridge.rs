@@ -270,6 +270,9 @@ fn descs_into(list: &[ffi::XferDesc], out: &mut Vec<Desc>) {
     }));
 }
 
+/// Descriptors a thread's `prep_xfer` buffers keep room for between calls.
+const PREP_DESCS_KEPT: usize = 64 << 10;
+
 thread_local! {
     /// Per-thread buffers of `prep_xfer`, reused so that a prep of thousands
     /// of descriptors costs no fresh pages.
@@ -298,7 +301,13 @@ fn prep_xfer(
         *out_req = PREP_DESCS.with_borrow_mut(|(l, r)| {
             descs_into(local, l);
             descs_into(remote, r);
-            engine.prep_xfer(op, l, r, agent)
+            let id = engine.prep_xfer(op, l, r, agent);
+            for v in [l, r] {
+                if v.capacity() > PREP_DESCS_KEPT {
+                    *v = Vec::new(); // a rare huge prep: give its memory back
+                }
+            }
+            id
         })?;
         Ok(Status::Success)
     })

@@ -9,8 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 use super::{Completion, Plan, Transfer};
-use crate::backend::progress::{Job, STEP_BYTES};
+use crate::backend::progress::Job;
 use crate::backend::{Error, Result};
+
+/// How many bytes a caller spinning on `checkXfer` moves per call (about
+/// 50 us at memory speed): it keeps the call short, and the progress thread
+/// never waits long for the cursor.
+pub const HELP_BYTES: usize = 512 << 10;
 
 /// How a transport moves the bytes of a plan.
 pub trait Mover: Send + Sync {
@@ -136,11 +141,12 @@ impl<M: Mover> Transfer for SegmentJob<M> {
         self.left.load(Ordering::Relaxed)
     }
 
-    /// Moves one step here unless another thread is moving one.
+    /// Moves a step of [`HELP_BYTES`] here unless another thread is moving
+    /// one.
     fn help(&self) -> bool {
         match self.cursor.try_lock() {
             Some(mut c) => {
-                self.step_locked(&mut c, STEP_BYTES);
+                self.step_locked(&mut c, HELP_BYTES);
                 true
             }
             None => false,
@@ -151,15 +157,17 @@ impl<M: Mover> Transfer for SegmentJob<M> {
 #[cfg(test)]
 mod tests {
     use std::sync::mpsc;
+    use std::time::Duration;
 
     use super::*;
     use crate::transport::{Op, Segment};
 
     /// Moves nothing (touches no memory); blocks inside its first move until
-    /// told to go on.
+    /// told to go on; counts the notifications it delivers.
     struct Gate {
         entered: mpsc::SyncSender<()>,
         go: parking_lot::Mutex<Option<mpsc::Receiver<()>>>,
+        notified: AtomicU64,
     }
 
     impl Mover for Gate {
@@ -172,6 +180,7 @@ mod tests {
         }
 
         fn finished(&self) -> Result<()> {
+            self.notified.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -202,6 +211,7 @@ mod tests {
             Gate {
                 entered: entered_tx,
                 go: parking_lot::Mutex::new(Some(go_rx)),
+                notified: AtomicU64::new(0),
             },
         ));
         // A "progress thread" moves one 1 MiB step, and blocks inside it.
@@ -210,17 +220,39 @@ mod tests {
             std::thread::spawn(move || job.step(1 << 20))
         };
         entered.recv().unwrap();
-        assert!(!job.help(), "helped while another thread held the step");
+        // help() must return at once (not wait for the step in progress).
+        let helper = {
+            let job = job.clone();
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || tx.send(job.help()).unwrap());
+            rx
+        };
+        let helped = helper.recv_timeout(Duration::from_secs(60));
+        assert_eq!(
+            helped,
+            Ok(false),
+            "helped while another thread held the step"
+        );
         assert_eq!(job.remaining_bytes(), 3 << 20);
         go.send(()).unwrap();
         assert!(!worker.join().unwrap(), "one step of three");
         assert_eq!(job.remaining_bytes(), 2 << 20);
-        // Now the caller moves the rest itself (one step of STEP_BYTES).
-        assert!(job.help());
+        // Now the caller moves the rest itself, HELP_BYTES per call.
+        for _ in 0..(2 << 20) / HELP_BYTES {
+            assert!(job.completion().in_progress());
+            assert!(job.help());
+        }
         assert_eq!(job.remaining_bytes(), 0);
         assert_eq!(
             job.completion().result(),
             Ok(crate::backend::Status::Success)
         );
+        assert_eq!(
+            job.mover.notified.load(Ordering::SeqCst),
+            1,
+            "one notification"
+        );
+        assert!(job.help(), "a finished job needs no help");
+        assert_eq!(job.mover.notified.load(Ordering::SeqCst), 1);
     }
 }

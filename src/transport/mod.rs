@@ -143,8 +143,9 @@ pub trait Transfer: Send + Sync {
         0
     }
     /// Called by a caller spinning on the transfer: a transport whose data
-    /// the caller's thread can move may move a bounded part of it there and
-    /// return true; false when it did nothing (by default).
+    /// the caller's thread can move may move a bounded part of it there (or
+    /// find it finished) and return true; false when the caller cannot help
+    /// now (by default: the transport's own threads move the data).
     fn help(&self) -> bool {
         false
     }

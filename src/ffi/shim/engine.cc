@@ -24,6 +24,9 @@ uint64_t md_id(const nixlBackendMD *md) {
     return ours ? ours->id : 0; // 0 is never a valid id: Rust reports it
 }
 
+// Descriptors a thread's prepXfer buffers keep room for between calls.
+constexpr size_t kPrepDescsKept = 64 << 10;
+
 // Fills `out` (kept per thread and reused: a prep of thousands of
 // descriptors then costs no fresh pages) with the descriptors of `list`.
 void flatten(const nixl_meta_dlist_t &list, std::vector<XferDesc> &out) {
@@ -156,6 +159,9 @@ nixl_status_t ShimEngine::prepXfer(const nixl_xfer_op_t &op, const nixl_meta_dli
         auto h = std::make_unique<ShimReqH>(0);
         auto rc = static_cast<nixl_status_t>(prep_xfer(e, static_cast<int32_t>(op), {l.data(), l.size()},
                                                        {r.data(), r.size()}, bytes(remote_agent), h->id));
+        for (auto *v : {&l, &r}) {
+            if (v->capacity() > kPrepDescsKept) std::vector<XferDesc>().swap(*v); // a rare huge prep
+        }
         if (rc == NIXL_SUCCESS) handle = h.release();
         return rc;
     });

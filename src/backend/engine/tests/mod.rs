@@ -179,6 +179,47 @@ pub(super) fn write_and_read_with_notifications_both_progress_modes_with(params:
 }
 
 #[test]
+fn a_spinning_caller_moves_copy_steps_itself_while_the_progress_thread_is_busy() {
+    // The progress thread alternates steps of a large copy and of a smaller
+    // one; a caller spinning on the smaller finds its cursor free and moves
+    // steps itself (each attempt is a new chance; one is nearly always
+    // enough).
+    let p = pair(64 << 20, true);
+    let big = p.whole(Op::Write);
+    let src: Vec<u8> = (0..8usize << 20).map(|i| (i * 13 + 1) as u8).collect();
+    let dst = vec![0u8; src.len()];
+    let (src_md, dst_md) = expose(&p.a, &p.b, b"B", &src, &dst);
+    let small =
+        p.a.prep_xfer(
+            Op::Write,
+            &[whole(&src, src_md)],
+            &[whole(&dst, dst_md)],
+            b"B",
+        )
+        .unwrap();
+    for _ in 0..20 {
+        let _ = p.a.post_xfer(big, None).unwrap();
+        let _ = p.a.post_xfer(small, Some(b"s")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while p.a.check_xfer(small) == Ok(Status::InProg) {
+            assert!(Instant::now() < deadline, "transfer never completed");
+        }
+        assert_eq!(p.a.check_xfer(small), Ok(Status::Success));
+        assert_eq!(wait(&p.a, big), Ok(Status::Success));
+        assert_eq!(
+            notifs_until(&p.b, 1),
+            vec![(AgentName::from("A"), b"s".to_vec())]
+        );
+        if p.a.spin_helps() > 0 {
+            break;
+        }
+    }
+    assert!(p.a.spin_helps() > 0, "the caller never moved a step");
+    assert_eq!(dst, src);
+    assert_eq!(p.abuf, p.bbuf);
+}
+
+#[test]
 fn small_transfers_complete_inline() {
     let p = pair(4096, true);
     let id = p.whole(Op::Write);

@@ -548,7 +548,12 @@ fn a_spinning_caller_waits_on_a_large_transfer_and_only_yields_on_a_small_one() 
         // Checks in a tight loop (a check 50 µs after the previous one is
         // not spinning: a loaded host may interrupt the loop now and then).
         for _ in 0..2000 {
+            let started = Instant::now();
             assert_eq!(a.check_xfer(id), Ok(Status::InProg));
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "a check blocked"
+            );
             if a.spin_waits() >= 20 {
                 break;
             }
@@ -565,6 +570,49 @@ fn a_spinning_caller_waits_on_a_large_transfer_and_only_yields_on_a_small_one() 
         drop(a); // closes the connection: the fake peer's read loop ends
         fake.join().unwrap();
     }
+}
+
+#[test]
+fn a_caller_sweeping_over_several_requests_never_waits() {
+    let (addr, fake) = fake_peer(drain_until_closed);
+    let len = 8u64 << 20;
+    let (a, buf, lmd, rmd) = fake_agent(addr, len, ONE_STREAM, |_| {});
+    let half = len / 2;
+    let ids: Vec<ReqId> = (0..2)
+        .map(|i| {
+            let local = Desc {
+                addr: buf.as_ptr() as u64 + i * half,
+                len: half,
+                md: lmd,
+            };
+            let remote = Desc {
+                addr: 0x10000 + i * half,
+                len: half,
+                md: rmd,
+            };
+            a.prep_xfer(Op::Write, &[local], &[remote], b"Fake")
+                .unwrap()
+        })
+        .collect();
+    a.connect(b"Fake").unwrap();
+    for &id in &ids {
+        assert_eq!(a.post_xfer(id, None), Ok(Status::InProg));
+    }
+    for _ in 0..500 {
+        for &id in &ids {
+            assert_eq!(a.check_xfer(id), Ok(Status::InProg));
+        }
+    }
+    assert_eq!(a.spin_waits(), 0, "a sweep was taken for a spin");
+    // The same requests, each spun on in turn, are waited for.
+    for &id in &ids {
+        for _ in 0..2000 {
+            assert_eq!(a.check_xfer(id), Ok(Status::InProg));
+        }
+    }
+    assert!(a.spin_waits() > 0);
+    drop(a);
+    fake.join().unwrap();
 }
 
 #[test]
