@@ -590,6 +590,7 @@ class Initiator:
             slots = list(range(k))
             rounds = 1 + -(-spec["lat_iters"] // k)  # first round: warm-up
             samples: list[float] = []
+            firsts: list[float] = []  # the first transfer after each round's fill and verify
             for r in range(rounds):
                 seed = self.next_seed()
                 self.pat.fill(self.bufs["lat"], block, slots, slots, seed)
@@ -597,12 +598,14 @@ class Initiator:
                 self.rpc("verify", "lat", block, slots, slots, seed)  # every slot, every round
                 if r > 0:
                     samples.extend(times)
+                    firsts.append(times[0])
         finally:
             for h in handles:
                 self.release(h)
         samples.sort()
         p99 = samples[min(len(samples) - 1, int(round(0.99 * (len(samples) - 1))))]
         return {"median_us": statistics.median(samples) * 1e6, "p99_us": p99 * 1e6,
+                "first_median_us": statistics.median(firsts) * 1e6,
                 "min_us": samples[0] * 1e6, "n": len(samples)}
 
     def many(self) -> dict:
@@ -688,8 +691,9 @@ class Initiator:
                 attempt([key], lambda: self.bandwidth(op, size),
                         lambda o, key=key: (m.__setitem__(key, o["gbps"]),
                                             self.result["details"].__setitem__(key, o)))
-        attempt(["lat_median_us", "lat_p99_us"], self.latency,
-                lambda o: (m.update(lat_median_us=o["median_us"], lat_p99_us=o["p99_us"]),
+        attempt(["lat_median_us", "lat_p99_us", "lat_first_us"], self.latency,
+                lambda o: (m.update(lat_median_us=o["median_us"], lat_p99_us=o["p99_us"],
+                                    lat_first_us=o["first_median_us"]),
                            self.result["details"].__setitem__("latency", o)))
         attempt(["many_ms", "many_prep_ms"], self.many,
                 lambda o: (m.update(many_ms=o["ms"], many_prep_ms=o["prep_ms"]),
@@ -834,6 +838,7 @@ def metric_rows(spec: dict) -> list[tuple[str, str, bool]]:
     rows += [
         ("lat_median_us", "4 KiB WRITE latency, median (us)", False),
         ("lat_p99_us", "4 KiB WRITE latency, p99 (us)", False),
+        ("lat_first_us", "4 KiB WRITE latency, first after a pause, median (us)", False),
         ("many_ms", f"READ {spec['many_descs']} x 4 KiB scattered, prepped (ms)", False),
         ("many_prep_ms", f"make_prepped_xfer of {spec['many_descs']} descs (ms)", False),
         ("idle_cpu_initiator_pct", "idle CPU, initiator (% of a core)", False),

@@ -294,7 +294,8 @@ struct Queue {
 /// thread sleeps until the polls stop; an answer with a large body, or one
 /// not yet wholly arrived, is handed back to the reader thread at once (a
 /// poller never waits on the network). Whoever reads holds `lock`, so frames
-/// stay whole.
+/// stay whole; the reader thread waits for data without holding it, so the
+/// first poll after a pause need not wait for the reader's wake-up.
 struct Receiver {
     lock: Mutex<()>,
     /// Until when (nanoseconds since `Conns::epoch`) the reader thread leaves
@@ -1051,7 +1052,31 @@ fn read_loop(conns: &Conns, i: usize) {
                     .wait_for(&mut parked, Duration::from_nanos(until - now));
             }
         }
+        // Wait for an answer without holding the stream: a poller that comes
+        // along meanwhile (after a pause, the caller's first checks) reads a
+        // small answer itself instead of waiting for this thread's wake-up.
+        match io::wait_readable(sock) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Idle (or a signal): pollers may read again.
+                rx.reader_claim.store(false, Ordering::Release);
+                continue;
+            }
+            Err(e) => {
+                conns.fail_all(Error::RemoteDisconnect(format!(
+                    "connection to agent {} broke: {e}",
+                    conns.peer
+                )));
+                return;
+            }
+        }
+        if rx.polled_until.load(Ordering::Acquire) > conns.now_ns() {
+            continue; // a poller is reading: leave the answer to it
+        }
         let reading = rx.lock.lock();
+        if !io::readable_now(sock) {
+            continue; // a poller read it meanwhile
+        }
         let received = receive(conns, sock);
         drop(reading);
         match received {

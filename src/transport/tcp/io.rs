@@ -205,24 +205,14 @@ pub fn connect_by(
                     "connection timed out",
                 ));
             }
-            let mut pfd = libc::pollfd {
-                fd: socket.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            };
-            let wait_ms = left.min(ABORT_CHECK).as_millis().max(1) as libc::c_int;
-            // SAFETY: one valid pollfd on the stack, for the duration of the call.
-            match unsafe { libc::poll(&raw mut pfd, 1, wait_ms) } {
-                0 => {}
-                n if n > 0 => match socket.take_error()? {
+            if poll_one(
+                socket.as_raw_fd(),
+                libc::POLLOUT,
+                Some(left.min(ABORT_CHECK)),
+            )? {
+                match socket.take_error()? {
                     Some(e) => return Err(e),
                     None => break,
-                },
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
                 }
             }
         },
@@ -230,6 +220,39 @@ pub fn connect_by(
     }
     socket.set_nonblocking(false)?;
     Ok(socket.into())
+}
+
+/// Waits until `fd` is ready for `events` (or failed or was closed: the
+/// next I/O call reports that) or `timeout` passed (`None`: no limit).
+/// `Ok(false)` on timeout, or on a signal.
+fn poll_one(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let wait_ms = timeout.map_or(-1, |t| {
+        libc::c_int::try_from(t.as_millis().max(1)).unwrap_or(libc::c_int::MAX)
+    });
+    // SAFETY: one valid pollfd on the stack, for the duration of the call.
+    match unsafe { libc::poll(&raw mut pfd, 1, wait_ms) } {
+        0 => Ok(false),
+        n if n > 0 => Ok(true),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Waits until the socket has bytes to read (or was closed or failed) or its
+/// read timeout passed, without consuming anything. `Ok(false)`: nothing yet.
+pub fn wait_readable(stream: &TcpStream) -> io::Result<bool> {
+    poll_one(stream.as_raw_fd(), libc::POLLIN, stream.read_timeout()?)
 }
 
 /// Reads and throws away `len` bytes (data nobody may receive any more).

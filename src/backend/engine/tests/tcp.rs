@@ -120,6 +120,35 @@ fn a_polling_caller_reads_small_answers_and_the_reader_takes_back_when_polls_sto
 }
 
 #[test]
+fn after_a_pause_the_polling_caller_reads_the_first_answer_itself() {
+    // After a pause the reader thread has the stream back and waits on the
+    // socket; it waits without holding the stream, so the caller's polls
+    // read the first answer after the pause instead of waiting for the
+    // reader thread's wake-up. (A caller descheduled between its post and
+    // its first poll leaves that answer to the reader: several attempts.)
+    let p = pair_with(4096, true, TCP);
+    let id = small_requests(&p, Op::Write, 1)[0];
+    let l = link(&p.a, "B");
+    let _ = p.a.post_xfer(id, None).unwrap();
+    assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    for _ in 0..50 {
+        // Longer than the hand-off (200 us): the reader takes the stream back.
+        std::thread::sleep(Duration::from_millis(5));
+        let before = l.polled();
+        let _ = p.a.post_xfer(id, None).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while p.a.check_xfer(id) == Ok(Status::InProg) {
+            assert!(Instant::now() < deadline, "transfer never completed");
+        }
+        assert_eq!(p.a.check_xfer(id), Ok(Status::Success));
+        if l.polled() > before {
+            return;
+        }
+    }
+    panic!("the first answer after a pause was never read by the polling caller");
+}
+
+#[test]
 fn large_answers_go_back_to_the_reader_while_small_ones_are_polled() {
     // One stream: the big READ's data and the small posts' answers share it.
     let params = &[
