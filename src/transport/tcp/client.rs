@@ -323,8 +323,10 @@ impl Receiver {
 
     /// Gives the stream back to the reader thread now.
     fn hand_back(&self) {
-        self.reader_claim.store(true, Ordering::Release);
-        self.polled_until.store(0, Ordering::Release);
+        // SeqCst: pairs with `poll_stream` (store one flag, then read the
+        // other), so that one of the two always sees the other's store.
+        self.reader_claim.store(true, Ordering::SeqCst);
+        self.polled_until.store(0, Ordering::SeqCst);
         let _g = self.park.lock();
         self.wake.notify_all();
     }
@@ -436,8 +438,8 @@ impl Conns {
         let until = self
             .now_ns()
             .saturating_add(u64::try_from(self.handoff.as_nanos()).unwrap_or(u64::MAX));
-        rx.polled_until.store(until, Ordering::Release);
-        if rx.reader_claim.load(Ordering::Acquire) {
+        rx.polled_until.store(until, Ordering::SeqCst); // see `hand_back`
+        if rx.reader_claim.load(Ordering::SeqCst) {
             // Another poller handed the stream back meanwhile: keep off.
             rx.polled_until.store(0, Ordering::Release);
             return;
@@ -907,6 +909,16 @@ impl PeerLink {
         self.counter(|c| &c.handed_back)
     }
 
+    /// True when no thread holds stream `i` for reading right now (false
+    /// without live connections; for tests).
+    #[cfg(test)]
+    pub(crate) fn stream_free(&self, i: usize) -> bool {
+        match &*self.state.lock() {
+            LinkState::Up(c) => c.receivers[i].lock.try_lock().is_some(),
+            _ => false,
+        }
+    }
+
     /// Closes the connections; requests in flight fail with `RemoteDisconnect`.
     pub fn close(&self) {
         let closed = Error::RemoteDisconnect(format!("disconnected from agent {}", self.peer));
@@ -1034,6 +1046,8 @@ fn read_loop(conns: &Conns, i: usize) {
     let Some(sock) = conns.socks[i].get() else {
         return;
     };
+    // Set before the socket was published, never changed.
+    let idle_after = sock.read_timeout().unwrap_or(None);
     let rx = &conns.receivers[i];
     loop {
         // Leave the stream to an application thread while it polls.
@@ -1055,7 +1069,7 @@ fn read_loop(conns: &Conns, i: usize) {
         // Wait for an answer without holding the stream: a poller that comes
         // along meanwhile (after a pause, the caller's first checks) reads a
         // small answer itself instead of waiting for this thread's wake-up.
-        match io::wait_readable(sock) {
+        match io::wait_readable(sock, idle_after) {
             Ok(true) => {}
             Ok(false) => {
                 // Idle (or a signal): pollers may read again.

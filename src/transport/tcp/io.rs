@@ -249,10 +249,11 @@ fn poll_one(fd: RawFd, events: libc::c_short, timeout: Option<Duration>) -> io::
     }
 }
 
-/// Waits until the socket has bytes to read (or was closed or failed) or its
-/// read timeout passed, without consuming anything. `Ok(false)`: nothing yet.
-pub fn wait_readable(stream: &TcpStream) -> io::Result<bool> {
-    poll_one(stream.as_raw_fd(), libc::POLLIN, stream.read_timeout()?)
+/// Waits until the socket has bytes to read (or was closed or failed) or
+/// `timeout` passed (`None`: no limit), without consuming anything.
+/// `Ok(false)`: nothing yet.
+pub fn wait_readable(stream: &TcpStream, timeout: Option<Duration>) -> io::Result<bool> {
+    poll_one(stream.as_raw_fd(), libc::POLLIN, timeout)
 }
 
 /// Reads and throws away `len` bytes (data nobody may receive any more).

@@ -132,8 +132,12 @@ fn after_a_pause_the_polling_caller_reads_the_first_answer_itself() {
     let _ = p.a.post_xfer(id, None).unwrap();
     assert_eq!(wait(&p.a, id), Ok(Status::Success));
     for _ in 0..50 {
-        // Longer than the hand-off (200 us): the reader takes the stream back.
+        // Longer than the hand-off (200 us): the reader takes the stream back,
+        // and waits for the next answer without holding the stream.
         std::thread::sleep(Duration::from_millis(5));
+        wait_for("the reader to wait without holding the stream", || {
+            l.stream_free(0)
+        });
         let before = l.polled();
         let _ = p.a.post_xfer(id, None).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
