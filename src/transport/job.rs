@@ -64,9 +64,7 @@ impl<M: Mover> SegmentJob<M> {
             completion: Completion::default(),
         }
     }
-}
 
-impl<M: Mover> SegmentJob<M> {
     /// [`Job::step`] with the cursor held.
     fn step_locked(&self, c: &mut Cursor, budget: usize) -> bool {
         if c.stopped {

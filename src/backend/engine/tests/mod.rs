@@ -111,6 +111,17 @@ fn wait(engine: &Engine, id: ReqId) -> Result<Status> {
     }
 }
 
+/// [`wait`] in a tight loop, as a caller spinning on the request checks it.
+fn spin(engine: &Engine, id: ReqId) -> Result<Status> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match engine.check_xfer(id) {
+            Ok(Status::InProg) => assert!(Instant::now() < deadline, "transfer never completed"),
+            other => return other,
+        }
+    }
+}
+
 fn notifs_until(engine: &Engine, count: usize) -> Vec<(AgentName, Vec<u8>)> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut got = Vec::new();
@@ -200,11 +211,7 @@ fn a_spinning_caller_moves_copy_steps_itself_while_the_progress_thread_is_busy()
     for _ in 0..20 {
         let _ = p.a.post_xfer(big, None).unwrap();
         let _ = p.a.post_xfer(small, Some(b"s")).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while p.a.check_xfer(small) == Ok(Status::InProg) {
-            assert!(Instant::now() < deadline, "transfer never completed");
-        }
-        assert_eq!(p.a.check_xfer(small), Ok(Status::Success));
+        assert_eq!(spin(&p.a, small), Ok(Status::Success));
         assert_eq!(wait(&p.a, big), Ok(Status::Success));
         assert_eq!(
             notifs_until(&p.b, 1),
