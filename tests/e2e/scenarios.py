@@ -1388,6 +1388,27 @@ def sc_xp_idle_target(args) -> None:
 # e. SIGKILL of the target mid-transfer, then a new target of the same name ---------------
 
 
+def round_trip(ini: nixl_agent, tgt: TargetProcess, rnd: int, src: np.ndarray, dst: np.ndarray,
+               remote_r: np.ndarray, sender: str) -> None:
+    """Round `rnd` of a kill scenario starts with a verified transfer each way: `src` WRITTEN to
+    the start of the target's "w", the start of its "r" (which holds `remote_r`) READ into `dst`,
+    each with a notification; the target checks the data and both notifications from `sender`."""
+    n = src.nbytes
+    h = ini.initialize_xfer("WRITE", xfer_descs(ini, src), tgt.descs(ini, "w", 0, n), tgt.name,
+                            b"hello-w-%d" % rnd)
+    post(ini, h, f"round {rnd}: WRITE")
+    ini.release_xfer_handle(h)
+    dst[:] = 0
+    h = ini.initialize_xfer("READ", xfer_descs(ini, dst), tgt.descs(ini, "r", 0, n), tgt.name,
+                            b"hello-r-%d" % rnd)
+    post(ini, h, f"round {rnd}: READ")
+    ini.release_xfer_handle(h)
+    assert same(dst, remote_r), f"round {rnd}: READ data mismatch"
+    tgt.check(f"round {rnd}: first transfers", sender,
+              [b"hello-w-%d" % rnd, b"hello-r-%d" % rnd], (("w", 0, n, sha256(src)),))
+    log(f"round {rnd}: target process {tgt.pid}: WRITE and READ of {n // MiB} MiB verified")
+
+
 def sc_xp_kill_target(args) -> None:
     proto = args.protocol
     big, small = args.size_mib * MiB, 8 * MiB
@@ -1403,21 +1424,7 @@ def sc_xp_kill_target(args) -> None:
             loaded = ini.add_remote_agent(tgt.md)
             assert loaded in (name, name.encode()), loaded
             # A verified transfer each way first (after a kill: to the new process).
-            part = src[:small]
-            h = ini.initialize_xfer("WRITE", xfer_descs(ini, part), tgt.descs(ini, "w", 0, small),
-                                    name, b"hello-w-%d" % rnd)
-            post(ini, h, f"round {rnd}: WRITE")
-            ini.release_xfer_handle(h)
-            dst[:small] = 0
-            h = ini.initialize_xfer("READ", xfer_descs(ini, dst[:small]),
-                                    tgt.descs(ini, "r", 0, small), name, b"hello-r-%d" % rnd)
-            post(ini, h, f"round {rnd}: READ")
-            ini.release_xfer_handle(h)
-            assert (dst[:small] == remote_r[:small]).all(), f"round {rnd}: READ data mismatch"
-            tgt.check(f"round {rnd}: first transfers", "xp-survivor",
-                      [b"hello-w-%d" % rnd, b"hello-r-%d" % rnd], (("w", 0, small, sha256(part)),))
-            log(f"round {rnd}: target process {tgt.pid}: WRITE and READ of {small // MiB} MiB "
-                "verified")
+            round_trip(ini, tgt, rnd, src[:small], dst[:small], remote_r[:small], "xp-survivor")
             if kill_op == "none":
                 tgt.quit()
                 break
@@ -1795,20 +1802,7 @@ def sc_xp_kill_stream(args) -> None:
             add_remote_expecting(ini, tgt, "cma")
             # A verified transfer each way first (after a kill: to the new process).
             np.bitwise_xor(fast_pattern(size, 180), rnd, out=src)
-            h = ini.initialize_xfer("WRITE", xfer_descs(ini, src), tgt.descs(ini, "w"), name,
-                                    b"hello-w-%d" % rnd)
-            post(ini, h, f"round {rnd}: WRITE")
-            ini.release_xfer_handle(h)
-            dst[:] = 0
-            h = ini.initialize_xfer("READ", xfer_descs(ini, dst), tgt.descs(ini, "r"), name,
-                                    b"hello-r-%d" % rnd)
-            post(ini, h, f"round {rnd}: READ")
-            ini.release_xfer_handle(h)
-            assert same(dst, remote_r), f"round {rnd}: READ data mismatch"
-            tgt.check(f"round {rnd}: first transfers", "xp-streamer",
-                      [b"hello-w-%d" % rnd, b"hello-r-%d" % rnd], (("w", 0, size, sha256(src)),))
-            log(f"round {rnd}: target process {tgt.pid}: WRITE and READ of {size // MiB} MiB "
-                "verified")
+            round_trip(ini, tgt, rnd, src, dst, remote_r, "xp-streamer")
             if kill_op == "none":
                 tgt.quit()
                 break
