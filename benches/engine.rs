@@ -27,9 +27,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use plugin_Mooncake::backend::notifs::Inbox;
 use plugin_Mooncake::backend::requests::RequestSlab;
 use plugin_Mooncake::backend::{AgentName, Desc, Engine, EngineConfig, MdId, ReqId, Status};
+use plugin_Mooncake::common::Inbox;
 use plugin_Mooncake::transport::Op;
 use plugin_Mooncake::wire::conn_info::ConnInfo;
 use plugin_Mooncake::wire::frame::{self, Header, Kind, Seg};

@@ -8,15 +8,19 @@
 //! ```
 //!
 //! - [`ffi`](crate::ffi): the boundary; translates calls, catches panics.
-//! - [`backend`]: NIXL's semantics (registry, peers, requests, notifications,
+//! - [`backend`]: NIXL's semantics (metadata objects, peers, requests,
 //!   progress); decides what moves and when a request is done.
+//! - [`transport`]: how bytes move, one folder per transport behind one
+//!   seam (in-process copy, cross-memory attach, TCP), and selection.
 //! - [`wire`]: versioned encodings of everything that crosses to a peer.
-//! - [`transport`]: how bytes move (in-process copy today).
+//! - [`common`]: the vocabulary all of them share (errors, agent names,
+//!   registered memory and pins, notifications, completions).
 #![allow(non_snake_case)] // the library name must be `plugin_Mooncake`
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod common;
 mod ffi;
 pub mod logging;
 pub mod transport;

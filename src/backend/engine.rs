@@ -5,24 +5,22 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
 use parking_lot::{Mutex, RwLock};
 
-use super::notifs::{Inbox, Notification};
-use super::options::{Options, Protocol};
-use super::progress::{Job, Worker};
-use super::registry::{LocalRegion, Registry, random_u128};
+use super::options::Options;
+use super::progress::Worker;
 use super::requests::RequestSlab;
-use super::{AgentName, Endpoint, Error, Result, Status};
-use crate::transport::cma::{self, CmaCopy, CmaPeer, Cookie};
-use crate::transport::inproc::{self, Delivery, InProcCopy};
-use crate::transport::tcp::{self, PeerLink, TcpConfig, TcpServer};
-use crate::transport::{self, Op, Plan, RouteKind, Segment, Transfer};
-use crate::wire::conn_info::{self, ConnInfo, HostIdentity};
+use crate::common::memory::random_u128;
+use crate::common::{
+    AgentName, Endpoint, Error, Inbox, LocalRegion, MemKind, Notification, Registry, Result, Status,
+};
+use crate::transport::{self, Job, Op, Plan, Posted, Route, Segment, Transfer, Transports};
+use crate::wire::conn_info::ConnInfo;
 use crate::wire::region::RegionPublic;
 
 /// Id of a metadata object (`nixlBackendMD`) handed to NIXL; never 0.
@@ -130,53 +128,27 @@ impl<T> Interned<T> {
     }
 }
 
-/// How one peer is reached.
-#[derive(Clone)]
-enum Route {
-    InProcess(Weak<Endpoint>),
-    Tcp(Arc<PeerLink>),
-    /// Cross-memory attach to `peer`; control over `link`.
-    Cma {
-        link: Arc<PeerLink>,
-        peer: Arc<CmaPeer>,
-    },
+/// A peer whose connection info was loaded, and the routes that reach it
+/// (in order of preference), or why none does.
+struct Peer {
+    info: ConnInfo,
+    routes: Result<Vec<Arc<dyn Route>>>,
 }
 
-impl Route {
-    /// The TCP link the route uses, if any.
-    fn link(&self) -> Option<&Arc<PeerLink>> {
-        match self {
-            Route::InProcess(_) => None,
-            Route::Tcp(link) | Route::Cma { link, .. } => Some(link),
+impl Peer {
+    /// Closes every route to the peer.
+    fn close(&self) {
+        for route in self.routes.iter().flatten() {
+            route.close();
         }
     }
 }
 
-struct Peer {
-    info: ConnInfo,
-    route: Result<Route>,
-}
-
-/// Where a request's data goes.
-#[derive(Clone)]
-enum Target {
-    /// Ourselves.
-    Loopback,
-    /// An engine of this process.
-    InProcess(AgentName, Weak<Endpoint>),
-    /// A peer over TCP.
-    Tcp(Arc<PeerLink>),
-    /// A peer on this host, by cross-memory attach.
-    Cma {
-        link: Arc<PeerLink>,
-        peer: Arc<CmaPeer>,
-    },
-}
-
 struct Request {
     plan: Arc<Plan>,
-    target: Target,
-    current: Mutex<Option<Arc<dyn Transfer>>>,
+    /// The route chosen for the plan at prep time.
+    route: Arc<dyn Route>,
+    current: Mutex<Option<Posted>>,
 }
 
 /// Two `checkXfer` calls of one thread on one request, with no other
@@ -201,8 +173,9 @@ const SPIN_WAIT_MIN: Duration = Duration::from_micros(10);
 /// One agent's backend engine.
 pub struct Engine {
     endpoint: Arc<Endpoint>,
-    options: Options,
-    conn_info: ConnInfo,
+    transports: Transports,
+    /// Our route to ourselves (NIXL's loopback).
+    loopback: Arc<dyn Route>,
     conn_blob: Vec<u8>,
     mds: RwLock<HashMap<MdId, Md>>,
     next_md: AtomicU64,
@@ -213,11 +186,6 @@ pub struct Engine {
     spin_waits: AtomicU64,
     /// `checkXfer` calls that moved a step of a transfer (for tests).
     spin_helps: AtomicU64,
-    tcp_server: Arc<TcpServer>,
-    tcp_config: TcpConfig,
-    /// What same-host peers read to probe cross-memory attach (kept alive
-    /// for as long as the connection info that names it).
-    _cma_cookie: Option<Cookie>,
 }
 
 impl Engine {
@@ -227,6 +195,15 @@ impl Engine {
     /// [`Error::InvalidParam`] for an invalid option value,
     /// [`Error::Backend`] when the progress thread cannot start.
     pub fn new(config: EngineConfig) -> Result<Engine> {
+        Self::with_transports(config, |_| {})
+    }
+
+    /// [`Self::new`], with the transports' configuration changed by `tweak`
+    /// after the options set it (tests tune transport internals this way).
+    pub(crate) fn with_transports(
+        config: EngineConfig,
+        tweak: impl FnOnce(&mut transport::Config),
+    ) -> Result<Engine> {
         let options = Options::parse(config.params.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
         let name = AgentName::from(config.local_agent.as_slice());
         let endpoint = Arc::new(Endpoint {
@@ -235,49 +212,23 @@ impl Engine {
             registry: Registry::default(),
             inbox: Inbox::default(),
         });
-        let addr =
-            tcp::listen_address(options.ip_addr, options.port).map_err(Error::InvalidParam)?;
-        let tcp_server =
-            TcpServer::start(endpoint.clone(), addr, options.timeout, options.busy_poll).map_err(
-                |e| {
-                    Error::InvalidParam(format!(
-                        "cannot listen on {addr} (backend options ip_addr and port, or ${}): {e}",
-                        tcp::IP_ENV
-                    ))
-                },
-            )?;
-        let tcp_config = TcpConfig {
-            streams: options.streams.unwrap_or_else(tcp::default_streams),
-            stall_timeout: options.timeout,
-            ..TcpConfig::default()
-        };
-        let cma_cookie = matches!(options.protocol, Protocol::Auto | Protocol::Cma).then(|| {
-            cma::allow_peers();
-            Cookie::new(endpoint.token)
-        });
-        let conn_info = ConnInfo {
-            agent: config.local_agent.clone(),
-            token: endpoint.token,
-            host: HostIdentity::current(),
-            pid: std::process::id(),
-            endpoints: vec![conn_info::Endpoint::Tcp(tcp_server.local_addr())],
-            cma_probe: cma_cookie.as_ref().map(Cookie::addr),
-        };
+        let mut transport_config = options.transport_config();
+        tweak(&mut transport_config);
+        let transports = Transports::start(endpoint.clone(), transport_config)?;
         let worker = Worker::start(config.progress_thread, config.progress_delay).map_err(|e| {
-            tcp_server.shutdown();
+            transports.shutdown();
             Error::Backend(format!("cannot start the progress thread: {e}"))
         })?;
-        inproc::publish(&endpoint);
         info!(
             "Mooncake: engine for agent {name} created (protocol={}, progress thread {})",
             options.protocol.as_str(),
             if config.progress_thread { "on" } else { "off" }
         );
         Ok(Engine {
-            conn_blob: conn_info.encode(),
+            conn_blob: transports.conn_info().encode(),
+            loopback: transports.loopback(),
+            transports,
             endpoint,
-            options,
-            conn_info,
             mds: RwLock::new(HashMap::new()),
             next_md: AtomicU64::new(1),
             peers: RwLock::new(HashMap::new()),
@@ -285,9 +236,6 @@ impl Engine {
             worker,
             spin_waits: AtomicU64::new(0),
             spin_helps: AtomicU64::new(0),
-            tcp_server,
-            tcp_config,
-            _cma_cookie: cma_cookie,
         })
     }
 
@@ -330,53 +278,19 @@ impl Engine {
             }
             info!("Mooncake: agent {name} has new connection info (it restarted); replacing");
         }
-        let route =
-            transport::select(&self.conn_info, &info, self.options.protocol).and_then(|kind| {
-                match kind {
-                    RouteKind::InProcess => inproc::find(info.token)
-                        .map(Route::InProcess)
-                        .ok_or_else(|| {
-                            Error::RemoteDisconnect(format!(
-                                "agent {name}'s engine no longer exists in this process"
-                            ))
-                        }),
-                    RouteKind::Tcp(addr) => Ok(Route::Tcp(self.link(&name, info.token, addr))),
-                    RouteKind::Cma { peer, control } => Ok(Route::Cma {
-                        link: self.link(&name, info.token, control),
-                        peer: Arc::new(peer),
-                    }),
-                }
-            });
-        match &route {
-            Ok(Route::InProcess(_)) => {
-                debug!("Mooncake: agent {name} is in this process: direct copy")
-            }
-            Ok(Route::Tcp(_)) => debug!("Mooncake: agent {name} is reached over TCP"),
-            Ok(Route::Cma { peer, .. }) => debug!(
-                "Mooncake: agent {name} is on this host (pid {}): cross-memory attach",
-                peer.pid()
-            ),
+        let routes = self.transports.routes(&info);
+        match &routes {
+            Ok(routes) => debug!("Mooncake: agent {name} {}", routes[0].describe()),
             Err(e) => info!("Mooncake: agent {name} is not reachable: {e}"),
         }
         let old = self
             .peers
             .write()
-            .insert(name, Arc::new(Peer { info, route }));
-        if let Some(Ok(link)) = old.as_deref().map(|p| p.route.as_ref().map(Route::link)) {
-            link.inspect(|l| l.close());
+            .insert(name, Arc::new(Peer { info, routes }));
+        if let Some(old) = old {
+            old.close();
         }
         Ok(())
-    }
-
-    fn link(&self, peer: &AgentName, token: u128, addr: std::net::SocketAddr) -> Arc<PeerLink> {
-        Arc::new(PeerLink::new(
-            self.name().clone(),
-            self.endpoint.token,
-            peer.clone(),
-            token,
-            addr,
-            self.tcp_config,
-        ))
     }
 
     /// `connect`: checks that `agent` is reachable (connections are otherwise
@@ -389,10 +303,7 @@ impl Engine {
         if agent == self.name().as_bytes() {
             return Ok(());
         }
-        match self.peer(agent)?.route.clone()? {
-            Route::InProcess(_) => Ok(()),
-            Route::Tcp(link) | Route::Cma { link, .. } => link.ensure_connected(),
-        }
+        self.route(agent)?.connect()
     }
 
     /// `disconnect`: forgets `agent`'s connection info.
@@ -409,10 +320,18 @@ impl Engine {
             .write()
             .remove(&name)
             .ok_or_else(|| Error::NotFound(format!("disconnect: unknown agent {name}")))?;
-        if let Some(link) = peer.route.as_ref().ok().and_then(Route::link) {
-            link.close();
-        }
+        peer.close();
         Ok(())
+    }
+
+    /// The routes to `agent` in order of preference, or why there are none.
+    fn routes(&self, agent: &[u8]) -> Result<Vec<Arc<dyn Route>>> {
+        self.peer(agent)?.routes.clone()
+    }
+
+    /// The preferred route to `agent`.
+    fn route(&self, agent: &[u8]) -> Result<Arc<dyn Route>> {
+        Ok(self.routes(agent)?.swap_remove(0))
     }
 
     fn peer(&self, agent: &[u8]) -> Result<Arc<Peer>> {
@@ -582,19 +501,16 @@ impl Engine {
                 remote.len()
             )));
         }
-        let target = if name == *self.name() {
-            Target::Loopback
+        let routes = if name == *self.name() {
+            vec![self.loopback.clone()]
         } else {
-            match self.peer(agent)?.route.clone()? {
-                Route::InProcess(ep) => Target::InProcess(name.clone(), ep),
-                Route::Tcp(link) => Target::Tcp(link),
-                Route::Cma { link, peer } => Target::Cma { link, peer },
-            }
+            self.routes(agent)?
         };
         let plan = self.plan(op, local, remote, &name)?;
+        let route = transport::select::choose(&routes, &plan, &name)?.clone();
         let id = self.requests.insert(Arc::new(Request {
             plan: Arc::new(plan),
-            target,
+            route,
             current: Mutex::new(None),
         }));
         Ok(id)
@@ -603,7 +519,7 @@ impl Engine {
     fn plan(&self, op: Op, local: &[Desc], remote: &[Desc], agent: &AgentName) -> Result<Plan> {
         let mds = self.mds.read();
         let mut locals = Interned::default();
-        let mut remotes = Interned::default();
+        let mut remotes = Interned::<RegionPublic>::default();
         let mut remote_extent: Vec<(u64, u64)> = Vec::new();
         let mut segments = Vec::with_capacity(local.len());
         let mut total_bytes = 0;
@@ -656,11 +572,17 @@ impl Engine {
                 len: l.len,
             });
         }
+        let remote_kinds = remotes
+            .items
+            .iter()
+            .map(|r| MemKind::from_nixl(r.mem_type, r.dev_id))
+            .collect();
         Ok(Plan {
             op,
             segments,
             local_regions: locals.items,
             remote_regions: remotes.items,
+            remote_kinds,
             remote_extent,
             total_bytes,
         })
@@ -681,60 +603,33 @@ impl Engine {
         let mut current = req.current.lock();
         if current
             .as_ref()
-            .is_some_and(|t| t.completion().in_progress())
+            .is_some_and(|p| p.transfer.completion().in_progress())
         {
             return Err(Error::RepostActive(format!(
                 "postXfer: request {id:#x} is still in flight"
             )));
         }
-        let target = match &req.target {
-            Target::Loopback => self.endpoint.clone(),
-            Target::InProcess(name, ep) => ep.upgrade().ok_or_else(|| {
-                Error::RemoteDisconnect(format!("agent {name}'s engine was destroyed"))
-            })?,
-            Target::Tcp(link) => {
-                let post = link.post(req.plan.clone(), notif.map(<[u8]>::to_vec))?;
-                *current = Some(post.clone());
-                return post.completion().result();
-            }
-            Target::Cma { link, peer } => {
-                // The control connection must be up: it is how we learn that
-                // the peer's engine went away (see `CmaCopy`).
-                link.ensure_connected()?;
-                let notif = notif.map(<[u8]>::to_vec);
-                let job = Arc::new(CmaCopy::job(
-                    req.plan.clone(),
-                    peer.clone(),
-                    link.clone(),
-                    notif,
-                ));
-                *current = Some(job.clone());
-                drop(current);
-                return self.run(job, &req.plan);
-            }
-        };
-        let notif = notif.map(|msg| Delivery {
-            from: self.name().clone(),
-            msg: msg.to_vec(),
-        });
-        let job = Arc::new(InProcCopy::job(req.plan.clone(), target, notif)?);
-        *current = Some(job.clone());
+        let posted = req.route.post(&req.plan, notif)?;
+        *current = Some(posted.clone());
         drop(current);
-        self.run(job, &req.plan)
+        match posted.steps {
+            Some(job) => self.run(job, &*posted.transfer, &req.plan),
+            None => posted.transfer.completion().result(),
+        }
     }
 
     /// Runs a copy job: small ones inline (lowest latency), others on the
     /// progress worker (or in bounded steps inside this call without one).
-    fn run<J: Job + Transfer + 'static>(&self, job: Arc<J>, plan: &Plan) -> Result<Status> {
+    fn run(&self, job: Arc<dyn Job>, transfer: &dyn Transfer, plan: &Plan) -> Result<Status> {
         if plan.total_bytes <= INLINE_BYTES && plan.segments.len() <= INLINE_SEGMENTS {
             job.step(usize::MAX);
         } else {
-            self.worker.submit(job.clone());
+            self.worker.submit(job);
             if !self.worker.has_thread() {
                 self.worker.drive(STEPS_PER_CALL);
             }
         }
-        job.completion().result()
+        transfer.completion().result()
     }
 
     /// `checkXfer`: where the last post of the request stands. Without a
@@ -745,26 +640,25 @@ impl Engine {
     /// unknown handle, [`Error::InvalidParam`] for one never posted.
     pub fn check_xfer(&self, id: ReqId) -> Result<Status> {
         let req = self.request(id, "checkXfer")?;
-        let Some(job) = req.current.lock().clone() else {
+        let Some(posted) = req.current.lock().clone() else {
             return Err(Error::InvalidParam(format!(
                 "checkXfer: request {id:#x} was never posted"
             )));
         };
+        let job = &*posted.transfer;
         if job.completion().in_progress() {
-            let moved_by_threads = match &req.target {
-                Target::Tcp(link) => {
-                    job.poll();
-                    link.watchdog();
-                    true
-                }
-                _ if !self.worker.has_thread() => {
-                    self.worker.drive(STEPS_PER_CALL);
-                    false
-                }
-                _ => true,
+            let moved_by_threads = if posted.steps.is_none() {
+                // The transport's own threads move it.
+                job.poll();
+                true
+            } else if !self.worker.has_thread() {
+                self.worker.drive(STEPS_PER_CALL);
+                false
+            } else {
+                true
             };
             if job.completion().in_progress() {
-                self.pace_spinner(id, &*job, moved_by_threads);
+                self.pace_spinner(id, job, moved_by_threads);
             }
         }
         job.completion().result()
@@ -814,8 +708,8 @@ impl Engine {
             .requests
             .remove(id)
             .ok_or_else(|| Error::NotFound(format!("releaseReqH: unknown request {id:#x}")))?;
-        if let Some(job) = req.current.lock().take() {
-            job.cancel();
+        if let Some(posted) = req.current.lock().take() {
+            posted.transfer.cancel();
         }
         Ok(())
     }
@@ -856,41 +750,29 @@ impl Engine {
     /// [`Error::NotFound`] for an unknown agent, the route's error when it
     /// cannot be reached.
     pub fn gen_notif(&self, agent: &[u8], msg: &[u8]) -> Result<()> {
-        let target = if agent == self.name().as_bytes() {
-            self.endpoint.clone()
+        if agent == self.name().as_bytes() {
+            self.loopback.notify(msg)
         } else {
-            match self.peer(agent)?.route.clone()? {
-                Route::InProcess(ep) => ep.upgrade().ok_or_else(|| {
-                    Error::RemoteDisconnect(format!(
-                        "genNotif: agent {}'s engine was destroyed",
-                        AgentName::from(agent)
-                    ))
-                })?,
-                Route::Tcp(link) | Route::Cma { link, .. } => return link.notify(msg.to_vec()),
-            }
-        };
-        target.inbox.push(self.name().clone(), msg.to_vec());
-        Ok(())
+            self.route(agent)?.notify(msg)
+        }
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        inproc::withdraw(self.endpoint.token);
+        // No peer reaches us any more: no new access to our memory starts.
+        self.transports.shutdown();
         // Connections first: shutting their sockets releases any thread
         // blocked on a peer, so the cancels below cannot wait on the network.
         for (_, peer) in self.peers.get_mut().drain() {
-            if let Some(link) = peer.route.as_ref().ok().and_then(Route::link) {
-                link.close();
-            }
+            peer.close();
         }
         self.worker.shutdown();
         for req in self.requests.drain() {
-            if let Some(job) = req.current.lock().take() {
-                job.cancel();
+            if let Some(posted) = req.current.lock().take() {
+                posted.transfer.cancel();
             }
         }
-        self.tcp_server.shutdown();
         // Peers may still hold our regions in their jobs: make sure none of
         // them touches our memory once we are gone.
         for md in self.mds.get_mut().values() {

@@ -6,43 +6,8 @@ use std::time::Duration;
 
 use log::warn;
 
-use super::status::{Error, Result};
-
-/// Which transport to use for peers in other processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// Pick per peer: a direct copy in the same process, else the best
-    /// transport this build has for the peer.
-    Auto,
-    /// Always TCP.
-    Tcp,
-    /// Always cross-memory attach (same host only); fail otherwise.
-    Cma,
-    /// Always RDMA; fail if no device is usable.
-    Rdma,
-}
-
-impl Protocol {
-    fn parse(value: &str) -> Option<Protocol> {
-        Some(match value.to_ascii_lowercase().as_str() {
-            "auto" => Protocol::Auto,
-            "tcp" => Protocol::Tcp,
-            "cma" => Protocol::Cma,
-            "rdma" => Protocol::Rdma,
-            _ => return None,
-        })
-    }
-
-    /// The option's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Auto => "auto",
-            Protocol::Tcp => "tcp",
-            Protocol::Cma => "cma",
-            Protocol::Rdma => "rdma",
-        }
-    }
-}
+use crate::common::{Error, Result};
+pub use crate::transport::Protocol;
 
 /// One documented option: its name, default and meaning.
 #[derive(Debug, Clone, Copy)]
@@ -220,6 +185,21 @@ impl Options {
             }
         }
         Ok(opts)
+    }
+}
+
+impl Options {
+    /// What the transports are configured with.
+    pub fn transport_config(&self) -> crate::transport::Config {
+        crate::transport::Config {
+            protocol: self.protocol,
+            ip_addr: self.ip_addr,
+            port: self.port,
+            streams: self.streams,
+            timeout: self.timeout,
+            busy_poll: self.busy_poll,
+            ..Default::default()
+        }
     }
 }
 

@@ -12,14 +12,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-/// A unit of queued work, advanced in bounded steps.
-pub trait Job: Send + Sync {
-    /// Advances the job by about `budget` bytes. Returns true when the job
-    /// needs no more steps (finished, failed or cancelled).
-    fn step(&self, budget: usize) -> bool;
-    /// Stops the job; after return it touches no memory.
-    fn cancel(&self);
-}
+pub use crate::transport::Job;
 
 /// How many bytes one step moves before the job goes back in the queue
 /// (bounds how long `releaseReqH` may wait for a step in progress).

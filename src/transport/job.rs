@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use super::{Completion, Plan, Transfer};
-use crate::backend::progress::Job;
-use crate::backend::{Error, Result};
+use super::{Job, Plan, Transfer};
+use crate::common::{Completion, Error, Result};
 
 /// How many bytes a caller spinning on `checkXfer` moves per call (about
 /// 50 us at memory speed): it keeps the call short, and the progress thread
@@ -195,6 +194,7 @@ mod tests {
             }],
             local_regions: Vec::new(),
             remote_regions: Vec::new(),
+            remote_kinds: Vec::new(),
             remote_extent: Vec::new(),
             total_bytes: len,
         })
@@ -243,7 +243,7 @@ mod tests {
         assert_eq!(job.remaining_bytes(), 0);
         assert_eq!(
             job.completion().result(),
-            Ok(crate::backend::Status::Success)
+            Ok(crate::common::Status::Success)
         );
         assert_eq!(
             job.mover.notified.load(Ordering::SeqCst),

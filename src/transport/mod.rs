@@ -1,26 +1,68 @@
 //! Transports: how bytes move. They know nothing of NIXL.
 //!
-//! The backend hands a transport a [`Plan`] (which local range goes to or
-//! comes from which remote range) and gets back a [`Transfer`] whose
-//! [`Completion`] it polls. Which transport serves a peer is decided in one
-//! place, [`select`].
+//! # The seam
+//!
+//! The backend talks to every transport through the traits of this module
+//! and never names a concrete one:
+//!
+//! - [`Transport`]: one per engine and kind of transport. It publishes its
+//!   endpoints into the engine's connection info ([`Transport::publish`])
+//!   and serves peers on its own threads (through the engine's
+//!   [`Endpoint`](crate::common::Endpoint): its registry and inbox).
+//! - [`Route`]: how one engine reaches one peer with one transport. It
+//!   says which memory kinds it serves ([`Route::serves`]), posts a
+//!   [`Plan`] ([`Route::post`]), sends notifications, connects, reports
+//!   whether it is down, and closes.
+//! - [`Transfer`]: one post of a plan, whose [`Completion`] the backend
+//!   polls; a transfer that is moved in bounded steps by whichever thread
+//!   the backend chooses (its progress thread, or the caller's) also comes
+//!   as a [`Job`] (see [`Posted`]).
+//!
+//! Which transports an engine runs, and which routes reach a peer, is
+//! decided in one place: [`select`]. It is the only module that knows every
+//! transport; it picks per peer (same process, same host, other host, and
+//! the `protocol` option) when the peer's connection info is loaded, and
+//! per plan (the memory kinds on both sides) when a transfer is prepared.
+//!
+//! Dependencies run one way: `backend -> transport -> wire`, all on top of
+//! [`crate::common`]. No module under `src/transport` imports the backend.
+//!
+//! # Adding a transport
+//!
+//! 1. Make a folder `src/transport/<name>/` with a type implementing
+//!    [`Transport`] (started by [`select::Transports::start`], publishing its
+//!    endpoint with a new variant of
+//!    [`wire::conn_info::Endpoint`](crate::wire::conn_info::Endpoint) if
+//!    peers need one) and a type implementing [`Route`] (say in
+//!    [`Route::serves`] which memory kinds it can move).
+//! 2. Teach [`select`] when to offer it: in `Transports::start` (which
+//!    options enable it) and in `Transports::routes` (for which peers, in
+//!    which order of preference under `protocol=auto`, and the error of a
+//!    forced `protocol=<name>` it cannot serve).
+//! 3. Run the transport conformance suite against it: add one line to
+//!    `src/backend/engine/tests/conformance.rs` (`conformance!(name, params)`).
+//!    Every transport must pass it: data both ways at awkward sizes and
+//!    offsets, many descriptors, notifications only after the data,
+//!    reposts, four threads, cancel, deregistration mid-transfer, and the
+//!    peer's death.
+//!
+//! A transport whose data our threads move in bounded synchronous steps
+//! can reuse [`job::SegmentJob`] (as the in-process copy and cross-memory
+//! attach do): it supplies only a [`job::Mover`].
 
 pub mod cma;
 pub mod inproc;
 pub mod job;
+pub mod select;
 pub mod tcp;
 
+use std::any::Any;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
-
-use crate::backend::options::Protocol;
-use crate::backend::registry::LocalRegion;
-use crate::backend::{Error, Result, Status};
-use crate::wire::conn_info::{ConnInfo, Endpoint};
+use crate::common::{Completion, LocalRegion, MemKind, Result};
 use crate::wire::region::RegionPublic;
+
+pub use select::{Config, Protocol, Transports};
 
 /// Direction of a transfer, seen from the initiator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +96,14 @@ pub struct Plan {
     pub op: Op,
     /// The pieces, in the caller's order.
     pub segments: Vec<Segment>,
-    /// Distinct local regions the segments use.
+    /// Distinct local regions the segments use (each says its
+    /// [`MemKind`]).
     pub local_regions: Vec<Arc<LocalRegion>>,
     /// Distinct remote regions the segments use, as the peer published them.
     pub remote_regions: Vec<RegionPublic>,
+    /// The memory kind of each remote region (index-aligned with
+    /// [`Self::remote_regions`]).
+    pub remote_kinds: Vec<MemKind>,
     /// Per remote region, the lowest and highest address the segments touch
     /// (`[lo, hi)`), so the target can check all of them at once.
     pub remote_extent: Vec<(u64, u64)>,
@@ -65,65 +111,26 @@ pub struct Plan {
     pub total_bytes: u64,
 }
 
-/// The outcome slot of one post: in progress, then exactly one result.
-#[derive(Debug)]
-pub struct Completion {
-    code: AtomicI32,
-    error: Mutex<Option<Error>>,
-    /// Signalled (under `error`) when the result is recorded.
-    done: Condvar,
-}
-
-impl Default for Completion {
-    fn default() -> Self {
-        Completion {
-            code: AtomicI32::new(Status::InProg.code()),
-            error: Mutex::new(None),
-            done: Condvar::new(),
-        }
-    }
-}
-
-impl Completion {
-    /// Records the result; only the first call has an effect.
-    pub fn finish(&self, result: Result<()>) {
-        let mut slot = self.error.lock();
-        if self.code.load(Ordering::Acquire) != Status::InProg.code() {
-            return;
-        }
-        let code = match result {
-            Ok(()) => Status::Success.code(),
-            Err(e) => {
-                let code = e.status().code();
-                *slot = Some(e);
-                code
+impl Plan {
+    /// The distinct (local, remote) memory kinds the segments move between,
+    /// in order of first appearance.
+    pub fn kind_pairs(&self) -> Vec<(MemKind, MemKind)> {
+        let mut pairs: Vec<(MemKind, MemKind)> = Vec::new();
+        let mut last = None;
+        for s in &self.segments {
+            if last == Some((s.local, s.remote)) {
+                continue;
             }
-        };
-        self.code.store(code, Ordering::Release);
-        self.done.notify_all(); // cheap when nobody waits
-    }
-
-    /// Waits until the result is recorded or `timeout` passed.
-    pub fn wait(&self, timeout: Duration) {
-        let mut slot = self.error.lock();
-        if self.in_progress() {
-            self.done.wait_for(&mut slot, timeout);
+            last = Some((s.local, s.remote));
+            let pair = (
+                self.local_regions[s.local as usize].kind(),
+                self.remote_kinds[s.remote as usize],
+            );
+            if !pairs.contains(&pair) {
+                pairs.push(pair);
+            }
         }
-    }
-
-    /// `Ok(InProg)`, `Ok(Success)`, or the error the transfer ended with.
-    pub fn result(&self) -> Result<Status> {
-        match Status::from_code(self.code.load(Ordering::Acquire)) {
-            Some(s @ (Status::InProg | Status::Success)) => Ok(s),
-            _ => Err(self.error.lock().clone().unwrap_or_else(|| {
-                Error::Backend("transfer failed without a recorded error".into())
-            })),
-        }
-    }
-
-    /// True while the transfer runs.
-    pub fn in_progress(&self) -> bool {
-        self.code.load(Ordering::Acquire) == Status::InProg.code()
+        pairs
     }
 }
 
@@ -135,7 +142,8 @@ pub trait Transfer: Send + Sync {
     /// and its notification is not delivered.
     fn cancel(&self);
     /// Called by `checkXfer` while the transfer runs: a transport may make
-    /// progress on the caller's thread (by default it does nothing).
+    /// progress on the caller's thread, or notice a peer that stopped
+    /// answering (by default it does nothing).
     fn poll(&self) {}
     /// About how many bytes are still to move (0 when unknown): a caller
     /// spinning on a transfer with much left to move may wait instead.
@@ -151,116 +159,97 @@ pub trait Transfer: Send + Sync {
     }
 }
 
-/// How an engine reaches one peer.
-#[derive(Debug)]
-pub enum RouteKind {
-    /// The peer is an engine in this very process: direct copy.
-    InProcess,
-    /// TCP to the peer's listener.
-    Tcp(std::net::SocketAddr),
-    /// Cross-memory attach to process `pid` on this host; control messages
-    /// and notifications over TCP to `control`.
-    Cma {
-        /// The probed peer process.
-        peer: cma::CmaPeer,
-        /// The peer's TCP listener.
-        control: std::net::SocketAddr,
-    },
+/// A unit of queued work, advanced in bounded steps by the backend's
+/// progress worker (or inside the caller's `postXfer`/`checkXfer`).
+pub trait Job: Send + Sync {
+    /// Advances the job by about `budget` bytes. Returns true when the job
+    /// needs no more steps (finished, failed or cancelled).
+    fn step(&self, budget: usize) -> bool;
+    /// Stops the job; after return it touches no memory.
+    fn cancel(&self);
 }
 
-/// Chooses the transport for a peer, or says why none can serve it.
-///
-/// `auto`: a direct copy in the same process, cross-memory attach on the same
-/// host when the probe succeeds (else TCP, with one log line saying why),
-/// TCP otherwise. `tcp`, `cma`, `rdma` force that transport.
-///
-/// # Errors
-/// [`Error::NotSupported`] when no transport of this build reaches the peer
-/// under the configured protocol.
-pub fn select(local: &ConnInfo, remote: &ConnInfo, protocol: Protocol) -> Result<RouteKind> {
-    if protocol == Protocol::Auto && local.same_process(remote) {
-        // No network or kernel path beats a copy inside the process.
-        return Ok(RouteKind::InProcess);
-    }
-    let agent = String::from_utf8_lossy(&remote.agent);
-    let tcp = remote
-        .endpoints
-        .iter()
-        .map(|Endpoint::Tcp(addr)| *addr)
-        .next();
-    let no_tcp = || Error::NotSupported(format!("agent {agent:?} publishes no TCP endpoint"));
-    let same_host = local.host.same_host(&remote.host);
-    let cma = || -> std::result::Result<RouteKind, String> {
-        if !same_host {
-            return Err(format!(
-                "it runs on another host or PID namespace (host {:?})",
-                remote.host.hostname
-            ));
+/// What [`Route::post`] started.
+#[derive(Clone)]
+pub struct Posted {
+    /// The transfer, polled by `checkXfer`.
+    pub transfer: Arc<dyn Transfer>,
+    /// `Some` when the transfer moves only when a thread steps it (the
+    /// backend then runs it inline, on its progress thread, or in bounded
+    /// steps inside `postXfer`/`checkXfer`); `None` when the transport's
+    /// own threads move it.
+    pub steps: Option<Arc<dyn Job>>,
+}
+
+impl Posted {
+    /// A transfer moved by the transport's own threads.
+    pub fn threaded(transfer: Arc<dyn Transfer>) -> Posted {
+        Posted {
+            transfer,
+            steps: None,
         }
-        let probe_addr = remote
-            .cma_probe
-            .ok_or("it does not accept cross-memory attach (its protocol option excludes it)")?;
-        let control = tcp.ok_or("it publishes no TCP endpoint for control messages")?;
-        let peer = cma::probe(remote.pid, probe_addr, remote.token)?;
-        Ok(RouteKind::Cma { peer, control })
-    };
-    match protocol {
-        Protocol::Auto => cma().or_else(|why| {
-            if same_host {
-                log::warn!(
-                    "Mooncake: agent {agent:?} is on this host but cross-memory attach is not \
-                     possible ({why}); using TCP"
-                );
-            }
-            tcp.map(RouteKind::Tcp).ok_or_else(no_tcp)
-        }),
-        Protocol::Tcp => tcp.map(RouteKind::Tcp).ok_or_else(no_tcp),
-        Protocol::Cma => cma().map_err(|why| {
-            Error::NotSupported(format!(
-                "protocol=cma: agent {agent:?} cannot be reached with cross-memory attach: {why}"
-            ))
-        }),
-        Protocol::Rdma => Err(Error::NotSupported(format!(
-            "protocol=rdma is not available in this build; agent {agent:?} (pid {} on host {:?}) \
-             cannot be reached with it (use protocol=auto)",
-            remote.pid, remote.host.hostname
-        ))),
+    }
+
+    /// A transfer moved in steps by the backend's threads.
+    pub fn stepped<J: Transfer + Job + 'static>(job: Arc<J>) -> Posted {
+        Posted {
+            transfer: job.clone(),
+            steps: Some(job),
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::Instant;
+/// One transport of one engine: publishes where peers reach it, serves
+/// them, and stops when the engine goes.
+pub trait Transport: Send + Sync {
+    /// The transport's name, as the `protocol` option spells it.
+    fn name(&self) -> &'static str;
+    /// Adds what peers need to reach this transport to our connection info.
+    fn publish(&self, info: &mut crate::wire::conn_info::ConnInfo);
+    /// Stops serving peers: after return no peer reaches the engine through
+    /// this transport, and its threads have exited.
+    fn shutdown(&self);
+    /// The concrete transport (for tests and diagnostics).
+    fn as_any(&self) -> &dyn Any;
+}
 
-    use super::*;
-
-    #[test]
-    fn a_wait_ends_when_the_result_is_recorded() {
-        let c = Arc::new(Completion::default());
-        let finisher = {
-            let c = c.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(20));
-                c.finish(Ok(()));
-            })
-        };
-        let started = Instant::now();
-        c.wait(Duration::from_secs(120));
-        assert!(started.elapsed() < Duration::from_secs(60), "not woken");
-        assert_eq!(c.result(), Ok(Status::Success));
-        finisher.join().unwrap();
-        // Finished: returns at once.
-        let started = Instant::now();
-        c.wait(Duration::from_secs(120));
-        assert!(started.elapsed() < Duration::from_secs(60));
+/// How an engine reaches one peer with one transport.
+pub trait Route: Send + Sync {
+    /// The transport's name (for log lines and errors).
+    fn transport(&self) -> &'static str;
+    /// A phrase saying how the peer is reached, for the log line written
+    /// when its connection info is loaded (e.g. "over TCP").
+    fn describe(&self) -> String;
+    /// True when this route can move bytes between local memory of kind
+    /// `local` and the peer's memory of kind `remote`. By default: host
+    /// memory on both sides only.
+    fn serves(&self, local: MemKind, remote: MemKind) -> bool {
+        local == MemKind::Dram && remote == MemKind::Dram
     }
-
-    #[test]
-    fn a_wait_ends_after_its_timeout_while_in_progress() {
-        let c = Completion::default();
-        let started = Instant::now();
-        c.wait(Duration::from_millis(20));
-        assert!(started.elapsed() >= Duration::from_millis(20));
-        assert!(c.in_progress());
+    /// Makes sure the peer is reachable now (NIXL's `connect`); otherwise
+    /// routes connect lazily.
+    ///
+    /// # Errors
+    /// Why the peer cannot be reached.
+    fn connect(&self) -> Result<()>;
+    /// Starts one post of `plan`, delivering `notif` to the peer after
+    /// every byte of it landed.
+    ///
+    /// # Errors
+    /// Why the post cannot start (peer gone, range refused).
+    fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted>;
+    /// Sends a notification outside any transfer.
+    ///
+    /// # Errors
+    /// Why it cannot be sent.
+    fn notify(&self, msg: &[u8]) -> Result<()>;
+    /// True once the peer is known to be gone or unreachable.
+    fn is_down(&self) -> bool {
+        false
     }
+    /// Closes the route: transfers in flight on it fail, its connections
+    /// and threads go.
+    fn close(&self) {}
+    /// The concrete route (for tests and diagnostics).
+    fn as_any(&self) -> &dyn Any;
 }

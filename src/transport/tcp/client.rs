@@ -9,6 +9,7 @@
 //! was acknowledged (WRITE: the data is in the target's memory) or received
 //! (READ: the data is in ours).
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -21,9 +22,8 @@ use log::{debug, warn};
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use super::io::{self, RawRange};
-use crate::backend::registry::Pin;
-use crate::backend::{AgentName, Error, Result, Status};
-use crate::transport::{Completion, Op, Plan, Transfer};
+use crate::common::{AgentName, Completion, Error, Pin, Result, Status};
+use crate::transport::{Op, Plan, Posted, Route, Transfer};
 use crate::wire::frame::{self, Header, Hello, Kind, Seg};
 
 /// Tunables of the TCP transport.
@@ -224,12 +224,14 @@ impl Transfer for TcpPost {
     }
 
     fn poll(&self) {
+        let Some(conns) = self.conns.upgrade() else {
+            return;
+        };
         let i = self.inline_stream.load(Ordering::Acquire);
-        if i != NO_STREAM
-            && let Some(conns) = self.conns.upgrade()
-        {
+        if i != NO_STREAM {
             conns.poll_stream(i);
         }
+        conns.watchdog();
     }
 
     fn remaining_bytes(&self) -> u64 {
@@ -364,10 +366,31 @@ struct Conns {
     next_stream: AtomicUsize,
     down: Mutex<Option<Error>>,
     last_progress: Mutex<Instant>,
+    /// See [`TcpConfig::stall_timeout`].
+    stall_timeout: Duration,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Conns {
+    /// Declares the peer dead if it answered nothing for the stall timeout
+    /// while requests are outstanding.
+    fn watchdog(&self) {
+        let timeout = self.stall_timeout;
+        // Streams still connecting have their own connect and hello timeouts.
+        if timeout.is_zero()
+            || self.pending.lock().is_empty()
+            || self.socks.iter().any(|s| s.get().is_none())
+        {
+            return;
+        }
+        if self.last_progress.lock().elapsed() > timeout {
+            self.fail_all(Error::RemoteDisconnect(format!(
+                "agent {} answered nothing for {timeout:?} while transfers were outstanding",
+                self.peer
+            )));
+        }
+    }
+
     /// Queues `out`: data frames round-robin over the streams, notifications
     /// always on stream 0, so that they arrive in the order they were sent.
     fn enqueue(&self, out: Out) {
@@ -736,6 +759,7 @@ impl PeerLink {
             next_stream: AtomicUsize::new(0),
             down: Mutex::new(None),
             last_progress: Mutex::new(Instant::now()),
+            stall_timeout: self.config.stall_timeout,
             threads: Mutex::new(Vec::new()),
         });
         let dial = Arc::new(Dial {
@@ -784,7 +808,7 @@ impl PeerLink {
     ///
     /// # Errors
     /// [`Error::RemoteDisconnect`] when the peer is unreachable or dead.
-    pub fn post(&self, plan: Arc<Plan>, notif: Option<Vec<u8>>) -> Result<Arc<TcpPost>> {
+    pub fn start_post(&self, plan: Arc<Plan>, notif: Option<Vec<u8>>) -> Result<Arc<TcpPost>> {
         let conns = self.conns()?;
         let post = Arc::new(TcpPost::new(
             plan,
@@ -846,36 +870,10 @@ impl PeerLink {
     ///
     /// # Errors
     /// [`Error::RemoteDisconnect`] when the peer is unreachable or dead.
-    pub fn notify(&self, msg: Vec<u8>) -> Result<()> {
+    pub fn send_notif(&self, msg: Vec<u8>) -> Result<()> {
         let conns = self.conns()?;
         conns.enqueue(Out::Notif { msg, post: None });
         Ok(())
-    }
-
-    /// Declares the peer dead if it answered nothing for the stall timeout
-    /// while requests are outstanding.
-    pub fn watchdog(&self) {
-        // Never wait behind a connect in progress: this runs inside checkXfer.
-        let Some(state) = self.state.try_lock() else {
-            return;
-        };
-        let LinkState::Up(conns) = &*state else {
-            return;
-        };
-        let timeout = self.config.stall_timeout;
-        // Streams still connecting have their own connect and hello timeouts.
-        if timeout.is_zero()
-            || conns.pending.lock().is_empty()
-            || conns.socks.iter().any(|s| s.get().is_none())
-        {
-            return;
-        }
-        if conns.last_progress.lock().elapsed() > timeout {
-            conns.fail_all(Error::RemoteDisconnect(format!(
-                "agent {} answered nothing for {timeout:?} while transfers were outstanding",
-                self.peer
-            )));
-        }
     }
 
     /// Frames sent and not yet answered (for tests).
@@ -939,6 +937,41 @@ impl PeerLink {
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+impl Route for PeerLink {
+    fn transport(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn describe(&self) -> String {
+        "is reached over TCP".into()
+    }
+
+    fn connect(&self) -> Result<()> {
+        self.ensure_connected()
+    }
+
+    fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
+        let post = self.start_post(plan.clone(), notif.map(<[u8]>::to_vec))?;
+        Ok(Posted::threaded(post))
+    }
+
+    fn notify(&self, msg: &[u8]) -> Result<()> {
+        self.send_notif(msg.to_vec())
+    }
+
+    fn is_down(&self) -> bool {
+        PeerLink::is_down(self)
+    }
+
+    fn close(&self) {
+        PeerLink::close(self);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 

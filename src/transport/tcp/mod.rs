@@ -11,10 +11,95 @@ mod client;
 mod io;
 mod server;
 
+use std::any::Any;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 pub use client::{PeerLink, TcpConfig, TcpPost};
 pub use server::TcpServer;
+
+use super::Transport;
+use crate::common::{AgentName, Endpoint, Error, Result};
+use crate::wire::conn_info::{self, ConnInfo};
+
+/// The TCP transport of one engine: its listener (serving peers) and the
+/// settings of the links it opens to peers.
+pub struct TcpTransport {
+    server: Arc<TcpServer>,
+    me: AgentName,
+    my_token: u128,
+    config: TcpConfig,
+}
+
+impl TcpTransport {
+    /// Starts listening for the engine of `endpoint` on `ip_addr:port`
+    /// (see [`listen_address`]); served connections busy-poll `busy_poll`
+    /// after each request (see [`TcpServer`]). Links to peers use `config`,
+    /// whose `stall_timeout` also bounds a served connection's stalls.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParam`] when the address is invalid or cannot be bound.
+    pub fn start(
+        endpoint: Arc<Endpoint>,
+        ip_addr: Option<IpAddr>,
+        port: u16,
+        busy_poll: Duration,
+        config: TcpConfig,
+    ) -> Result<TcpTransport> {
+        let addr = listen_address(ip_addr, port).map_err(Error::InvalidParam)?;
+        let (me, my_token) = (endpoint.name.clone(), endpoint.token);
+        let server =
+            TcpServer::start(endpoint, addr, config.stall_timeout, busy_poll).map_err(|e| {
+                Error::InvalidParam(format!(
+                    "cannot listen on {addr} (backend options ip_addr and port, or ${IP_ENV}): {e}"
+                ))
+            })?;
+        Ok(TcpTransport {
+            server,
+            me,
+            my_token,
+            config,
+        })
+    }
+
+    /// A link to agent `peer` (whose engine has `token`) listening at
+    /// `addr`; nothing connects yet.
+    pub fn route(&self, peer: &AgentName, token: u128, addr: SocketAddr) -> PeerLink {
+        PeerLink::new(
+            self.me.clone(),
+            self.my_token,
+            peer.clone(),
+            token,
+            addr,
+            self.config,
+        )
+    }
+
+    /// The listener (for tests).
+    pub fn server(&self) -> &TcpServer {
+        &self.server
+    }
+}
+
+impl Transport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn publish(&self, info: &mut ConnInfo) {
+        info.endpoints
+            .push(conn_info::Endpoint::Tcp(self.server.local_addr()));
+    }
+
+    fn shutdown(&self) {
+        self.server.shutdown();
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
 
 /// Environment variable naming the address to listen on (as NIXL's own
 /// Mooncake plugin honours it), used when the `ip_addr` option is empty.
@@ -26,7 +111,10 @@ pub const IP_ENV: &str = "NIXL_MOONCAKE_IP_ADDR";
 ///
 /// # Errors
 /// A message when `$NIXL_MOONCAKE_IP_ADDR` is set but not an address.
-pub fn listen_address(option: Option<IpAddr>, port: u16) -> Result<SocketAddr, String> {
+pub fn listen_address(
+    option: Option<IpAddr>,
+    port: u16,
+) -> std::result::Result<SocketAddr, String> {
     if let Some(ip) = option {
         return Ok(SocketAddr::new(ip, port));
     }

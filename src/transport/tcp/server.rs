@@ -18,8 +18,7 @@ use log::{debug, info, warn};
 use parking_lot::Mutex;
 
 use super::io::{self, RawRange};
-use crate::backend::registry::{LocalRegion, Pin};
-use crate::backend::{AgentName, Endpoint, Error, Status};
+use crate::common::{AgentName, Endpoint, Error, LocalRegion, Pin, Status};
 use crate::wire::frame::{self, Header, Hello, Kind, SEG_LEN, Seg};
 
 /// Most connections that may be in their handshake at once.

@@ -2,42 +2,21 @@
 //! onto it (`protocol=cma`; the probe reads our own pid's cookie).
 
 use super::*;
+use crate::transport::cma::CmaRoute;
+use crate::transport::tcp::PeerLink;
 
 const CMA: &[(&str, &str)] = &[("protocol", "cma"), ("ip_addr", "127.0.0.1")];
 
 #[test]
 fn the_route_is_cross_memory_attach() {
     let p = pair_with(64, false, CMA);
-    assert!(matches!(
-        p.a.peers.read()[&AgentName::from("B")].route,
-        Ok(Route::Cma { ref peer, .. }) if peer.pid() == std::process::id()
-    ));
-}
-
-#[test]
-fn write_and_read_with_notifications_both_progress_modes() {
-    write_and_read_with_notifications_both_progress_modes_with(CMA);
-}
-
-#[test]
-fn reposting_gives_one_notification_per_post() {
-    reposting_gives_one_notification_per_post_with(CMA);
-}
-
-#[test]
-fn many_noncontiguous_descriptors() {
-    // 10,000 descriptors: more than the kernel's 1024 iovecs per call.
-    many_noncontiguous_descriptors_with(CMA);
-}
-
-#[test]
-fn four_threads_post_at_once() {
-    four_threads_post_at_once_with(CMA);
-}
-
-#[test]
-fn gen_notif_to_peer_and_self() {
-    gen_notif_to_peer_and_self_with(CMA);
+    let route = route_of(&p.a, "B");
+    assert!(
+        route
+            .as_any()
+            .downcast_ref::<CmaRoute>()
+            .is_some_and(|cma| cma.pid() == std::process::id())
+    );
 }
 
 #[test]
@@ -55,10 +34,7 @@ fn a_peer_that_does_not_accept_cma_is_refused_under_cma_and_tcp_under_auto() {
     let mut info = ConnInfo::decode(b.conn_info()).unwrap();
     info.pid = u32::MAX >> 2;
     auto.load_remote_conn_info(b"B", &info.encode()).unwrap();
-    assert!(matches!(
-        auto.peers.read()[&AgentName::from("B")].route,
-        Ok(Route::Tcp(_))
-    ));
+    assert!(route_of(&auto, "B").as_any().is::<PeerLink>());
 }
 
 #[test]
@@ -153,9 +129,9 @@ fn a_peer_whose_engine_is_gone_is_never_written_even_if_its_process_lives() {
     // close (which happens on its own threads, a moment after), every post
     // must be refused instead.
     drop(b);
-    let control_closed = || match &a.peers.read()[&AgentName::from("B")].route {
-        Ok(Route::Cma { link, .. }) => link.is_down(),
-        _ => panic!("agent B is not reached by cross-memory attach"),
+    let control_closed = || match route_of(&a, "B").as_any().downcast_ref::<CmaRoute>() {
+        Some(cma) => cma.control().is_down(),
+        None => panic!("agent B is not reached by cross-memory attach"),
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !control_closed() {

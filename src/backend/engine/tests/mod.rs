@@ -4,7 +4,13 @@ use super::*;
 use std::time::Instant;
 
 mod cma;
+mod conformance;
 mod tcp;
+
+/// The preferred route of `e` to `agent`.
+fn route_of(e: &Engine, agent: &str) -> Arc<dyn Route> {
+    e.route(agent.as_bytes()).expect("a route to the agent")
+}
 
 fn engine(name: &str, progress_thread: bool) -> Engine {
     engine_with(name, progress_thread, &[])
@@ -138,58 +144,6 @@ fn notifs_until(engine: &Engine, count: usize) -> Vec<(AgentName, Vec<u8>)> {
 }
 
 #[test]
-fn write_and_read_with_notifications_both_progress_modes() {
-    write_and_read_with_notifications_both_progress_modes_with(&[]);
-}
-
-pub(super) fn write_and_read_with_notifications_both_progress_modes_with(params: &[(&str, &str)]) {
-    for thread in [false, true] {
-        let p = pair_with(8 << 20, thread, params);
-        let w = p.whole(Op::Write);
-        let _ = p.a.post_xfer(w, Some(b"w\0\xff")).unwrap();
-        assert_eq!(wait(&p.a, w), Ok(Status::Success));
-        assert_eq!(p.abuf, p.bbuf);
-        assert_eq!(
-            notifs_until(&p.b, 1),
-            vec![(AgentName::from("A"), b"w\0\xff".to_vec())]
-        );
-
-        // READ back into a zeroed buffer of A.
-        let src: Vec<u8> = p.bbuf.iter().map(|x| x ^ 0x5a).collect();
-        let src_md =
-            p.b.register_mem(src.as_ptr() as u64, src.len() as u64, 0, 0)
-                .unwrap();
-        let blob = p.b.public_data(src_md).unwrap();
-        let remote =
-            p.a.load_remote_md(src.as_ptr() as u64, src.len() as u64, 0, &blob, b"B")
-                .unwrap();
-        let dst = vec![0u8; src.len()];
-        let dst_md =
-            p.a.register_mem(dst.as_ptr() as u64, dst.len() as u64, 0, 0)
-                .unwrap();
-        let r =
-            p.a.prep_xfer(
-                Op::Read,
-                &[whole(&dst, dst_md)],
-                &[whole(&src, remote)],
-                b"B",
-            )
-            .unwrap();
-        let _ = p.a.post_xfer(r, Some(b"")).unwrap();
-        assert_eq!(wait(&p.a, r), Ok(Status::Success));
-        assert_eq!(dst, src);
-        assert_eq!(notifs_until(&p.b, 1), vec![(AgentName::from("A"), vec![])]);
-        assert!(
-            p.a.get_notifs().is_empty(),
-            "the initiator receives nothing"
-        );
-        p.a.release_req(w).unwrap();
-        p.a.release_req(r).unwrap();
-        assert_eq!(p.a.live_requests(), 0);
-    }
-}
-
-#[test]
 fn a_spinning_caller_moves_copy_steps_itself_while_the_progress_thread_is_busy() {
     // The progress thread alternates steps of a large copy and of a smaller
     // one; a caller spinning on the smaller finds its cursor free and moves
@@ -240,65 +194,6 @@ fn small_transfers_complete_inline() {
 }
 
 #[test]
-fn reposting_gives_one_notification_per_post() {
-    reposting_gives_one_notification_per_post_with(&[]);
-}
-
-pub(super) fn reposting_gives_one_notification_per_post_with(params: &[(&str, &str)]) {
-    let p = pair_with(1 << 20, true, params);
-    let id = p.whole(Op::Write);
-    for _ in 0..30 {
-        let _ = p.a.post_xfer(id, Some(b"again")).unwrap();
-        assert_eq!(wait(&p.a, id), Ok(Status::Success));
-    }
-    let got = notifs_until(&p.b, 30);
-    assert_eq!(got.len(), 30);
-    assert!(p.b.get_notifs().is_empty(), "no extra notification");
-}
-
-#[test]
-fn many_noncontiguous_descriptors() {
-    many_noncontiguous_descriptors_with(&[]);
-}
-
-pub(super) fn many_noncontiguous_descriptors_with(params: &[(&str, &str)]) {
-    let block = 4096usize;
-    let n = 10_000usize;
-    // Every other block of A goes to every other block of B, in reverse order.
-    let p = pair_with(2 * n * block, false, params);
-    let (l, r): (Vec<Desc>, Vec<Desc>) = (0..n)
-        .map(|i| {
-            let l = Desc {
-                addr: p.abuf.as_ptr() as u64 + (2 * i * block) as u64,
-                len: block as u64,
-                md: p.amd,
-            };
-            let r = Desc {
-                addr: p.bbuf.as_ptr() as u64 + (2 * (n - 1 - i) * block) as u64,
-                len: block as u64,
-                md: p.bmd_remote,
-            };
-            (l, r)
-        })
-        .unzip();
-    let id = p.a.prep_xfer(Op::Write, &l, &r, b"B").unwrap();
-    let _ = p.a.post_xfer(id, Some(b"blocks")).unwrap();
-    assert_eq!(wait(&p.a, id), Ok(Status::Success));
-    for i in 0..n {
-        let src = &p.abuf[2 * i * block..][..block];
-        let dst = &p.bbuf[2 * (n - 1 - i) * block..][..block];
-        assert_eq!(src, dst, "block {i}");
-        assert!(
-            p.bbuf[(2 * i + 1) * block..][..block]
-                .iter()
-                .all(|&x| x == 0),
-            "gap {i} untouched"
-        );
-    }
-    assert_eq!(notifs_until(&p.b, 1).len(), 1);
-}
-
-#[test]
 fn loopback_through_load_local_md() {
     let a = engine("Self", true);
     let src: Vec<u8> = (0..1 << 20).map(|i| i as u8).collect();
@@ -346,35 +241,6 @@ fn local_md_survives_deregistration_of_its_source() {
 }
 
 #[test]
-fn gen_notif_to_peer_and_self() {
-    gen_notif_to_peer_and_self_with(&[]);
-}
-
-pub(super) fn gen_notif_to_peer_and_self_with(params: &[(&str, &str)]) {
-    let p = pair_with(64, false, params);
-    p.a.gen_notif(b"B", b"hi\0").unwrap();
-    p.a.gen_notif(b"B", b"").unwrap();
-    p.a.gen_notif(b"A", b"me").unwrap();
-    assert_eq!(
-        notifs_until(&p.b, 2),
-        vec![
-            (AgentName::from("A"), b"hi\0".to_vec()),
-            (AgentName::from("A"), vec![])
-        ]
-    );
-    assert_eq!(
-        p.a.get_notifs(),
-        vec![(AgentName::from("A"), b"me".to_vec())]
-    );
-    assert!(matches!(
-        p.a.gen_notif(b"Nobody", b"x"),
-        Err(Error::NotFound(_))
-    ));
-    // B never loaded A's info: it cannot send to A.
-    assert!(matches!(p.b.gen_notif(b"A", b"x"), Err(Error::NotFound(_))));
-}
-
-#[test]
 fn repost_while_active_is_refused_and_release_cancels() {
     let p = pair(64 << 20, false);
     let id = p.whole(Op::Write);
@@ -418,44 +284,6 @@ fn deregistration_mid_transfer_fails_it_without_further_writes() {
     assert_eq!(p.bbuf, snapshot);
     // A repost now fails up front: B no longer has the region.
     assert!(matches!(p.a.post_xfer(id, None), Err(Error::NotAllowed(_))));
-}
-
-#[test]
-fn four_threads_post_at_once() {
-    four_threads_post_at_once_with(&[]);
-}
-
-pub(super) fn four_threads_post_at_once_with(params: &[(&str, &str)]) {
-    let a = Arc::new(engine_with("A", true, params));
-    let b = Arc::new(engine_with("B", true, params));
-    a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
-    let threads: Vec<_> = (0..4u8)
-        .map(|t| {
-            let (a, b) = (a.clone(), b.clone());
-            std::thread::spawn(move || {
-                let len = 3 << 20;
-                let src: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(t + 1)).collect();
-                let dst = vec![0u8; len];
-                let (smd, rmd) = expose(&a, &b, b"B", &src, &dst);
-                for _ in 0..10 {
-                    let id = a
-                        .prep_xfer(Op::Write, &[whole(&src, smd)], &[whole(&dst, rmd)], b"B")
-                        .unwrap();
-                    let _ = a.post_xfer(id, Some(&[t])).unwrap();
-                    assert_eq!(wait(&a, id), Ok(Status::Success));
-                    a.release_req(id).unwrap();
-                }
-                assert_eq!(src, dst);
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
-    let got = notifs_until(&b, 40);
-    for t in 0..4u8 {
-        assert_eq!(got.iter().filter(|(_, m)| m == &[t]).count(), 10);
-    }
 }
 
 #[test]
@@ -607,4 +435,57 @@ fn restarted_peer_replaces_old_info_and_same_info_is_a_no_op() {
     assert_eq!(b2.get_notifs().len(), 1);
     a.disconnect(b"B").unwrap();
     assert!(matches!(a.connect(b"B"), Err(Error::NotFound(_))));
+}
+
+#[test]
+fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds() {
+    for (params, transport) in [
+        (&[][..], "in-process copy"),
+        (&[("protocol", "tcp"), ("ip_addr", "127.0.0.1")][..], "tcp"),
+        (&[("protocol", "cma"), ("ip_addr", "127.0.0.1")][..], "cma"),
+    ] {
+        let p = pair_with(4096, false, params);
+        // Metadata of B presenting GPU memory (VRAM of device 3): B cannot
+        // register any yet, but a peer's metadata may say so.
+        let info = ConnInfo::decode(p.b.conn_info()).unwrap();
+        let vram = RegionPublic {
+            owner: info.token,
+            key: 42,
+            addr: 0x7000_0000,
+            len: 1 << 20,
+            mem_type: crate::common::memory::VRAM_SEG,
+            dev_id: 3,
+        };
+        let vmd =
+            p.a.load_remote_md(vram.addr, vram.len, vram.mem_type, &vram.encode(), b"B")
+                .unwrap();
+        let l = Desc {
+            addr: p.abuf.as_ptr() as u64,
+            len: 4096,
+            md: p.amd,
+        };
+        let r = Desc {
+            addr: vram.addr,
+            len: 4096,
+            md: vmd,
+        };
+        let dram = Desc {
+            addr: p.bbuf.as_ptr() as u64,
+            len: 4096,
+            md: p.bmd_remote,
+        };
+        for remote in [vec![r], vec![dram, r]] {
+            let local = vec![l; remote.len()];
+            match p.a.prep_xfer(Op::Write, &local, &remote, b"B") {
+                Err(Error::NotSupported(m)) => {
+                    assert!(m.contains(transport), "{m}");
+                    assert!(m.contains("local DRAM with remote VRAM (device 3)"), "{m}");
+                }
+                other => panic!("expected NotSupported, got {other:?}"),
+            }
+        }
+        assert_eq!(p.a.live_requests(), 0);
+        // DRAM to DRAM on the same route still works.
+        let _ = p.whole(Op::Write);
+    }
 }

@@ -2,17 +2,30 @@
 //! onto TCP (`protocol=tcp`) on loopback.
 
 use super::*;
+use crate::transport::tcp::{PeerLink, TcpConfig, TcpTransport};
+use crate::wire::conn_info;
 use crate::wire::frame::{HEADER_LEN, Header, Kind};
 use crate::wire::region::RegionPublic;
 use std::io::{Read, Write};
 
 const TCP: &[(&str, &str)] = &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")];
 
-fn link(e: &Engine, agent: &str) -> Arc<PeerLink> {
-    match &e.peers.read()[&AgentName::from(agent)].route {
-        Ok(Route::Tcp(link)) => link.clone(),
-        _ => panic!("agent {agent} is not reached over TCP"),
+/// The TCP link of `e` to `agent`.
+struct Link(Arc<dyn Route>);
+
+impl std::ops::Deref for Link {
+    type Target = PeerLink;
+    fn deref(&self) -> &PeerLink {
+        self.0.as_any().downcast_ref().expect("a TCP link")
     }
+}
+
+fn link(e: &Engine, agent: &str) -> Link {
+    let route = route_of(e, agent);
+    if !route.as_any().is::<PeerLink>() {
+        panic!("agent {agent} is not reached over TCP");
+    }
+    Link(route)
 }
 
 fn wait_for(what: &str, cond: impl Fn() -> bool) {
@@ -21,31 +34,6 @@ fn wait_for(what: &str, cond: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-#[test]
-fn write_and_read_with_notifications_both_progress_modes() {
-    write_and_read_with_notifications_both_progress_modes_with(TCP);
-}
-
-#[test]
-fn reposting_gives_one_notification_per_post() {
-    reposting_gives_one_notification_per_post_with(TCP);
-}
-
-#[test]
-fn many_noncontiguous_descriptors() {
-    many_noncontiguous_descriptors_with(TCP);
-}
-
-#[test]
-fn four_threads_post_at_once() {
-    four_threads_post_at_once_with(TCP);
-}
-
-#[test]
-fn gen_notif_to_peer_and_self() {
-    gen_notif_to_peer_and_self_with(TCP);
 }
 
 #[test]
@@ -361,7 +349,11 @@ fn a_dead_peer_fails_transfers_at_once_and_a_restarted_one_works() {
         .unwrap();
     a.connect(b"B").unwrap();
     // Kill B's side of every connection (what the kernel does when B dies).
-    b.tcp_server.shutdown();
+    b.transports
+        .get::<TcpTransport>()
+        .expect("a TCP transport")
+        .server()
+        .shutdown();
     let failed = a.post_xfer(id, None).and_then(|_| wait(&a, id));
     assert!(
         matches!(failed, Err(Error::RemoteDisconnect(_))),
@@ -443,8 +435,8 @@ fn fake_agent(
     params: &[(&str, &str)],
     config: impl FnOnce(&mut TcpConfig),
 ) -> (Engine, Vec<u8>, MdId, MdId) {
-    let mut a = engine_with("A", true, params);
-    config(&mut a.tcp_config);
+    let a =
+        Engine::with_transports(EngineConfig::new("A", params), |c| config(&mut c.tcp)).unwrap();
     let mut info = ConnInfo::decode(a.conn_info()).unwrap();
     info.agent = b"Fake".to_vec();
     info.token = 77;

@@ -8,15 +8,16 @@
 //! the peer publishes the address of a cookie holding its token, and the
 //! probe must read exactly that token from the peer's pid.
 
+use std::any::Any;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use log::{info, warn};
 
 use super::job::{Mover, SegmentJob};
-use super::tcp::PeerLink;
-use super::{Op, Plan};
-use crate::backend::{Error, Result};
+use super::{Op, Plan, Posted, Route, Transport};
+use crate::common::{Error, Result};
+use crate::wire::conn_info::ConnInfo;
 
 /// Kernel limit on iovecs per call.
 const IOV_MAX: usize = 1024;
@@ -24,6 +25,122 @@ const IOV_MAX: usize = 1024;
 /// Environment knob that makes every probe fail as if the kernel refused
 /// (`NIXL_MOONCAKE_CMA_PROBE=fail`), to exercise the fallbacks.
 pub const PROBE_ENV: &str = "NIXL_MOONCAKE_CMA_PROBE";
+
+/// Cross-memory attach for one engine: publishes the cookie same-host peers
+/// probe, and makes routes to peers whose probe succeeds.
+#[derive(Clone)]
+pub struct CmaTransport {
+    cookie: Arc<Cookie>,
+}
+
+impl CmaTransport {
+    /// The transport of the engine with `token` (relaxes Yama's
+    /// `ptrace_scope=1` for this process, see [`allow_peers`]).
+    pub fn new(token: u128) -> CmaTransport {
+        allow_peers();
+        CmaTransport {
+            cookie: Arc::new(Cookie::new(token)),
+        }
+    }
+
+    /// A route to the engine with `token` in process `pid`, whose cookie
+    /// is at `probe_addr`, with control messages and notifications over
+    /// `control`.
+    ///
+    /// # Errors
+    /// A sentence saying why the probe failed.
+    pub fn route(
+        &self,
+        pid: u32,
+        probe_addr: u64,
+        token: u128,
+        control: Arc<dyn Route>,
+    ) -> std::result::Result<CmaRoute, String> {
+        let peer = probe(pid, probe_addr, token)?;
+        Ok(CmaRoute {
+            peer: Arc::new(peer),
+            control,
+        })
+    }
+}
+
+impl Transport for CmaTransport {
+    fn name(&self) -> &'static str {
+        "cma"
+    }
+
+    fn publish(&self, info: &mut ConnInfo) {
+        info.cma_probe = Some(self.cookie.addr());
+    }
+
+    /// Nothing to stop: peers only read our memory with the kernel's help.
+    fn shutdown(&self) {}
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A route to a same-host peer by cross-memory attach; control messages
+/// and notifications go over `control` (the peer's TCP route).
+pub struct CmaRoute {
+    peer: Arc<CmaPeer>,
+    control: Arc<dyn Route>,
+}
+
+impl CmaRoute {
+    /// The peer's process id.
+    pub fn pid(&self) -> u32 {
+        self.peer.pid()
+    }
+
+    /// The route control messages take.
+    pub fn control(&self) -> &Arc<dyn Route> {
+        &self.control
+    }
+}
+
+impl Route for CmaRoute {
+    fn transport(&self) -> &'static str {
+        "cma"
+    }
+
+    fn describe(&self) -> String {
+        format!("is on this host (pid {}): cross-memory attach", self.pid())
+    }
+
+    fn connect(&self) -> Result<()> {
+        self.control.connect()
+    }
+
+    fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
+        // The control connection must be up: it is how we learn that the
+        // peer's engine went away (see `CmaCopy`).
+        self.control.connect()?;
+        Ok(Posted::stepped(Arc::new(CmaCopy::job(
+            plan.clone(),
+            self.peer.clone(),
+            self.control.clone(),
+            notif.map(<[u8]>::to_vec),
+        ))))
+    }
+
+    fn notify(&self, msg: &[u8]) -> Result<()> {
+        self.control.notify(msg)
+    }
+
+    fn is_down(&self) -> bool {
+        self.control.is_down()
+    }
+
+    fn close(&self) {
+        self.control.close();
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
 
 /// The cookie a peer reads to prove it can reach this process's memory.
 #[derive(Debug)]
@@ -143,7 +260,7 @@ pub fn probe(pid: u32, addr: u64, token: u128) -> std::result::Result<CmaPeer, S
 /// Moves a plan's bytes with cross-memory attach to a same-host peer.
 pub struct CmaCopy {
     peer: Arc<CmaPeer>,
-    link: Arc<PeerLink>,
+    control: Arc<dyn Route>,
     notif: Option<Vec<u8>>,
 }
 
@@ -152,14 +269,22 @@ pub type CmaJob = SegmentJob<CmaCopy>;
 
 impl CmaCopy {
     /// Prepares one post to `peer`; ranges were checked at prep time against
-    /// the peer's published registrations. The notification goes over `link`.
+    /// the peer's published registrations. The notification goes over
+    /// `control`.
     pub fn job(
         plan: Arc<Plan>,
         peer: Arc<CmaPeer>,
-        link: Arc<PeerLink>,
+        control: Arc<dyn Route>,
         notif: Option<Vec<u8>>,
     ) -> CmaJob {
-        SegmentJob::new(plan, CmaCopy { peer, link, notif })
+        SegmentJob::new(
+            plan,
+            CmaCopy {
+                peer,
+                control,
+                notif,
+            },
+        )
     }
 }
 
@@ -248,7 +373,7 @@ impl Mover for CmaCopy {
 
     fn finished(&self) -> Result<()> {
         match &self.notif {
-            Some(msg) => self.link.notify(msg.clone()),
+            Some(msg) => self.control.notify(msg),
             None => Ok(()),
         }
     }

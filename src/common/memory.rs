@@ -1,4 +1,6 @@
-//! The registry of local memory regions.
+//! Registered memory: the kinds of memory a region can be ([`MemKind`]),
+//! one registered local region ([`LocalRegion`]) and its [`Pin`]s, and the
+//! registry of an engine's regions.
 //!
 //! Each registration gets a random 64-bit access key. Peers name the key and a
 //! range in every access; the registry checks both before any byte moves.
@@ -19,6 +21,43 @@ use crate::wire::region::{RegionPublic, range_within};
 pub const DRAM_SEG: u32 = 0;
 /// `nixl_mem_t::VRAM_SEG`.
 pub const VRAM_SEG: u32 = 1;
+
+/// What kind of memory a region is. Every region of a transfer plan says
+/// which, so that selection can pick a transport that serves both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemKind {
+    /// Host memory (`DRAM_SEG`).
+    Dram,
+    /// GPU memory (`VRAM_SEG`) of device `device`.
+    Vram {
+        /// The device ordinal (NIXL's `devId`).
+        device: u64,
+    },
+    /// Another NIXL memory type (block, object, file), which no transport
+    /// of ours serves.
+    Other(u32),
+}
+
+impl MemKind {
+    /// The kind of a NIXL memory type `mem_type` with device id `dev_id`.
+    pub fn from_nixl(mem_type: u32, dev_id: u64) -> MemKind {
+        match mem_type {
+            DRAM_SEG => MemKind::Dram,
+            VRAM_SEG => MemKind::Vram { device: dev_id },
+            other => MemKind::Other(other),
+        }
+    }
+}
+
+impl std::fmt::Display for MemKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemKind::Dram => write!(f, "DRAM"),
+            MemKind::Vram { device } => write!(f, "VRAM (device {device})"),
+            MemKind::Other(t) => write!(f, "memory type {t}"),
+        }
+    }
+}
 
 /// One registered local region. Address, length and key never change.
 #[derive(Debug)]
@@ -54,6 +93,11 @@ impl LocalRegion {
         // Checked under the pin: a deregistration that started before it
         // is refused, one that starts after it waits for it.
         (!self.dying.load(Ordering::Acquire)).then_some(guard)
+    }
+
+    /// The kind of memory the region is.
+    pub fn kind(&self) -> MemKind {
+        MemKind::from_nixl(self.mem_type, self.dev_id)
     }
 
     /// True when `[addr, addr+len)` lies inside the region.

@@ -6,34 +6,146 @@
 //! target's own registry at post time, and pins both regions around each
 //! piece it copies, so deregistration and cancellation are honoured exactly.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Weak};
 
 use parking_lot::Mutex;
 
 use super::job::{Mover, SegmentJob};
-use super::{Op, Plan};
-use crate::backend::registry::LocalRegion;
-use crate::backend::{AgentName, Endpoint, Error, Result};
+use super::{Op, Plan, Posted, Route, Transport};
+use crate::common::{AgentName, Endpoint, Error, LocalRegion, Result};
+use crate::wire::conn_info::ConnInfo;
 
 static DIRECTORY: LazyLock<Mutex<HashMap<u128, Weak<Endpoint>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
-/// Makes an engine reachable by other engines of this process.
-pub fn publish(endpoint: &Arc<Endpoint>) {
-    DIRECTORY
-        .lock()
-        .insert(endpoint.token, Arc::downgrade(endpoint));
+/// The in-process transport of one engine: makes it reachable by the other
+/// engines of this process.
+#[derive(Clone)]
+pub struct InProcTransport {
+    endpoint: Arc<Endpoint>,
 }
 
-/// Removes an engine from the directory.
-pub fn withdraw(token: u128) {
-    DIRECTORY.lock().remove(&token);
+impl InProcTransport {
+    /// Makes the engine of `endpoint` reachable by other engines of this
+    /// process (until [`Transport::shutdown`]).
+    pub fn publish(endpoint: Arc<Endpoint>) -> InProcTransport {
+        DIRECTORY
+            .lock()
+            .insert(endpoint.token, Arc::downgrade(&endpoint));
+        InProcTransport { endpoint }
+    }
+
+    /// The route of the engine to itself.
+    pub fn loopback(&self) -> InProcRoute {
+        InProcRoute {
+            me: self.endpoint.name.clone(),
+            target: Target::Loopback(self.endpoint.clone()),
+        }
+    }
+
+    /// A route to agent `name`, the engine of this process with `token`.
+    ///
+    /// # Errors
+    /// [`Error::RemoteDisconnect`] when no such engine exists any more.
+    pub fn route(&self, name: &AgentName, token: u128) -> Result<InProcRoute> {
+        let target = DIRECTORY.lock().get(&token).cloned().ok_or_else(|| {
+            Error::RemoteDisconnect(format!(
+                "agent {name}'s engine no longer exists in this process"
+            ))
+        })?;
+        Ok(InProcRoute {
+            me: self.endpoint.name.clone(),
+            target: Target::Peer(name.clone(), target),
+        })
+    }
 }
 
-/// Finds a live engine of this process by token.
-pub fn find(token: u128) -> Option<Weak<Endpoint>> {
-    DIRECTORY.lock().get(&token).cloned()
+impl Transport for InProcTransport {
+    fn name(&self) -> &'static str {
+        "in-process copy"
+    }
+
+    /// Nothing to publish: peers know we share their process by the host
+    /// identity and pid of our connection info.
+    fn publish(&self, _info: &mut ConnInfo) {}
+
+    fn shutdown(&self) {
+        DIRECTORY.lock().remove(&self.endpoint.token);
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+enum Target {
+    /// Ourselves.
+    Loopback(Arc<Endpoint>),
+    /// Another engine of this process.
+    Peer(AgentName, Weak<Endpoint>),
+}
+
+/// A route to an engine of this process (or to ourselves).
+pub struct InProcRoute {
+    /// Our name, as the receiver of a notification sees it.
+    me: AgentName,
+    target: Target,
+}
+
+impl InProcRoute {
+    /// The target engine, or [`Error::RemoteDisconnect`] (with `what` as
+    /// the message's prefix) once it was destroyed.
+    fn target(&self, what: &str) -> Result<Arc<Endpoint>> {
+        match &self.target {
+            Target::Loopback(ep) => Ok(ep.clone()),
+            Target::Peer(name, ep) => ep.upgrade().ok_or_else(|| {
+                Error::RemoteDisconnect(format!("{what}agent {name}'s engine was destroyed"))
+            }),
+        }
+    }
+}
+
+impl Route for InProcRoute {
+    fn transport(&self) -> &'static str {
+        "in-process copy"
+    }
+
+    fn describe(&self) -> String {
+        "is in this process: direct copy".into()
+    }
+
+    fn connect(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
+        let target = self.target("")?;
+        let notif = notif.map(|msg| Delivery {
+            from: self.me.clone(),
+            msg: msg.to_vec(),
+        });
+        Ok(Posted::stepped(Arc::new(InProcCopy::job(
+            plan.clone(),
+            target,
+            notif,
+        )?)))
+    }
+
+    fn notify(&self, msg: &[u8]) -> Result<()> {
+        let target = self.target("genNotif: ")?;
+        target.inbox.push(self.me.clone(), msg.to_vec());
+        Ok(())
+    }
+
+    fn is_down(&self) -> bool {
+        self.target("").is_err()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 /// A notification to deliver once a job's data is in place.

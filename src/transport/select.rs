@@ -1,0 +1,286 @@
+//! Selection: which transports an engine runs, which routes reach a peer,
+//! and which route serves a plan. The only module that knows every
+//! transport.
+//!
+//! - Per engine ([`Transports::start`]): the in-process copy and the TCP
+//!   listener always; cross-memory attach under `protocol=auto` and `cma`.
+//! - Per peer ([`Transports::routes`], when its connection info is loaded):
+//!   under `auto` a direct copy for an engine of this process,
+//!   cross-memory attach on the same host when the probe succeeds (else TCP,
+//!   with one log line saying why), TCP otherwise; `tcp`, `cma` and `rdma`
+//!   force that transport. Routes come in order of preference.
+//! - Per plan ([`choose`], at `prepXfer`): the first route that serves the
+//!   memory kinds on both sides of every segment, or an error naming each
+//!   route's transport and the kinds it was asked for.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::{AgentName, Endpoint, Error, MemKind, Result};
+use crate::wire::conn_info::{self, ConnInfo, HostIdentity};
+
+use super::cma::{CmaRoute, CmaTransport};
+use super::inproc::InProcTransport;
+use super::tcp::{TcpConfig, TcpTransport};
+use super::{Plan, Route, Transport};
+
+/// Which transport to use for peers in other processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Pick per peer: a direct copy in the same process, else the best
+    /// transport this build has for the peer.
+    Auto,
+    /// Always TCP.
+    Tcp,
+    /// Always cross-memory attach (same host only); fail otherwise.
+    Cma,
+    /// Always RDMA; fail if no device is usable.
+    Rdma,
+}
+
+impl Protocol {
+    /// Parses the option's value (any case).
+    pub fn parse(value: &str) -> Option<Protocol> {
+        Some(match value.to_ascii_lowercase().as_str() {
+            "auto" => Protocol::Auto,
+            "tcp" => Protocol::Tcp,
+            "cma" => Protocol::Cma,
+            "rdma" => Protocol::Rdma,
+            _ => return None,
+        })
+    }
+
+    /// The option's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Auto => "auto",
+            Protocol::Tcp => "tcp",
+            Protocol::Cma => "cma",
+            Protocol::Rdma => "rdma",
+        }
+    }
+}
+
+/// What the transports of one engine are configured with (from the
+/// backend's options).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Transport selection for peers.
+    pub protocol: Protocol,
+    /// Address to listen on; `None` picks one (see
+    /// [`super::tcp::listen_address`]).
+    pub ip_addr: Option<IpAddr>,
+    /// TCP port; 0 = ephemeral.
+    pub port: u16,
+    /// TCP streams per peer; `None` = per core count.
+    pub streams: Option<usize>,
+    /// A peer that answers nothing for this long while work is outstanding
+    /// is declared dead; zero disables.
+    pub timeout: Duration,
+    /// How long a served TCP connection busy-polls for the next request.
+    pub busy_poll: Duration,
+    /// Tunables of the TCP initiator (tests change them); `streams` and
+    /// `stall_timeout` are set from the fields above.
+    pub tcp: TcpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            protocol: Protocol::Auto,
+            ip_addr: None,
+            port: 0,
+            streams: None,
+            timeout: Duration::from_secs(30),
+            busy_poll: Duration::from_micros(30),
+            tcp: TcpConfig::default(),
+        }
+    }
+}
+
+/// The transports of one engine.
+pub struct Transports {
+    protocol: Protocol,
+    info: ConnInfo,
+    inproc: InProcTransport,
+    tcp: Arc<TcpTransport>,
+    cma: Option<CmaTransport>,
+    /// Every transport, for publishing and shutdown.
+    all: Vec<Arc<dyn Transport>>,
+}
+
+impl Transports {
+    /// Starts the transports of the engine whose peer-facing side is
+    /// `endpoint`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParam`] when the TCP listener cannot be opened where
+    /// the options say.
+    pub fn start(endpoint: Arc<Endpoint>, config: Config) -> Result<Transports> {
+        let tcp_config = TcpConfig {
+            streams: config.streams.unwrap_or_else(super::tcp::default_streams),
+            stall_timeout: config.timeout,
+            ..config.tcp
+        };
+        let tcp = Arc::new(TcpTransport::start(
+            endpoint.clone(),
+            config.ip_addr,
+            config.port,
+            config.busy_poll,
+            tcp_config,
+        )?);
+        let cma = matches!(config.protocol, Protocol::Auto | Protocol::Cma)
+            .then(|| CmaTransport::new(endpoint.token));
+        let inproc = InProcTransport::publish(endpoint.clone());
+        let mut all: Vec<Arc<dyn Transport>> = vec![Arc::new(inproc.clone()), tcp.clone()];
+        if let Some(cma) = &cma {
+            all.push(Arc::new(cma.clone()));
+        }
+        let mut info = ConnInfo {
+            agent: endpoint.name.as_bytes().to_vec(),
+            token: endpoint.token,
+            host: HostIdentity::current(),
+            pid: std::process::id(),
+            endpoints: Vec::new(),
+            cma_probe: None,
+        };
+        for t in &all {
+            t.publish(&mut info);
+        }
+        Ok(Transports {
+            protocol: config.protocol,
+            info,
+            inproc,
+            tcp,
+            cma,
+            all,
+        })
+    }
+
+    /// Our connection info, with every transport's endpoints.
+    pub fn conn_info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    /// The route of an engine to itself (NIXL's loopback): a direct copy,
+    /// whatever the protocol.
+    pub fn loopback(&self) -> Arc<dyn Route> {
+        Arc::new(self.inproc.loopback())
+    }
+
+    /// The routes that reach the peer whose connection info is `remote`,
+    /// in order of preference.
+    ///
+    /// # Errors
+    /// [`Error::NotSupported`] when no transport reaches the peer under the
+    /// configured protocol; [`Error::RemoteDisconnect`] when the peer is an
+    /// engine of this process that no longer exists.
+    pub fn routes(&self, remote: &ConnInfo) -> Result<Vec<Arc<dyn Route>>> {
+        let name = AgentName::from(remote.agent.as_slice());
+        if self.protocol == Protocol::Auto && self.info.same_process(remote) {
+            // No network or kernel path beats a copy inside the process.
+            let route: Arc<dyn Route> = Arc::new(self.inproc.route(&name, remote.token)?);
+            return Ok(vec![route]);
+        }
+        let agent = String::from_utf8_lossy(&remote.agent);
+        let tcp = remote
+            .endpoints
+            .iter()
+            .map(|conn_info::Endpoint::Tcp(addr)| *addr)
+            .next();
+        let no_tcp = || Error::NotSupported(format!("agent {agent:?} publishes no TCP endpoint"));
+        let tcp_route =
+            |addr| -> Arc<dyn Route> { Arc::new(self.tcp.route(&name, remote.token, addr)) };
+        let same_host = self.info.host.same_host(&remote.host);
+        let cma = || -> std::result::Result<CmaRoute, String> {
+            if !same_host {
+                return Err(format!(
+                    "it runs on another host or PID namespace (host {:?})",
+                    remote.host.hostname
+                ));
+            }
+            let cma = self
+                .cma
+                .as_ref()
+                .ok_or("this engine does not use cross-memory attach")?;
+            let probe_addr = remote.cma_probe.ok_or(
+                "it does not accept cross-memory attach (its protocol option excludes it)",
+            )?;
+            let control = tcp.ok_or("it publishes no TCP endpoint for control messages")?;
+            cma.route(remote.pid, probe_addr, remote.token, tcp_route(control))
+        };
+        let only = |r: Arc<dyn Route>| vec![r];
+        match self.protocol {
+            Protocol::Auto => match cma() {
+                Ok(route) => Ok(only(Arc::new(route))),
+                Err(why) => {
+                    if same_host {
+                        log::warn!(
+                            "Mooncake: agent {agent:?} is on this host but cross-memory attach is \
+                             not possible ({why}); using TCP"
+                        );
+                    }
+                    let addr = tcp.ok_or_else(no_tcp)?;
+                    Ok(only(tcp_route(addr)))
+                }
+            },
+            Protocol::Tcp => Ok(only(tcp_route(tcp.ok_or_else(no_tcp)?))),
+            Protocol::Cma => cma().map(|r| only(Arc::new(r))).map_err(|why| {
+                Error::NotSupported(format!(
+                    "protocol=cma: agent {agent:?} cannot be reached with cross-memory attach: {why}"
+                ))
+            }),
+            Protocol::Rdma => Err(Error::NotSupported(format!(
+                "protocol=rdma is not available in this build; agent {agent:?} (pid {} on host \
+                 {:?}) cannot be reached with it (use protocol=auto)",
+                remote.pid, remote.host.hostname
+            ))),
+        }
+    }
+
+    /// The transport of concrete type `T`, if this engine runs one (for
+    /// tests and diagnostics).
+    pub fn get<T: 'static>(&self) -> Option<&T> {
+        self.all.iter().find_map(|t| t.as_any().downcast_ref::<T>())
+    }
+
+    /// Stops every transport: no peer reaches the engine any more.
+    pub fn shutdown(&self) {
+        for t in &self.all {
+            t.shutdown();
+        }
+    }
+}
+
+/// The first of `routes` (in order of preference) that serves every pair
+/// of memory kinds `plan` moves between.
+///
+/// # Errors
+/// [`Error::NotSupported`] naming each route's transport and the kinds,
+/// when none serves them.
+pub fn choose<'a>(
+    routes: &'a [Arc<dyn Route>],
+    plan: &Plan,
+    agent: &AgentName,
+) -> Result<&'a Arc<dyn Route>> {
+    let pairs = plan.kind_pairs();
+    let serves = |r: &Arc<dyn Route>| pairs.iter().all(|&(l, rk)| r.serves(l, rk));
+    routes.iter().find(|r| serves(r)).ok_or_else(|| {
+        let wanted = pairs
+            .iter()
+            .filter(|&&(l, r)| (l, r) != (MemKind::Dram, MemKind::Dram))
+            .map(|(l, r)| format!("local {l} with remote {r}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let tried = routes
+            .iter()
+            .map(|r| r.transport())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Error::NotSupported(format!(
+            "prepXfer: no transport to agent {agent} moves {wanted} (tried: {tried}); \
+             only DRAM to DRAM is supported in this build"
+        ))
+    })
+}
