@@ -8,11 +8,11 @@
 //! for pinned copies to finish and afterwards no new pin succeeds, so no byte
 //! is ever written into memory after its `deregisterMem` returned.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::{RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use super::status::{Error, Result};
 use crate::wire::region::{RegionPublic, range_within};
@@ -59,6 +59,32 @@ impl std::fmt::Display for MemKind {
     }
 }
 
+/// The low bits of a region's key number its *slot*: a small index, unique
+/// among the live regions of one engine, that a transport may use to keep
+/// per-region state where peers see it (cross-memory attach publishes each
+/// live key at its slot, see [`RegionWatch`]). The other 44 bits are random.
+pub const SLOT_BITS: u32 = 20;
+
+/// Most regions one engine can have registered at once.
+pub const MAX_REGIONS: usize = 1 << SLOT_BITS;
+
+/// The slot of the region with access key `key`.
+pub fn slot_of(key: u64) -> u32 {
+    (key & (MAX_REGIONS as u64 - 1)) as u32
+}
+
+/// Something told of every registration and deregistration of a registry
+/// (a transport that must revoke peers' access on its own terms).
+pub trait RegionWatch: Send + Sync {
+    /// `region` was registered; called before `registerMem` returns.
+    fn registered(&self, region: &LocalRegion);
+    /// `region` is being deregistered: after return, no peer may access it
+    /// through this watcher's transport, and an access in progress has
+    /// finished. Called before `deregisterMem` returns, after the region's
+    /// pins were waited for and before its slot can be reused.
+    fn revoke(&self, region: &LocalRegion);
+}
+
 /// One registered local region. Address, length and key never change.
 #[derive(Debug)]
 pub struct LocalRegion {
@@ -95,6 +121,11 @@ impl LocalRegion {
         (!self.dying.load(Ordering::Acquire)).then_some(guard)
     }
 
+    /// The region's slot (see [`SLOT_BITS`]).
+    pub fn slot(&self) -> u32 {
+        slot_of(self.key)
+    }
+
     /// The kind of memory the region is.
     pub fn kind(&self) -> MemKind {
         MemKind::from_nixl(self.mem_type, self.dev_id)
@@ -119,9 +150,46 @@ impl LocalRegion {
 }
 
 /// All live registrations of one engine, by access key.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Registry {
     by_key: RwLock<HashMap<u64, Arc<LocalRegion>>>,
+    slots: Mutex<Slots>,
+    watchers: RwLock<Vec<Arc<dyn RegionWatch>>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("regions", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The slots in use: the lowest free one is taken first, so that a
+/// transport's per-slot state stays dense.
+#[derive(Debug, Default)]
+struct Slots {
+    /// Slots below `next` that are free again.
+    freed: BTreeSet<u32>,
+    /// The lowest slot never used.
+    next: u32,
+}
+
+impl Slots {
+    fn take(&mut self) -> Option<u32> {
+        if let Some(slot) = self.freed.pop_first() {
+            return Some(slot);
+        }
+        let slot = self.next;
+        ((slot as usize) < MAX_REGIONS).then(|| {
+            self.next += 1;
+            slot
+        })
+    }
+
+    fn give_back(&mut self, slot: u32) {
+        self.freed.insert(slot);
+    }
 }
 
 impl Registry {
@@ -155,9 +223,14 @@ impl Registry {
                 "registerMem: range {addr:#x}+{len} wraps around the address space"
             )));
         }
+        let slot = self.slots.lock().take().ok_or_else(|| {
+            Error::InvalidParam(format!(
+                "registerMem: {MAX_REGIONS} regions are registered already"
+            ))
+        })?;
         let mut map = self.by_key.write();
         let key = loop {
-            let k = random_u64();
+            let k = (random_u64() << SLOT_BITS) | u64::from(slot);
             if k != 0 && !map.contains_key(&k) {
                 break k;
             }
@@ -172,6 +245,10 @@ impl Registry {
             dying: AtomicBool::new(false),
         });
         map.insert(key, region.clone());
+        drop(map);
+        for w in self.watchers.read().iter() {
+            w.registered(&region);
+        }
         Ok(region)
     }
 
@@ -186,7 +263,21 @@ impl Registry {
         })?;
         region.dying.store(true, Ordering::Release);
         drop(region.pins.write());
+        for w in self.watchers.read().iter() {
+            w.revoke(&region);
+        }
+        self.slots.lock().give_back(region.slot());
         Ok(())
+    }
+
+    /// Tells `watcher` of every registration and deregistration from now on
+    /// (and of the regions registered already).
+    pub fn watch(&self, watcher: Arc<dyn RegionWatch>) {
+        let mut watchers = self.watchers.write();
+        for region in self.by_key.read().values() {
+            watcher.registered(region);
+        }
+        watchers.push(watcher);
     }
 
     /// The target-side check of a peer's access: the key must name a live
@@ -256,6 +347,45 @@ mod tests {
         assert!(reg.resolve(r.key, 0x1000, 1).is_err());
         assert!(matches!(reg.deregister(r.key), Err(Error::NotFound(_))));
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn slots_are_dense_unique_and_reused_after_deregistration() {
+        let reg = Registry::default();
+        let a = reg.register(0x1000, 1, DRAM_SEG, 0).unwrap();
+        let b = reg.register(0x2000, 1, DRAM_SEG, 0).unwrap();
+        let c = reg.register(0x3000, 1, DRAM_SEG, 0).unwrap();
+        assert_eq!((a.slot(), b.slot(), c.slot()), (0, 1, 2));
+        reg.deregister(b.key).unwrap();
+        let d = reg.register(0x4000, 1, DRAM_SEG, 0).unwrap();
+        assert_eq!(d.slot(), 1, "the lowest free slot is reused");
+        assert_ne!(d.key, b.key, "with a new random key");
+        assert_eq!(slot_of(d.key), 1);
+    }
+
+    #[test]
+    fn watchers_see_registrations_and_revoke_before_deregistration_returns() {
+        #[derive(Default)]
+        struct Log(Mutex<Vec<(bool, u64)>>);
+        impl RegionWatch for Log {
+            fn registered(&self, r: &LocalRegion) {
+                self.0.lock().push((true, r.key));
+            }
+            fn revoke(&self, r: &LocalRegion) {
+                assert!(r.pin().is_none(), "revoked after pins stop");
+                self.0.lock().push((false, r.key));
+            }
+        }
+        let reg = Registry::default();
+        let early = reg.register(0x1000, 1, DRAM_SEG, 0).unwrap();
+        let log = Arc::new(Log::default());
+        reg.watch(log.clone());
+        let late = reg.register(0x2000, 1, DRAM_SEG, 0).unwrap();
+        reg.deregister(early.key).unwrap();
+        assert_eq!(
+            *log.0.lock(),
+            vec![(true, early.key), (true, late.key), (false, early.key)]
+        );
     }
 
     #[test]

@@ -130,8 +130,17 @@ impl Transports {
             config.busy_poll,
             tcp_config,
         )?);
-        let cma = matches!(config.protocol, Protocol::Auto | Protocol::Cma)
-            .then(|| CmaTransport::new(endpoint.token));
+        let cma = match config.protocol {
+            Protocol::Auto | Protocol::Cma => CmaTransport::new(&endpoint)
+                .inspect_err(|why| {
+                    log::warn!(
+                        "Mooncake: agent {}: no cross-memory attach for its peers ({why})",
+                        endpoint.name
+                    )
+                })
+                .ok(),
+            Protocol::Tcp | Protocol::Rdma => None,
+        };
         let inproc = InProcTransport::publish(endpoint.clone());
         let mut all: Vec<Arc<dyn Transport>> = vec![Arc::new(inproc.clone()), tcp.clone()];
         if let Some(cma) = &cma {
@@ -208,7 +217,13 @@ impl Transports {
                 "it does not accept cross-memory attach (its protocol option excludes it)",
             )?;
             let control = tcp.ok_or("it publishes no TCP endpoint for control messages")?;
-            cma.route(remote.pid, probe_addr, remote.token, tcp_route(control))
+            cma.route(
+                &name,
+                remote.pid,
+                probe_addr,
+                remote.token,
+                tcp_route(control),
+            )
         };
         let only = |r: Arc<dyn Route>| vec![r];
         match self.protocol {

@@ -8,6 +8,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 
 use parking_lot::Mutex;
@@ -17,7 +18,16 @@ use super::{Op, Plan, Posted, Route, Transport};
 use crate::common::{AgentName, Endpoint, Error, LocalRegion, Result};
 use crate::wire::conn_info::ConnInfo;
 
-static DIRECTORY: LazyLock<Mutex<HashMap<u128, Weak<Endpoint>>>> =
+/// An engine of this process as its peers find it.
+#[derive(Clone)]
+struct Listed {
+    endpoint: Weak<Endpoint>,
+    /// Cleared when the engine is destroyed (its endpoint may outlive it
+    /// for a moment, held by a peer's job).
+    alive: Arc<AtomicBool>,
+}
+
+static DIRECTORY: LazyLock<Mutex<HashMap<u128, Listed>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
 /// The in-process transport of one engine: makes it reachable by the other
@@ -25,16 +35,22 @@ static DIRECTORY: LazyLock<Mutex<HashMap<u128, Weak<Endpoint>>>> =
 #[derive(Clone)]
 pub struct InProcTransport {
     endpoint: Arc<Endpoint>,
+    alive: Arc<AtomicBool>,
 }
 
 impl InProcTransport {
     /// Makes the engine of `endpoint` reachable by other engines of this
     /// process (until [`Transport::shutdown`]).
     pub fn publish(endpoint: Arc<Endpoint>) -> InProcTransport {
-        DIRECTORY
-            .lock()
-            .insert(endpoint.token, Arc::downgrade(&endpoint));
-        InProcTransport { endpoint }
+        let alive = Arc::new(AtomicBool::new(true));
+        DIRECTORY.lock().insert(
+            endpoint.token,
+            Listed {
+                endpoint: Arc::downgrade(&endpoint),
+                alive: alive.clone(),
+            },
+        );
+        InProcTransport { endpoint, alive }
     }
 
     /// The route of the engine to itself.
@@ -73,6 +89,7 @@ impl Transport for InProcTransport {
 
     fn shutdown(&self) {
         DIRECTORY.lock().remove(&self.endpoint.token);
+        self.alive.store(false, Ordering::SeqCst);
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -84,7 +101,7 @@ enum Target {
     /// Ourselves.
     Loopback(Arc<Endpoint>),
     /// Another engine of this process.
-    Peer(AgentName, Weak<Endpoint>),
+    Peer(AgentName, Listed),
 }
 
 /// A route to an engine of this process (or to ourselves).
@@ -100,9 +117,14 @@ impl InProcRoute {
     fn target(&self, what: &str) -> Result<Arc<Endpoint>> {
         match &self.target {
             Target::Loopback(ep) => Ok(ep.clone()),
-            Target::Peer(name, ep) => ep.upgrade().ok_or_else(|| {
-                Error::RemoteDisconnect(format!("{what}agent {name}'s engine was destroyed"))
-            }),
+            Target::Peer(name, listed) => listed
+                .alive
+                .load(Ordering::SeqCst)
+                .then(|| listed.endpoint.upgrade())
+                .flatten()
+                .ok_or_else(|| {
+                    Error::RemoteDisconnect(format!("{what}agent {name}'s engine was destroyed"))
+                }),
         }
     }
 }

@@ -33,6 +33,8 @@ macro_rules! conformance {
             case!(four_threads_post_at_once);
             case!(gen_notif_to_peer_and_self);
             case!(release_in_flight_reads_and_writes_nothing_afterwards);
+            case!(deregistration_in_flight_stops_every_access);
+            case!(target_death_in_flight_writes_nothing_afterwards);
         }
     };
 }
@@ -49,6 +51,29 @@ fn two(params: &[(&str, &str)]) -> (Engine, Engine) {
     let b = engine_with("B", true, params);
     a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
     (a, b)
+}
+
+/// Without progress threads: a large transfer then moves only inside
+/// `postXfer`/`checkXfer` (copy transports: in bounded steps), so the test
+/// can act between its steps.
+fn two_unthreaded(params: &[(&str, &str)]) -> (Engine, Engine) {
+    let a = engine_with("A", false, params);
+    let b = engine_with("B", false, params);
+    a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    (a, b)
+}
+
+/// Registers `buf` on `b` and loads its metadata on `a`: returns `b`'s id
+/// of the registration and `a`'s id of the remote region.
+fn expose_on_b(a: &Engine, b: &Engine, buf: &[u8]) -> (MdId, MdId) {
+    let bmd = b
+        .register_mem(buf.as_ptr() as u64, buf.len() as u64, 0, 0)
+        .unwrap();
+    let blob = b.public_data(bmd).unwrap();
+    let rmd = a
+        .load_remote_md(buf.as_ptr() as u64, buf.len() as u64, 0, &blob, b"B")
+        .unwrap();
+    (bmd, rmd)
 }
 
 /// A byte pattern that differs per `seed` and per position.
@@ -360,4 +385,72 @@ pub(super) fn four_threads_post_at_once(params: &[(&str, &str)]) {
     for t in 0..4u8 {
         assert_eq!(got.iter().filter(|(_, m)| m == &[t]).count(), 10);
     }
+}
+
+pub(super) fn deregistration_in_flight_stops_every_access(params: &[(&str, &str)]) {
+    let (a, b) = two_unthreaded(params);
+    let len = 64 << 20;
+    let src = pattern(len, 7);
+    let dst = vec![0u8; len];
+    let smd = a
+        .register_mem(src.as_ptr() as u64, len as u64, 0, 0)
+        .unwrap();
+    let (bmd, rmd) = expose_on_b(&a, &b, &dst);
+    let w = one_desc(&a, Op::Write, &src, smd, 0, &dst, rmd, 0, len);
+    let _ = a.post_xfer(w, Some(b"never")).unwrap();
+    b.deregister_mem(bmd).unwrap();
+    // After deregisterMem returned, not one more byte may land.
+    let snapshot = dst.clone();
+    let result = wait(&a, w);
+    assert!(dst == snapshot, "written after deregisterMem returned");
+    if result.is_ok() {
+        assert!(dst == src, "completed before the deregistration");
+    }
+    // A repost, and a READ of the region, are refused.
+    let refused = a.post_xfer(w, None).and_then(|_| wait(&a, w));
+    assert!(matches!(refused, Err(Error::NotAllowed(_))), "{refused:?}");
+    let local = vec![0x5Au8; len];
+    let lmd = a
+        .register_mem(local.as_ptr() as u64, len as u64, 0, 0)
+        .unwrap();
+    let r = one_desc(&a, Op::Read, &local, lmd, 0, &dst, rmd, 0, len);
+    let refused = a.post_xfer(r, None).and_then(|_| wait(&a, r));
+    assert!(matches!(refused, Err(Error::NotAllowed(_))), "{refused:?}");
+    assert!(local.iter().all(|&x| x == 0x5A), "a refused READ wrote");
+    assert!(
+        !b.get_notifs().iter().any(|(_, m)| m == b"never") || result.is_ok(),
+        "a notification for data that did not land"
+    );
+}
+
+pub(super) fn target_death_in_flight_writes_nothing_afterwards(params: &[(&str, &str)]) {
+    let (a, b) = two_unthreaded(params);
+    let len = 64 << 20;
+    let src = pattern(len, 9);
+    let dst = vec![0u8; len];
+    let smd = a
+        .register_mem(src.as_ptr() as u64, len as u64, 0, 0)
+        .unwrap();
+    let (_, rmd) = expose_on_b(&a, &b, &dst);
+    let w = one_desc(&a, Op::Write, &src, smd, 0, &dst, rmd, 0, len);
+    let _ = a.post_xfer(w, None).unwrap();
+    // B's engine is destroyed; its memory (our `dst`) stays mapped, so a
+    // write after this point would land unnoticed.
+    drop(b);
+    let snapshot = dst.clone();
+    let result = wait(&a, w);
+    assert!(
+        dst == snapshot,
+        "written after the target's engine was destroyed"
+    );
+    match result {
+        Ok(_) => assert!(dst == src, "completed before the destruction"),
+        Err(e) => assert!(matches!(e, Error::RemoteDisconnect(_)), "{e:?}"),
+    }
+    let later = a.post_xfer(w, None).and_then(|_| wait(&a, w));
+    assert!(
+        matches!(later, Err(Error::RemoteDisconnect(_))),
+        "{later:?}"
+    );
+    assert!(dst == snapshot);
 }
