@@ -117,7 +117,7 @@ fn notifs(c: &mut Criterion) {
             || msgs.clone(),
             |msgs| {
                 for m in msgs {
-                    inbox.push(from.clone(), m);
+                    inbox.push(from.clone(), m).expect("room in the inbox");
                 }
                 black_box(inbox.drain())
             },

@@ -21,6 +21,7 @@ use crate::common::{
 };
 use crate::transport::{self, Job, Op, Plan, Posted, Route, Segment, Transfer, Transports};
 use crate::wire::conn_info::ConnInfo;
+use crate::wire::frame::MAX_NOTIF;
 use crate::wire::region::RegionPublic;
 
 /// Id of a metadata object (`nixlBackendMD`) handed to NIXL; never 0.
@@ -148,7 +149,52 @@ struct Request {
     plan: Arc<Plan>,
     /// The route chosen for the plan at prep time.
     route: Arc<dyn Route>,
-    current: Mutex<Option<Posted>>,
+    /// Held only briefly: never across a post, never across I/O.
+    slot: Mutex<Slot>,
+    /// Signalled (under `slot`) when a post in progress returns.
+    posted: parking_lot::Condvar,
+}
+
+/// Where a request stands.
+#[derive(Default)]
+struct Slot {
+    /// The last post.
+    current: Option<Posted>,
+    /// A `postXfer` is starting a post right now (on another thread).
+    posting: bool,
+    /// `releaseReqH` was called: no post may start any more.
+    released: bool,
+}
+
+impl Request {
+    /// No post may start any more; the last one is cancelled (after a post
+    /// starting right now on another thread has returned).
+    fn release(&self) {
+        let mut slot = self.slot.lock();
+        slot.released = true;
+        while slot.posting {
+            self.posted.wait(&mut slot);
+        }
+        let current = slot.current.take();
+        drop(slot);
+        if let Some(posted) = current {
+            posted.transfer.cancel();
+        }
+    }
+}
+
+/// Refuses a notification longer than any transport carries.
+///
+/// # Errors
+/// [`Error::InvalidParam`] naming the call and the sizes.
+fn check_notif_len(what: &str, msg: Option<&[u8]>) -> Result<()> {
+    match msg {
+        Some(m) if m.len() > MAX_NOTIF as usize => Err(Error::InvalidParam(format!(
+            "{what}: a notification of {} bytes exceeds the limit of {MAX_NOTIF} bytes",
+            m.len()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Two `checkXfer` calls of one thread on one request, with no other
@@ -180,6 +226,8 @@ pub struct Engine {
     mds: RwLock<HashMap<MdId, Md>>,
     next_md: AtomicU64,
     peers: RwLock<HashMap<AgentName, Arc<Peer>>>,
+    /// Serialises `loadRemoteConnInfo`.
+    loading: Mutex<()>,
     requests: RequestSlab<Arc<Request>>,
     worker: Arc<Worker>,
     /// `checkXfer` calls that waited for a transfer (for tests).
@@ -232,6 +280,7 @@ impl Engine {
             mds: RwLock::new(HashMap::new()),
             next_md: AtomicU64::new(1),
             peers: RwLock::new(HashMap::new()),
+            loading: Mutex::new(()),
             requests: RequestSlab::default(),
             worker,
             spin_waits: AtomicU64::new(0),
@@ -272,12 +321,16 @@ impl Engine {
                 AgentName::from(info.agent.as_slice())
             )));
         }
+        // One load at a time: two threads loading the same info must not
+        // both build routes (loads are rare; transfers never take this).
+        let _loading = self.loading.lock();
         if let Some(old) = self.peers.read().get(&name) {
             if old.info.token == info.token {
                 return Ok(());
             }
             info!("Mooncake: agent {name} has new connection info (it restarted); replacing");
         }
+        crate::common::fault::point("engine.loading", self.endpoint.token);
         let routes = self.transports.routes(&info);
         match &routes {
             Ok(routes) => debug!("Mooncake: agent {name} {}", routes[0].describe()),
@@ -321,6 +374,7 @@ impl Engine {
             .remove(&name)
             .ok_or_else(|| Error::NotFound(format!("disconnect: unknown agent {name}")))?;
         peer.close();
+        self.transports.forget(&name);
         Ok(())
     }
 
@@ -511,7 +565,8 @@ impl Engine {
         let id = self.requests.insert(Arc::new(Request {
             plan: Arc::new(plan),
             route,
-            current: Mutex::new(None),
+            slot: Mutex::new(Slot::default()),
+            posted: parking_lot::Condvar::new(),
         }));
         Ok(id)
     }
@@ -562,7 +617,8 @@ impl Engine {
             }
             let extent = &mut remote_extent[ri as usize];
             extent.0 = extent.0.min(r.addr);
-            extent.1 = extent.1.max(r.addr + r.len);
+            // Inside a region that does not wrap (checked at loadRemoteMD).
+            extent.1 = extent.1.max(r.addr.saturating_add(r.len));
             total_bytes += l.len;
             segments.push(Segment {
                 local: li,
@@ -599,19 +655,42 @@ impl Engine {
     /// while the previous post runs, [`Error::RemoteDisconnect`] when the
     /// peer is gone, [`Error::NotAllowed`] when the peer refuses a range.
     pub fn post_xfer(&self, id: ReqId, notif: Option<&[u8]>) -> Result<Status> {
+        check_notif_len("postXfer", notif)?;
         let req = self.request(id, "postXfer")?;
-        let mut current = req.current.lock();
-        if current
-            .as_ref()
-            .is_some_and(|p| p.transfer.completion().in_progress())
-        {
-            return Err(Error::RepostActive(format!(
-                "postXfer: request {id:#x} is still in flight"
-            )));
+        let previous = {
+            let mut slot = req.slot.lock();
+            if slot.released {
+                return Err(Error::NotFound(format!(
+                    "postXfer: request {id:#x} was released"
+                )));
+            }
+            if slot.posting
+                || slot
+                    .current
+                    .as_ref()
+                    .is_some_and(|p| p.transfer.completion().in_progress())
+            {
+                return Err(Error::RepostActive(format!(
+                    "postXfer: request {id:#x} is still in flight"
+                )));
+            }
+            slot.posting = true;
+            slot.current.take()
+        };
+        // The request's state is not locked while the post starts (it never
+        // waits on the network, but a release or a check must not wait for
+        // it either). What the previous post moved has stopped moving.
+        if let Some(previous) = previous {
+            previous.transfer.cancel();
         }
-        let posted = req.route.post(&req.plan, notif)?;
-        *current = Some(posted.clone());
-        drop(current);
+        crate::common::fault::point("engine.posting", self.endpoint.token);
+        let started = req.route.post(&req.plan, notif);
+        let mut slot = req.slot.lock();
+        slot.posting = false;
+        req.posted.notify_all();
+        let posted = started?;
+        slot.current = Some(posted.clone());
+        drop(slot);
         match posted.steps {
             Some(job) => self.run(job, &*posted.transfer, &req.plan),
             None => posted.transfer.completion().result(),
@@ -640,11 +719,17 @@ impl Engine {
     /// unknown handle, [`Error::InvalidParam`] for one never posted.
     pub fn check_xfer(&self, id: ReqId) -> Result<Status> {
         let req = self.request(id, "checkXfer")?;
-        let Some(posted) = req.current.lock().clone() else {
-            return Err(Error::InvalidParam(format!(
-                "checkXfer: request {id:#x} was never posted"
-            )));
+        let slot = req.slot.lock();
+        let Some(posted) = slot.current.clone() else {
+            return if slot.posting {
+                Ok(Status::InProg)
+            } else {
+                Err(Error::InvalidParam(format!(
+                    "checkXfer: request {id:#x} was never posted"
+                )))
+            };
         };
+        drop(slot);
         let job = &*posted.transfer;
         if job.completion().in_progress() {
             let moved_by_threads = if posted.steps.is_none() {
@@ -699,7 +784,9 @@ impl Engine {
     }
 
     /// `releaseReqH`: frees the request; a transfer still in flight is
-    /// cancelled first. Never blocks for longer than one bounded copy step.
+    /// cancelled first, and one a concurrent `postXfer` is starting is
+    /// waited for and cancelled: after return no byte of the request moves.
+    /// Never blocks for longer than one bounded copy step or system call.
     ///
     /// # Errors
     /// [`Error::NotFound`] for an unknown handle.
@@ -708,9 +795,7 @@ impl Engine {
             .requests
             .remove(id)
             .ok_or_else(|| Error::NotFound(format!("releaseReqH: unknown request {id:#x}")))?;
-        if let Some(posted) = req.current.lock().take() {
-            posted.transfer.cancel();
-        }
+        req.release();
         Ok(())
     }
 
@@ -750,6 +835,7 @@ impl Engine {
     /// [`Error::NotFound`] for an unknown agent, the route's error when it
     /// cannot be reached.
     pub fn gen_notif(&self, agent: &[u8], msg: &[u8]) -> Result<()> {
+        check_notif_len("genNotif", Some(msg))?;
         if agent == self.name().as_bytes() {
             self.loopback.notify(msg)
         } else {
@@ -769,9 +855,7 @@ impl Drop for Engine {
         }
         self.worker.shutdown();
         for req in self.requests.drain() {
-            if let Some(posted) = req.current.lock().take() {
-                posted.transfer.cancel();
-            }
+            req.release();
         }
         // Peers may still hold our regions in their jobs: make sure none of
         // them touches our memory once we are gone.

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod completion;
+pub mod fault;
 pub mod inbox;
 pub mod memory;
 pub mod status;

@@ -206,6 +206,9 @@ pub trait Transport: Send + Sync {
     fn name(&self) -> &'static str;
     /// Adds what peers need to reach this transport to our connection info.
     fn publish(&self, info: &mut crate::wire::conn_info::ConnInfo);
+    /// Forgets agent `peer` (NIXL's `disconnect`): what this transport
+    /// serves for it (connections it opened to us) goes. By default nothing.
+    fn forget(&self, _peer: &crate::common::AgentName) {}
     /// Stops serving peers: after return no peer reaches the engine through
     /// this transport, and its threads have exited.
     fn shutdown(&self);

@@ -108,6 +108,8 @@ pub struct Transports {
     cma: Option<CmaTransport>,
     /// Every transport, for publishing and shutdown.
     all: Vec<Arc<dyn Transport>>,
+    /// How many times routes were built (for tests).
+    routes_built: std::sync::atomic::AtomicUsize,
 }
 
 impl Transports {
@@ -164,6 +166,7 @@ impl Transports {
             tcp,
             cma,
             all,
+            routes_built: Default::default(),
         })
     }
 
@@ -186,6 +189,8 @@ impl Transports {
     /// configured protocol; [`Error::RemoteDisconnect`] when the peer is an
     /// engine of this process that no longer exists.
     pub fn routes(&self, remote: &ConnInfo) -> Result<Vec<Arc<dyn Route>>> {
+        self.routes_built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = AgentName::from(remote.agent.as_slice());
         if self.protocol == Protocol::Auto && self.info.same_process(remote) {
             // No network or kernel path beats a copy inside the process.
@@ -254,10 +259,22 @@ impl Transports {
         }
     }
 
+    /// How many times [`Self::routes`] was called (for tests).
+    pub fn routes_built(&self) -> usize {
+        self.routes_built.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The transport of concrete type `T`, if this engine runs one (for
     /// tests and diagnostics).
     pub fn get<T: 'static>(&self) -> Option<&T> {
         self.all.iter().find_map(|t| t.as_any().downcast_ref::<T>())
+    }
+
+    /// Forgets agent `peer` in every transport (NIXL's `disconnect`).
+    pub fn forget(&self, peer: &AgentName) {
+        for t in &self.all {
+            t.forget(peer);
+        }
     }
 
     /// Stops every transport: no peer reaches the engine any more.

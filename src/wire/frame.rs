@@ -10,6 +10,7 @@
 //! ReadReq   aux = segment count; body: count x Seg
 //! ReadResp  aux = status (i64); body: the data of every segment, or the reason
 //! Notif     body: the message bytes
+//! NotifRefused  aux = the refused message's length; body: the reason (text)
 //! Seg: key u64 | addr u64 | len u32   (20 bytes)
 //! ```
 //!
@@ -19,8 +20,8 @@ use thiserror::Error;
 
 /// First bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"MC";
-/// Protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// Protocol version this build speaks (2: `NotifRefused`).
+pub const VERSION: u8 = 2;
 /// Size of the header.
 pub const HEADER_LEN: usize = 24;
 /// Size of one encoded segment.
@@ -54,6 +55,8 @@ pub enum Kind {
     ReadResp = 6,
     /// A notification for the server's agent.
     Notif = 7,
+    /// Server to client: a notification was not accepted (no room for it).
+    NotifRefused = 8,
 }
 
 impl Kind {
@@ -66,6 +69,7 @@ impl Kind {
             5 => Kind::ReadReq,
             6 => Kind::ReadResp,
             7 => Kind::Notif,
+            8 => Kind::NotifRefused,
             _ => return None,
         })
     }
@@ -163,6 +167,7 @@ impl Header {
             Kind::HelloOk => limit(0, "hello-ok")?,
             Kind::Notif => limit(MAX_NOTIF, "notification")?,
             Kind::WriteAck => limit(MAX_REASON, "write-ack")?,
+            Kind::NotifRefused => limit(MAX_REASON, "notification refusal")?,
             Kind::ReadResp => limit(MAX_DATA as u32, "read response")?,
             Kind::Write | Kind::ReadReq => {
                 if h.aux == 0 || h.aux > MAX_SEGS as u64 {
@@ -338,8 +343,8 @@ mod tests {
         let mut raw = Header::new(Kind::Notif, 0, 0, 0).encode();
         raw[3] = 99;
         assert_eq!(Header::decode(&raw), Err(FrameError::Kind(99)));
-        raw[2] = 2;
-        assert_eq!(Header::decode(&raw), Err(FrameError::Version(2)));
+        raw[2] = VERSION + 1;
+        assert_eq!(Header::decode(&raw), Err(FrameError::Version(VERSION + 1)));
         raw[0] = b'X';
         assert!(matches!(Header::decode(&raw), Err(FrameError::Magic(_))));
     }

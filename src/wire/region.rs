@@ -39,7 +39,17 @@ impl RegionPublic {
     /// # Errors
     /// A [`WireError`] when the blob is not region data of this version.
     pub fn decode(blob: &[u8]) -> Result<RegionPublic, WireError> {
-        ENVELOPE.decode(blob)
+        let region: RegionPublic = ENVELOPE.decode(blob)?;
+        if region.addr.checked_add(region.len).is_none() {
+            return Err(WireError::Body {
+                kind: ENVELOPE.kind,
+                why: format!(
+                    "region {:#x}+{} wraps around the address space",
+                    region.addr, region.len
+                ),
+            });
+        }
+        Ok(region)
     }
 
     /// True when `[addr, addr+len)` lies inside this region (overflow-safe).
@@ -73,6 +83,23 @@ mod tests {
         for cut in 0..blob.len() {
             assert!(RegionPublic::decode(&blob[..cut]).is_err());
         }
+    }
+
+    #[test]
+    fn a_region_that_wraps_around_the_address_space_is_refused() {
+        let wrapping = RegionPublic {
+            addr: u64::MAX - 10,
+            len: 100,
+            ..SAMPLE
+        };
+        let e = RegionPublic::decode(&wrapping.encode()).unwrap_err();
+        assert!(e.to_string().contains("wraps"), "{e}");
+        let edge = RegionPublic {
+            addr: u64::MAX - 100,
+            len: 100,
+            ..SAMPLE
+        };
+        assert_eq!(RegionPublic::decode(&edge.encode()), Ok(edge));
     }
 
     #[test]

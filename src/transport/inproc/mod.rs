@@ -157,8 +157,7 @@ impl Route for InProcRoute {
 
     fn notify(&self, msg: &[u8]) -> Result<()> {
         let target = self.target("genNotif: ")?;
-        target.inbox.push(self.me.clone(), msg.to_vec());
-        Ok(())
+        deliver(&target, &self.me, msg.to_vec())
     }
 
     fn is_down(&self) -> bool {
@@ -168,6 +167,19 @@ impl Route for InProcRoute {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// Puts `msg` from `from` into `target`'s inbox.
+///
+/// # Errors
+/// [`Error::NotAllowed`] when the inbox has no room for it.
+fn deliver(target: &Endpoint, from: &AgentName, msg: Vec<u8>) -> Result<()> {
+    target.inbox.push(from.clone(), msg).map_err(|why| {
+        Error::NotAllowed(format!(
+            "agent {} refused the notification: {why}",
+            target.name
+        ))
+    })
 }
 
 /// A notification to deliver once a job's data is in place.
@@ -254,9 +266,9 @@ impl Mover for InProcCopy {
     }
 
     fn finished(&self) -> Result<()> {
-        if let Some(n) = &self.notif {
-            self.target.inbox.push(n.from.clone(), n.msg.clone());
+        match &self.notif {
+            Some(n) => deliver(&self.target, &n.from, n.msg.clone()),
+            None => Ok(()),
         }
-        Ok(())
     }
 }

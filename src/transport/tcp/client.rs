@@ -8,6 +8,21 @@
 //! memory). A post's notification is sent only after every frame of the post
 //! was acknowledged (WRITE: the data is in the target's memory) or received
 //! (READ: the data is in ours).
+//!
+//! No thread waits for the network while it holds a request's memory: every
+//! system call that touches registered memory is non-blocking and made under
+//! pins and the post's cancel lock taken for that call only (see
+//! [`io::send_frame`]). So `releaseReqH` and `deregisterMem` wait for one
+//! system call at most, and a frame cut short by either goes on as zeros
+//! (sent) or is thrown away (received), keeping the stream whole: a cancel
+//! never gives up on a connection. A post ends only when every one of its
+//! frames was settled (answered, refused, skipped or lost with its
+//! connection), so a repost never overlaps frames of the previous post.
+//!
+//! A link whose connections fail comes back by itself: the next post after
+//! a backoff (2 s, doubling to 30 s while reconnecting fails) opens new
+//! connections; one whose peer closed it cleanly while idle reconnects on
+//! the next post at once.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -18,10 +33,10 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{debug, warn};
-use parking_lot::{Condvar, Mutex, RwLock};
+use log::{debug, error, warn};
+use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
-use super::io::{self, RawRange};
+use super::io::{self, Access, RawRange, Waits};
 use crate::common::{AgentName, Completion, Error, Pin, Result, Status};
 use crate::transport::{Op, Plan, Posted, Route, Transfer};
 use crate::wire::frame::{self, Header, Hello, Kind, Seg};
@@ -55,6 +70,10 @@ impl Default for TcpConfig {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long posts fail fast after a link failed, before the next one tries
+/// to reconnect; doubled after each failed reconnect, up to [`MAX_BACKOFF`].
+const BACKOFF: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// One piece of a frame: a contiguous range on both sides.
 #[derive(Debug, Clone, Copy)]
@@ -72,18 +91,20 @@ pub struct TcpPost {
     pieces: Vec<Piece>,
     /// Frame `i` covers `pieces[frames[i]..frames[i + 1]]`.
     frames: Vec<usize>,
-    remaining: AtomicUsize,
+    /// Frames not settled yet (answered, refused, skipped, or lost with
+    /// their connection): the post ends when this reaches 0.
+    outstanding: AtomicUsize,
+    /// The first error of a frame: the post's result once all settled.
+    error: Mutex<Option<Error>>,
     /// Set once the post finished, failed or was cancelled: none of its data
-    /// moves any more.
+    /// moves between a socket and its memory any more.
     stopped: AtomicBool,
-    /// Held shared while the post's data moves between a socket and its
-    /// memory (streams move frames of one post in parallel), exclusively by
-    /// `cancel` (so that nothing moves after it returned). Completion and
-    /// failure never take it, so a receiver never waits on a sender blocked
-    /// in the network.
+    /// Held shared for each system call that moves the post's data between
+    /// a socket and its memory (streams move frames of one post in
+    /// parallel; no call waits), exclusively by `cancel`, so that nothing
+    /// moves after it returned.
     io: RwLock<()>,
-    /// The connections the post runs on (to give up on them if a cancel
-    /// finds a frame stuck on a stalled peer).
+    /// The connections the post runs on.
     conns: Weak<Conns>,
     completion: Completion,
     notif: Option<Vec<u8>>,
@@ -134,7 +155,8 @@ impl TcpPost {
             plan,
             pieces,
             frames,
-            remaining: AtomicUsize::new(count),
+            outstanding: AtomicUsize::new(count),
+            error: Mutex::new(None),
             stopped: AtomicBool::new(false),
             io: RwLock::new(()),
             conns,
@@ -191,22 +213,41 @@ impl TcpPost {
         table
     }
 
-    /// Ends the post with `result` unless it already ended.
+    /// Ends the post with `result` unless it already ended, and stops its
+    /// data.
     fn finish(&self, result: Result<()>) {
-        if !self.stopped.swap(true, Ordering::AcqRel) {
-            self.completion.finish(result);
-        }
+        self.stopped.store(true, Ordering::Release);
+        self.completion.finish(result);
     }
 
     fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
     }
 
-    /// One frame was answered: when it was the last, send the notification
-    /// (which completes the post once written) or complete now.
-    fn frame_done(self: &Arc<Self>, conns: &Conns) {
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+    /// Records `e` as the post's result (the first error wins) and stops
+    /// its data; the post ends once every frame is settled.
+    fn fail(&self, e: Error) {
+        self.error.lock().get_or_insert(e);
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    /// The answer to one frame is in, or the frame will never be answered
+    /// (`result` says why). When it was the last frame: the post ends with
+    /// its first error, or sends the notification (which completes it once
+    /// written), or completes now.
+    fn settle(self: &Arc<Self>, conns: &Conns, result: Result<()>) {
+        if let Err(e) = result {
+            self.fail(e);
+        }
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
+        }
+        if let Some(e) = self.error.lock().take() {
+            self.finish(Err(e));
+            return;
+        }
+        if self.is_stopped() {
+            return; // cancelled: finished already
         }
         match &self.notif {
             Some(msg) => conns.enqueue(Out::Notif {
@@ -214,6 +255,25 @@ impl TcpPost {
                 post: Some(self.clone()),
             }),
             None => self.finish(Ok(())),
+        }
+    }
+
+    /// The access [`io::send_frame`]/[`io::recv_frame`] may have to frame
+    /// `i`'s local memory for one system call: under the cancel lock and
+    /// pins, or none once the post stopped or a region went.
+    fn access(&self, i: usize) -> Access<(RwLockReadGuard<'_, ()>, Vec<Pin<'_>>)> {
+        let moving = self.io.read();
+        if self.is_stopped() {
+            return Access::Zeros;
+        }
+        match self.pin_local(i) {
+            Some(pins) => Access::Memory((moving, pins)),
+            None => {
+                self.fail(Error::InvalidParam(
+                    "a local region was deregistered during the transfer".into(),
+                ));
+                Access::Zeros
+            }
         }
     }
 }
@@ -237,23 +297,15 @@ impl Transfer for TcpPost {
     fn remaining_bytes(&self) -> u64 {
         // Frames of one post are about the same size.
         let frames = self.frame_count().max(1) as u64;
-        let left = self.remaining.load(Ordering::Acquire) as u64;
+        let left = self.outstanding.load(Ordering::Acquire) as u64;
         self.plan.total_bytes / frames * left
     }
 
+    /// Waits for the system call moving the post's data right now (never
+    /// for the network: they do not wait), then stops the post: frames cut
+    /// short go on as zeros or are thrown away.
     fn cancel(&self) {
-        let _moving = self.io.try_write_for(CANCEL_WAIT).unwrap_or_else(|| {
-            // A frame is stuck on a peer that stopped reading or sending:
-            // give up on the connection (its sockets are shut, so the blocked
-            // I/O returns at once), then no byte can move any more.
-            if let Some(conns) = self.conns.upgrade() {
-                conns.fail_all(Error::RemoteDisconnect(format!(
-                    "agent {} stalled in the middle of a frame of a cancelled transfer",
-                    conns.peer
-                )));
-            }
-            self.io.write()
-        });
+        let _moving = self.io.write();
         self.finish(Err(Error::Canceled(
             "the request was released while in flight".into(),
         )));
@@ -270,6 +322,18 @@ enum Out {
         msg: Vec<u8>,
         post: Option<Arc<TcpPost>>,
     },
+    /// The rest of a frame a poster started sending inline.
+    Rest(Box<Outgoing>),
+}
+
+/// A frame on its way out: its bytes and how many were sent.
+struct Outgoing {
+    out: Out,
+    /// Header and segment table (or header and message).
+    head: Vec<u8>,
+    /// The local memory a Write frame carries after `head`.
+    ranges: Vec<RawRange>,
+    sent: usize,
 }
 
 struct Pending {
@@ -341,10 +405,6 @@ const POLL_BODY_BYTES: u32 = (INLINE_FRAME_BYTES + 4096) as u32;
 /// when its stream is idle (no hand-off to the writer thread: lower latency).
 const INLINE_FRAME_BYTES: u64 = 64 << 10;
 
-/// How long a cancel waits for a frame in motion before it gives up on a
-/// connection that stalls in the middle of it.
-const CANCEL_WAIT: Duration = Duration::from_millis(200);
-
 /// The connections to one peer. Each stream's writer thread opens its
 /// socket (no caller waits on the network: posts queue until it is up).
 struct Conns {
@@ -361,10 +421,17 @@ struct Conns {
     polled: AtomicU64,
     /// Answers a poller handed back to the reader thread (for tests).
     handed_back: AtomicU64,
+    /// Notifications the peer refused (for tests).
+    refused_notifs: AtomicU64,
     pending: Mutex<HashMap<u64, Pending>>,
     next_tag: std::sync::atomic::AtomicU64,
     next_stream: AtomicUsize,
     down: Mutex<Option<Error>>,
+    /// Set when the connections ended with nothing lost: they were all up,
+    /// and the peer closed them between frames with no work outstanding.
+    clean_close: AtomicBool,
+    /// Failed connections of the link in a row before these.
+    failures_before: u32,
     last_progress: Mutex<Instant>,
     /// See [`TcpConfig::stall_timeout`].
     stall_timeout: Duration,
@@ -398,13 +465,15 @@ impl Conns {
             Out::Frame { .. } => {
                 self.next_stream.fetch_add(1, Ordering::Relaxed) % self.queues.len()
             }
-            Out::Notif { .. } => 0,
+            // (The rest of a frame is never queued here: it goes back to
+            // the front of the stream it started on.)
+            Out::Notif { .. } | Out::Rest(_) => 0,
         };
         let (queue, cv) = &self.queues[i];
         let mut q = queue.lock();
         if q.closed {
             drop(q);
-            fail_out(out, &self.down_error());
+            fail_out(self, out, &self.down_error());
             return;
         }
         q.items.push_back(out);
@@ -429,9 +498,15 @@ impl Conns {
         if let Out::Frame { post, .. } = &out {
             post.inline_stream.store(i, Ordering::Release);
         }
-        let result = send(self, sock, out);
+        // Never wait for room in the socket: what does not fit now is left
+        // to the writer thread, ahead of anything queued meanwhile.
+        let mut outgoing = Outgoing::new(out);
+        let result = send(self, sock, &mut outgoing, false);
         let queued = {
             let mut q = queue.lock();
+            if matches!(result, Ok(false)) {
+                q.items.push_front(Out::Rest(Box::new(outgoing)));
+            }
             q.busy = false;
             !q.items.is_empty()
         };
@@ -545,6 +620,12 @@ impl Conns {
     /// Declares the peer dead: every request in flight to it fails with
     /// `err` now, and the sockets are shut so the threads exit.
     fn fail_all(&self, err: Error) {
+        self.fail_all_as(err, false);
+    }
+
+    /// [`Self::fail_all`]; `closed_between_frames` says the peer closed a
+    /// connection cleanly (the close is clean when nothing else was lost).
+    fn fail_all_as(&self, err: Error, closed_between_frames: bool) {
         {
             let mut down = self.down.lock();
             if down.is_some() {
@@ -553,10 +634,21 @@ impl Conns {
             *down = Some(err.clone());
         }
         let outstanding = !self.pending.lock().is_empty();
+        let queued = self.queues.iter().any(|(q, _)| !q.lock().items.is_empty());
+        let all_up = self.socks.iter().all(|s| s.get().is_some());
+        if closed_between_frames && !outstanding && !queued && all_up {
+            self.clean_close.store(true, Ordering::Release);
+        }
         if outstanding {
             warn!("Mooncake: {err}");
         } else {
             debug!("Mooncake: {err}");
+        }
+        // Every frame sent or queued is in `pending`: settling them here
+        // settles each exactly once (queued frames are then dropped).
+        let pending: Vec<Pending> = self.pending.lock().drain().map(|(_, p)| p).collect();
+        for p in pending {
+            p.post.settle(self, Err(err.clone()));
         }
         for (queue, cv) in &self.queues {
             let items: Vec<Out> = {
@@ -566,12 +658,8 @@ impl Conns {
             };
             cv.notify_all();
             for out in items {
-                fail_out(out, &err);
+                fail_out(self, out, &err);
             }
-        }
-        let pending: Vec<Pending> = self.pending.lock().drain().map(|(_, p)| p).collect();
-        for p in pending {
-            p.post.finish(Err(err.clone()));
         }
         for s in self.socks.iter().filter_map(OnceLock::get) {
             let _ = s.shutdown(std::net::Shutdown::Both);
@@ -588,12 +676,31 @@ impl Conns {
     fn progress(&self) {
         *self.last_progress.lock() = Instant::now();
     }
+
+    /// How long a frame may go without a byte moving.
+    fn stall(&self) -> Option<Duration> {
+        (!self.stall_timeout.is_zero()).then_some(self.stall_timeout)
+    }
 }
 
-fn fail_out(out: Out, err: &Error) {
+/// `out` will never be sent.
+/// How long a link fails fast after `failures` failed connections in a row.
+fn backoff(failures: u32) -> Duration {
+    BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(8))
+        .min(MAX_BACKOFF)
+}
+
+fn fail_out(conns: &Conns, out: Out, err: &Error) {
     match out {
-        Out::Frame { post, .. }
-        | Out::Notif {
+        Out::Frame { tag, post, .. } => {
+            // Settled by whoever takes it out of `pending`.
+            if conns.pending.lock().remove(&tag).is_some() {
+                post.settle(conns, Err(err.clone()));
+            }
+        }
+        Out::Rest(outgoing) => fail_out(conns, outgoing.out, err),
+        Out::Notif {
             post: Some(post), ..
         } => post.finish(Err(err.clone())),
         Out::Notif { post: None, msg } => warn!(
@@ -652,6 +759,7 @@ impl Dial {
         }
         s.set_read_timeout(self.stall).map_err(unreachable)?;
         s.set_write_timeout(self.stall).map_err(unreachable)?;
+        io::keep_alive(&s, self.stall.unwrap_or(Duration::ZERO)).map_err(unreachable)?;
         let slot = &conns.socks[i];
         let _ = slot.set(s); // only this thread sets stream `i`
         // Shut it if the connections failed while it was being opened (the
@@ -666,9 +774,19 @@ impl Dial {
 }
 
 enum LinkState {
+    /// Not connected; the next use connects.
     Idle,
     Up(Arc<Conns>),
-    Down(Error),
+    /// The connections failed: uses fail with `error` until `retry_at`,
+    /// then the next one reconnects.
+    Down {
+        error: Error,
+        retry_at: Instant,
+        /// Failed connections in a row (the backoff doubles with each).
+        failures: u32,
+    },
+    /// Closed by us: for good.
+    Closed(Error),
 }
 
 /// Everything needed to reach one peer over TCP, connected lazily.
@@ -703,27 +821,49 @@ impl PeerLink {
         }
     }
 
-    /// The connections, opened now if needed. A peer that died stays dead:
-    /// later calls fail fast until new connection info replaces this link.
+    /// The connections, opened now if needed. After the connections failed,
+    /// calls fail fast for a backoff, then the next one reconnects (a peer
+    /// that is in fact alive is reached again); connections the peer closed
+    /// cleanly while idle are reopened at once.
     fn conns(&self) -> Result<Arc<Conns>> {
         let mut state = self.state.lock();
+        let mut failures = 0;
         match &*state {
             LinkState::Up(c) if !c.is_down() => return Ok(c.clone()),
+            LinkState::Up(c) if c.clean_close.load(Ordering::Acquire) => {}
             LinkState::Up(c) => {
-                let e = c.down_error();
-                *state = LinkState::Down(e.clone());
-                return Err(e);
+                let error = c.down_error();
+                // Connections that came up reset the count.
+                let failures = if c.socks.iter().all(|s| s.get().is_some()) {
+                    1
+                } else {
+                    c.failures_before + 1
+                };
+                *state = LinkState::Down {
+                    error: error.clone(),
+                    retry_at: Instant::now() + backoff(failures),
+                    failures,
+                };
+                return Err(error);
             }
-            LinkState::Down(e) => return Err(e.clone()),
+            LinkState::Down {
+                error, retry_at, ..
+            } if Instant::now() < *retry_at => return Err(error.clone()),
+            LinkState::Down { failures: f, .. } => failures = *f,
+            LinkState::Closed(e) => return Err(e.clone()),
             LinkState::Idle => {}
         }
-        match self.start() {
+        match self.start(failures) {
             Ok(c) => {
                 *state = LinkState::Up(c.clone());
                 Ok(c)
             }
             Err(e) => {
-                *state = LinkState::Down(e.clone());
+                *state = LinkState::Down {
+                    error: e.clone(),
+                    retry_at: Instant::now() + backoff(failures + 1),
+                    failures: failures + 1,
+                };
                 Err(e)
             }
         }
@@ -740,7 +880,7 @@ impl PeerLink {
 
     /// Creates the connections' state and starts their threads; each
     /// writer thread opens its stream (see [`dial`]).
-    fn start(&self) -> Result<Arc<Conns>> {
+    fn start(&self, failures_before: u32) -> Result<Arc<Conns>> {
         let n = self.config.streams.max(1);
         let conns = Arc::new(Conns {
             peer: self.peer.clone(),
@@ -754,10 +894,13 @@ impl PeerLink {
             handoff: self.config.handoff,
             polled: AtomicU64::new(0),
             handed_back: AtomicU64::new(0),
+            refused_notifs: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
             next_tag: std::sync::atomic::AtomicU64::new(1),
             next_stream: AtomicUsize::new(0),
             down: Mutex::new(None),
+            clean_close: AtomicBool::new(false),
+            failures_before,
             last_progress: Mutex::new(Instant::now()),
             stall_timeout: self.config.stall_timeout,
             threads: Mutex::new(Vec::new()),
@@ -817,8 +960,8 @@ impl PeerLink {
             Arc::downgrade(&conns),
         ));
         if post.frame_count() == 0 {
-            post.remaining.store(1, Ordering::Relaxed);
-            post.frame_done(&conns);
+            post.outstanding.store(1, Ordering::Relaxed);
+            post.settle(&conns, Ok(()));
             return Ok(post);
         }
         if conns.pending.lock().is_empty() {
@@ -860,8 +1003,8 @@ impl PeerLink {
     /// never connected, or connecting right now, is not down).
     pub fn is_down(&self) -> bool {
         match self.state.try_lock().as_deref() {
-            Some(LinkState::Up(c)) => c.is_down(),
-            Some(LinkState::Down(_)) => true,
+            Some(LinkState::Up(c)) => c.is_down() && !c.clean_close.load(Ordering::Acquire),
+            Some(LinkState::Down { .. } | LinkState::Closed(_)) => true,
             _ => false,
         }
     }
@@ -900,6 +1043,18 @@ impl PeerLink {
         self.counter(|c| &c.polled)
     }
 
+    /// Notifications the peer refused (for tests).
+    #[cfg(test)]
+    pub(crate) fn refused_notifs(&self) -> u64 {
+        self.counter(|c| &c.refused_notifs)
+    }
+
+    /// True while connections are up (for tests).
+    #[cfg(test)]
+    pub(crate) fn connected(&self) -> bool {
+        matches!(&*self.state.lock(), LinkState::Up(c) if !c.is_down())
+    }
+
     /// Answers a polling application thread handed back to the reader
     /// thread (for tests).
     #[cfg(test)]
@@ -920,7 +1075,7 @@ impl PeerLink {
     /// Closes the connections; requests in flight fail with `RemoteDisconnect`.
     pub fn close(&self) {
         let closed = Error::RemoteDisconnect(format!("disconnected from agent {}", self.peer));
-        let conns = match std::mem::replace(&mut *self.state.lock(), LinkState::Down(closed)) {
+        let conns = match std::mem::replace(&mut *self.state.lock(), LinkState::Closed(closed)) {
             LinkState::Up(c) => c,
             _ => return,
         };
@@ -1002,7 +1157,7 @@ fn write_loop(conns: &Conns, i: usize) {
                 cv.wait(&mut q);
             }
         };
-        let result = send(conns, sock, out);
+        let result = send(conns, sock, &mut Outgoing::new(out), true);
         queue.lock().busy = false;
         if let Err(e) = result {
             conns.fail_all(Error::RemoteDisconnect(format!(
@@ -1014,65 +1169,108 @@ fn write_loop(conns: &Conns, i: usize) {
     }
 }
 
-fn send(conns: &Conns, sock: &TcpStream, out: Out) -> std::io::Result<()> {
-    match out {
-        Out::Frame { tag, post, frame } => {
-            // Only WRITE data is read from user memory: only then is the I/O
-            // lock held (a ReadReq must never wait behind a receiver).
-            let moving = (post.plan.op == Op::Write).then(|| post.io.read());
-            if post.is_stopped() {
-                conns.pending.lock().remove(&tag);
-                return Ok(());
+impl Outgoing {
+    /// The bytes of `out`.
+    fn new(out: Out) -> Outgoing {
+        let (head, ranges) = match &out {
+            Out::Rest(_) => {
+                let Out::Rest(rest) = out else { unreachable!() };
+                return *rest;
             }
-            let table = post.segs(frame);
-            let count = post.frame(frame).len() as u64;
-            match post.plan.op {
-                Op::Write => {
-                    let Some(pins) = post.pin_local(frame) else {
-                        drop(moving);
-                        conns.pending.lock().remove(&tag);
-                        post.finish(Err(Error::InvalidParam(
-                            "a local region was deregistered during the transfer".into(),
-                        )));
-                        return Ok(());
-                    };
-                    let data = post.frame_bytes(frame);
-                    let header =
-                        Header::new(Kind::Write, (table.len() as u64 + data) as u32, tag, count)
-                            .encode();
-                    let mut head = header.to_vec();
-                    head.extend_from_slice(&table);
-                    // SAFETY: the local ranges lie in regions checked at prep time and
-                    // pinned here; `io` is held, so a cancel waits for this send.
-                    unsafe { io::send_all(sock.as_raw_fd(), &head, &post.local_ranges(frame)) }?;
-                    drop(pins);
-                }
-                Op::Read => {
-                    let header =
-                        Header::new(Kind::ReadReq, table.len() as u32, tag, count).encode();
-                    io::send_bytes(sock, &[&header, &table])?;
-                }
+            Out::Frame { tag, post, frame } => {
+                let table = post.segs(*frame);
+                let count = post.frame(*frame).len() as u64;
+                let (kind, data, ranges) = match post.plan.op {
+                    Op::Write => (
+                        Kind::Write,
+                        post.frame_bytes(*frame),
+                        post.local_ranges(*frame),
+                    ),
+                    Op::Read => (Kind::ReadReq, 0, Vec::new()),
+                };
+                let body = (table.len() as u64 + data) as u32;
+                let mut head = Header::new(kind, body, *tag, count).encode().to_vec();
+                head.extend_from_slice(&table);
+                (head, ranges)
             }
-        }
-        Out::Notif { msg, post } => {
-            let guard = post.as_ref().map(|p| p.io.read());
-            if post.as_ref().is_some_and(|p| p.is_stopped()) {
-                return Ok(()); // cancelled or failed: no notification
+            Out::Notif { msg, .. } => {
+                let mut head = Header::new(Kind::Notif, msg.len() as u32, 0, 0)
+                    .encode()
+                    .to_vec();
+                head.extend_from_slice(msg);
+                (head, Vec::new())
             }
-            io::send_bytes(
-                sock,
-                &[
-                    &Header::new(Kind::Notif, msg.len() as u32, 0, 0).encode(),
-                    &msg,
-                ],
-            )?;
-            drop(guard);
-            if let Some(post) = post {
-                post.finish(Ok(()));
-            }
+        };
+        Outgoing {
+            out,
+            head,
+            ranges,
+            sent: 0,
         }
     }
-    Ok(())
+}
+
+/// Sends `o` on `sock`: with `wait`, waiting for room until all of it is
+/// out; without, only what fits now (`Ok(false)`: the rest is left for the
+/// writer thread). A frame of a post that stopped before the frame started
+/// is not sent (nor its notification).
+fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::io::Result<bool> {
+    if o.sent == 0 {
+        match &o.out {
+            Out::Frame { tag, post, frame } => {
+                let skip = if post.is_stopped() {
+                    Some(Ok(()))
+                } else if post.plan.op == Op::Write && post.pin_local(*frame).is_none() {
+                    Some(Err(Error::InvalidParam(
+                        "a local region was deregistered during the transfer".into(),
+                    )))
+                } else {
+                    None
+                };
+                if let Some(result) = skip {
+                    if let Some(p) = conns.pending.lock().remove(tag) {
+                        p.post.settle(conns, result);
+                    }
+                    return Ok(true);
+                }
+            }
+            Out::Notif {
+                post: Some(post), ..
+            } if post.is_stopped() => return Ok(true), // cancelled or failed
+            _ => {}
+        }
+    }
+    let abort = || conns.is_down();
+    let waits = wait.then_some(Waits {
+        abort: &abort,
+        stall: conns.stall(),
+        deadline: None,
+    });
+    let Outgoing {
+        out,
+        head,
+        ranges,
+        sent,
+    } = o;
+    let fd = sock.as_raw_fd();
+    let done = match out {
+        Out::Frame { post, frame, .. } if post.plan.op == Op::Write => {
+            let frame = *frame;
+            // SAFETY: the ranges lie in regions checked at prep time; for each
+            // call `access` pins them and holds the post's cancel lock.
+            unsafe { io::send_frame(fd, head, ranges, sent, &mut || post.access(frame), waits) }?
+        }
+        // SAFETY: no memory ranges, only `head`.
+        _ => unsafe { io::send_frame::<()>(fd, head, &[], sent, &mut || Access::Zeros, waits) }?,
+    };
+    if done
+        && let Out::Notif {
+            post: Some(post), ..
+        } = out
+    {
+        post.finish(Ok(()));
+    }
+    Ok(done)
 }
 
 fn read_loop(conns: &Conns, i: usize) {
@@ -1132,10 +1330,10 @@ fn read_loop(conns: &Conns, i: usize) {
                 rx.reader_claim.store(false, Ordering::Release);
             }
             Ok(Got::Closed) => {
-                conns.fail_all(Error::RemoteDisconnect(format!(
-                    "agent {} closed the connection",
-                    conns.peer
-                )));
+                conns.fail_all_as(
+                    Error::RemoteDisconnect(format!("agent {} closed the connection", conns.peer)),
+                    true,
+                );
                 return;
             }
             Err(e) => {
@@ -1177,8 +1375,19 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
             io::discard(sock, u64::from(h.body_len) - reason.len() as u64).map_err(lost)?;
             if let Some(p) = conns.pending.lock().remove(&h.tag) {
                 p.post
-                    .finish(Err(remote_error(&conns.peer, h.status(), &reason)));
+                    .settle(conns, Err(remote_error(&conns.peer, h.status(), &reason)));
             }
+        }
+        Kind::NotifRefused => {
+            let mut reason = vec![0u8; h.body_len as usize];
+            io::read_exact(sock, &mut reason).map_err(lost)?;
+            conns.refused_notifs.fetch_add(1, Ordering::Relaxed);
+            error!(
+                "Mooncake: agent {} refused a notification of {} bytes: {}",
+                conns.peer,
+                h.aux,
+                String::from_utf8_lossy(&reason)
+            );
         }
         Kind::WriteAck => {
             if h.body_len != 0 {
@@ -1195,7 +1404,7 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
                         "answered a read with a write acknowledgement",
                     ));
                 }
-                p.post.frame_done(conns);
+                p.post.settle(conns, Ok(()));
             }
         }
         Kind::ReadResp => {
@@ -1220,38 +1429,34 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
                 );
                 return Err(protocol_violation(conns, &p.post, &what));
             }
-            let moving = p.post.io.read();
-            let stopped = p.post.is_stopped();
-            let pins = if stopped {
-                None
-            } else {
-                p.post.pin_local(p.frame)
+            let ranges = p.post.local_ranges(p.frame);
+            let mut got = 0;
+            let abort = || conns.is_down();
+            let waits = Waits {
+                abort: &abort,
+                stall: conns.stall(),
+                deadline: None,
             };
-            match pins {
-                Some(pins) => {
-                    // SAFETY: the local ranges lie in regions checked at prep time and
-                    // pinned here; `io` is held, so a cancel waits for this read and
-                    // no byte lands in the buffer after the cancel returned.
-                    let received =
-                        unsafe { io::recv_into(sock.as_raw_fd(), &p.post.local_ranges(p.frame)) };
-                    if let Err(e) = received {
-                        // The post left `pending`: fail it here, not in fail_all.
-                        let e = lost(e);
-                        p.post.finish(Err(e.clone()));
-                        return Err(e);
-                    }
-                    drop(pins);
-                    drop(moving);
-                    p.post.frame_done(conns);
-                }
-                None => {
-                    drop(moving);
-                    if !stopped {
-                        p.post.finish(Err(Error::InvalidParam(
-                            "a local region was deregistered during the transfer".into(),
-                        )));
-                    }
-                    io::discard(sock, u64::from(h.body_len)).map_err(lost)?;
+            let frame = p.frame;
+            // SAFETY: the local ranges lie in regions checked at prep time; for
+            // each call `access` pins them and holds the post's cancel lock, so
+            // no byte lands in them after a cancel or deregistration returned.
+            let received = unsafe {
+                io::recv_frame(
+                    sock.as_raw_fd(),
+                    &ranges,
+                    &mut got,
+                    &mut || p.post.access(frame),
+                    waits,
+                )
+            };
+            match received {
+                Ok(_) => p.post.settle(conns, Ok(())),
+                Err(e) => {
+                    // The frame left `pending`: settle it here, not in fail_all.
+                    let e = lost(e);
+                    p.post.settle(conns, Err(e.clone()));
+                    return Err(e);
                 }
             }
         }
@@ -1265,11 +1470,11 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
     Ok(Got::Frame { body: h.body_len })
 }
 
-/// The peer broke the protocol answering `post` (already out of `pending`):
-/// fail the post, and return the error that takes the connection down.
-fn protocol_violation(conns: &Conns, post: &TcpPost, what: &str) -> Error {
+/// The peer broke the protocol answering a frame of `post` (already out of
+/// `pending`): settle it, and return the error that takes the connection down.
+fn protocol_violation(conns: &Conns, post: &Arc<TcpPost>, what: &str) -> Error {
     let e = Error::RemoteDisconnect(format!("agent {} {what}", conns.peer));
-    post.finish(Err(e.clone()));
+    post.settle(conns, Err(e.clone()));
     e
 }
 

@@ -1,5 +1,13 @@
 //! Socket I/O straight between a socket and registered memory: vectored
-//! `sendmsg`/`readv` over raw address ranges, no intermediate copy.
+//! `sendmsg`/`recvmsg` over raw address ranges, no intermediate copy.
+//!
+//! Frames that touch registered memory move with [`send_frame`] and
+//! [`recv_frame`]: one non-blocking system call at a time, each under a
+//! guard the caller takes anew (its pins and cancel lock), so that no wait
+//! for the network ever happens while memory is pinned. A cancel or a
+//! deregistration then waits for one system call at most; the rest of the
+//! frame moves as zeros (sent) or is thrown away (received), so that the
+//! stream stays whole.
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
@@ -91,33 +99,290 @@ pub unsafe fn send_all(fd: RawFd, head: &[u8], ranges: &[RawRange]) -> io::Resul
     Ok(())
 }
 
-/// Fills every range with bytes from the socket, completely.
-///
-/// # Safety
-/// Every range must be writable memory of this process for the whole call
-/// and must not be read or written by Rust code meanwhile.
-pub unsafe fn recv_into(fd: RawFd, ranges: &[RawRange]) -> io::Result<()> {
-    let mut iov = iovecs(&[], ranges);
-    while !iov.is_empty() {
-        let n = iov.len().min(IOV_MAX);
-        // SAFETY: the iovecs point into ranges the caller guarantees writable.
-        let got = unsafe { libc::readv(fd, iov.as_ptr(), n as libc::c_int) };
-        if got < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(timed_out(e));
+/// What the caller of [`send_frame`] or [`recv_frame`] allows for the next
+/// system call that touches its memory ranges.
+pub enum Access<G> {
+    /// Move bytes from or into the ranges, holding `G` (pins, a cancel
+    /// lock) for the duration of the call.
+    Memory(G),
+    /// The ranges may not be touched any more: send zeros in their place,
+    /// or throw received bytes away.
+    Zeros,
+    /// The ranges may not be touched any more and the frame must not go on:
+    /// the call fails (the connection is to be closed).
+    Stop,
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("the memory of the frame went away in the middle of it")
+}
+
+/// How a frame's I/O waits for the socket.
+#[derive(Clone, Copy)]
+pub struct Waits<'a> {
+    /// True when the wait must end (the connection is being closed).
+    pub abort: &'a dyn Fn() -> bool,
+    /// Give up when no byte moved for this long (`None`: never).
+    pub stall: Option<Duration>,
+    /// Give up when the frame is not done by then (`None`: never).
+    pub deadline: Option<Instant>,
+}
+
+impl Waits<'_> {
+    /// Waits (at most [`ABORT_CHECK`]) until `fd` is ready for `events`,
+    /// or fails when the wait must end.
+    fn wait(&self, fd: RawFd, events: libc::c_short, last_progress: Instant) -> io::Result<()> {
+        if (self.abort)() {
+            return Err(aborted());
         }
-        if got == 0 {
+        let now = Instant::now();
+        if let Some(stall) = self.stall
+            && now.saturating_duration_since(last_progress) > stall
+        {
             return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "peer closed in the middle of a frame",
+                io::ErrorKind::TimedOut,
+                format!("no byte moved for {stall:?} in the middle of a frame"),
             ));
         }
-        advance(&mut iov, got as usize);
+        if self.deadline.is_some_and(|d| now >= d) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the frame did not complete within its deadline",
+            ));
+        }
+        poll_one(fd, events, Some(ABORT_CHECK)).map(|_| ())
     }
-    Ok(())
+}
+
+/// Zeros sent in place of memory a frame may no longer read.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// The iovecs of `head` then `ranges`, from byte `offset` on, at most
+/// `IOV_MAX` of them; with `zeros` the ranges' part points at [`ZEROS`].
+fn iovecs_from(head: &[u8], ranges: &[RawRange], offset: usize, zeros: bool) -> Vec<libc::iovec> {
+    let mut iov = Vec::with_capacity(ranges.len().min(IOV_MAX) + 1);
+    let mut skip = offset;
+    if skip < head.len() {
+        iov.push(libc::iovec {
+            iov_base: head[skip..].as_ptr() as *mut _,
+            iov_len: head.len() - skip,
+        });
+        skip = 0;
+    } else {
+        skip -= head.len();
+    }
+    for r in ranges {
+        if iov.len() == IOV_MAX {
+            break;
+        }
+        if skip >= r.len {
+            skip -= r.len;
+            continue;
+        }
+        let len = r.len - skip;
+        if zeros {
+            let mut left = len;
+            while left > 0 && iov.len() < IOV_MAX {
+                let n = left.min(ZEROS.len());
+                iov.push(libc::iovec {
+                    iov_base: ZEROS.as_ptr() as *mut _,
+                    iov_len: n,
+                });
+                left -= n;
+            }
+        } else {
+            iov.push(libc::iovec {
+                iov_base: (r.addr + skip as u64) as *mut _,
+                iov_len: len,
+            });
+        }
+        skip = 0;
+    }
+    iov
+}
+
+/// `sendmsg` without waiting: `Ok(None)` when the socket has no room.
+///
+/// # Safety
+/// Every iovec must point to memory readable for the whole call.
+unsafe fn sendmsg_now(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: a zeroed msghdr is valid; we set only the iovec fields.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
+        // SAFETY: the caller guarantees the iovecs readable.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// `recvmsg` without waiting: `Ok(None)` when nothing is there, `Ok(Some(0))`
+/// when the peer closed.
+///
+/// # Safety
+/// Every iovec must point to memory writable for the whole call, which no
+/// Rust code reads or writes meanwhile.
+unsafe fn recvmsg_now(fd: RawFd, iov: &mut [libc::iovec]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: a zeroed msghdr is valid; we set only the iovec fields.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
+        // SAFETY: the caller guarantees the iovecs writable.
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Sends `head` then the bytes of `ranges`, from byte `*sent` on, and
+/// counts what went out in `*sent`. Before every system call that reads
+/// the ranges it asks `access` (whose guard it holds for that call only).
+/// With `waits` it waits for room until everything is sent (`Ok(true)`);
+/// without, it stops at the first full socket (`Ok(false)`).
+///
+/// # Safety
+/// While `access` returns [`Access::Memory`], every range must be readable
+/// memory of this process (the guard keeps it so).
+pub unsafe fn send_frame<G>(
+    fd: RawFd,
+    head: &[u8],
+    ranges: &[RawRange],
+    sent: &mut usize,
+    access: &mut dyn FnMut() -> Access<G>,
+    waits: Option<Waits<'_>>,
+) -> io::Result<bool> {
+    let total = head.len() + ranges.iter().map(|r| r.len).sum::<usize>();
+    let mut last_progress = Instant::now();
+    let mut zeros = false;
+    while *sent < total {
+        let guard = if !ranges.is_empty() {
+            match (zeros, access()) {
+                (false, Access::Memory(g)) => Some(g),
+                (_, Access::Stop) => return Err(stopped()),
+                _ => {
+                    zeros = true;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut iov = iovecs_from(head, ranges, *sent, zeros);
+        // SAFETY: `head` is borrowed for the call; the ranges are readable
+        // while the guard is held (the caller's contract), or replaced by
+        // ZEROS.
+        let moved = unsafe { sendmsg_now(fd, &mut iov) };
+        drop(guard);
+        match moved? {
+            Some(n) => {
+                *sent += n;
+                last_progress = Instant::now();
+            }
+            None => match waits {
+                None => return Ok(false),
+                Some(w) => w.wait(fd, libc::POLLOUT, last_progress)?,
+            },
+        }
+    }
+    Ok(true)
+}
+
+/// Fills the bytes of `ranges` from the socket, from byte `*got` on, and
+/// counts what came in `*got`, waiting for data as `waits` says. Before
+/// every system call that writes the ranges it asks `access` (whose guard
+/// it holds for that call only); once refused, the rest is thrown away.
+/// Returns false when the bytes were thrown away.
+///
+/// # Safety
+/// While `access` returns [`Access::Memory`], every range must be writable
+/// memory of this process that no Rust code reads or writes meanwhile.
+pub unsafe fn recv_frame<G>(
+    fd: RawFd,
+    ranges: &[RawRange],
+    got: &mut usize,
+    access: &mut dyn FnMut() -> Access<G>,
+    waits: Waits<'_>,
+) -> io::Result<bool> {
+    let total: usize = ranges.iter().map(|r| r.len).sum();
+    let mut last_progress = Instant::now();
+    let mut discarding = false;
+    let mut scratch = Vec::new();
+    while *got < total {
+        let guard = match (discarding, access()) {
+            (false, Access::Memory(g)) => Some(g),
+            (_, Access::Stop) => return Err(stopped()),
+            _ => {
+                discarding = true;
+                None
+            }
+        };
+        let mut iov = if discarding {
+            scratch.resize((total - *got).min(1 << 20), 0u8);
+            vec![libc::iovec {
+                iov_base: scratch.as_mut_ptr().cast(),
+                iov_len: scratch.len(),
+            }]
+        } else {
+            iovecs_from(&[], ranges, *got, false)
+        };
+        // SAFETY: the ranges are writable while the guard is held (the
+        // caller's contract), or the iovec is our scratch buffer.
+        let moved = unsafe { recvmsg_now(fd, &mut iov) };
+        drop(guard);
+        match moved? {
+            Some(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed in the middle of a frame",
+                ));
+            }
+            Some(n) => {
+                *got += n;
+                last_progress = Instant::now();
+            }
+            None => waits.wait(fd, libc::POLLIN, last_progress)?,
+        }
+    }
+    Ok(!discarding)
+}
+
+/// Makes the kernel notice a peer that vanished without a word (host crash,
+/// partition): TCP keepalive probes on an idle connection, and
+/// `TCP_USER_TIMEOUT` for data that goes unacknowledged. With a `timeout`
+/// (the stall timeout; zero: none) the peer is declared gone after about
+/// that long, else after about two minutes of silence while idle.
+pub fn keep_alive(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    let sock = socket2::SockRef::from(stream);
+    let (idle, interval, retries) = if timeout.is_zero() {
+        (Duration::from_secs(60), Duration::from_secs(10), 6)
+    } else {
+        let third = (timeout / 3).max(Duration::from_secs(1));
+        (third, (third / 2).max(Duration::from_secs(1)), 4)
+    };
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(interval)
+            .with_retries(retries),
+    )?;
+    sock.set_tcp_user_timeout((!timeout.is_zero()).then_some(timeout))
 }
 
 /// Sends plain bytes (headers, tables, messages).
@@ -369,8 +634,24 @@ mod tests {
                 len: 37,
             })
             .collect();
+        let mut got = 0;
+        let never = || false;
+        let waits = Waits {
+            abort: &never,
+            stall: None,
+            deadline: None,
+        };
         // SAFETY: `dst` is not touched by Rust code until the call returns.
-        unsafe { recv_into(server.as_raw_fd(), &into) }.unwrap();
+        let landed = unsafe {
+            recv_frame(
+                server.as_raw_fd(),
+                &into,
+                &mut got,
+                &mut || Access::Memory(()),
+                waits,
+            )
+        };
+        assert!(landed.unwrap());
         let src = t.join().unwrap();
         assert_eq!(src, dst);
     }

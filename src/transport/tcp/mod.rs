@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use client::{PeerLink, TcpConfig, TcpPost};
-pub use server::TcpServer;
+pub use server::{MAX_HANDSHAKING, TcpServer};
 
 use super::Transport;
 use crate::common::{AgentName, Endpoint, Error, Result};
@@ -90,6 +90,10 @@ impl Transport for TcpTransport {
     fn publish(&self, info: &mut ConnInfo) {
         info.endpoints
             .push(conn_info::Endpoint::Tcp(self.server.local_addr()));
+    }
+
+    fn forget(&self, peer: &AgentName) {
+        self.server.close_from(peer);
     }
 
     fn shutdown(&self) {

@@ -5,6 +5,22 @@
 //! Every access is checked against our registry (key and range) before a
 //! byte moves; a refused access is answered with an error status and logged;
 //! a malformed frame closes that connection only.
+//!
+//! Bounds on what a peer can hold:
+//! - connections still in their handshake: at most [`MAX_HANDSHAKING`], each
+//!   for [`HELLO_TIMEOUT`];
+//! - registered memory: pinned only for one non-blocking system call at a
+//!   time, so `deregisterMem` never waits for a slow or silent peer; a
+//!   Write cut short by a deregistration is thrown away and refused, a read
+//!   response cut short closes the connection (its data cannot be taken
+//!   back);
+//! - a frame: no byte for the stall timeout, or the whole frame not in
+//!   within four times it, closes the connection;
+//! - a silent peer (host gone, partition): TCP keepalive and
+//!   `TCP_USER_TIMEOUT` end its connections, and with them their threads;
+//! - notifications: the inbox's per-sender and total limits; a
+//!   notification over them is thrown away and the sender told why
+//!   (`NotifRefused`).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,37 +28,49 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
-use super::io::{self, RawRange};
-use crate::common::{AgentName, Endpoint, Error, LocalRegion, Pin, Status};
+use super::io::{self, Access, RawRange, Waits};
+use crate::common::{AgentName, Endpoint, Error, LocalRegion, Pin, Status, fault};
 use crate::wire::frame::{self, Header, Hello, Kind, SEG_LEN, Seg};
 
 /// Most connections that may be in their handshake at once.
-const MAX_HANDSHAKING: usize = 64;
+pub const MAX_HANDSHAKING: usize = 64;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A served connection, kept so that shutdown and `disconnect` can close it.
+struct Served {
+    stream: TcpStream,
+    /// The agent it says it serves, once its hello was accepted.
+    peer: Option<AgentName>,
+}
 
 /// A listening TCP endpoint of one engine.
 pub struct TcpServer {
     addr: SocketAddr,
     listener: TcpListener,
+    /// The engine's token (names its fault-injection points).
+    token: u128,
     stopping: AtomicBool,
     /// Served connections by id, so that shutdown can close them.
-    conns: Mutex<HashMap<u64, TcpStream>>,
+    conns: Mutex<HashMap<u64, Served>>,
     next_conn: AtomicU64,
     /// Connections that have not completed their handshake yet.
     handshaking: AtomicUsize,
+    /// The most connections ever in their handshake at once (for tests).
+    handshaking_peak: AtomicUsize,
     /// How long a stall mid-frame may last (0: forever).
     stall: Duration,
     /// How long a served connection polls for the next frame (0: never).
     spin: Duration,
     /// Connections polling right now (at most one).
     spinners: AtomicUsize,
+    accept: Mutex<Option<JoinHandle<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -61,20 +89,23 @@ impl TcpServer {
         let server = Arc::new(TcpServer {
             addr: listener.local_addr()?,
             listener,
+            token: endpoint.token,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
             handshaking: AtomicUsize::new(0),
+            handshaking_peak: AtomicUsize::new(0),
             stall,
             spin,
             spinners: AtomicUsize::new(0),
+            accept: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
         });
         let s = server.clone();
         let accept = std::thread::Builder::new()
             .name("mooncake-accept".into())
             .spawn(move || s.accept_loop(endpoint))?;
-        server.threads.lock().push(accept);
+        *server.accept.lock() = Some(accept);
         info!("Mooncake: agent listening on tcp://{}", server.addr);
         Ok(server)
     }
@@ -98,24 +129,36 @@ impl TcpServer {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            // Bound what connections that never authenticate can hold.
-            if self.handshaking.load(Ordering::Acquire) >= MAX_HANDSHAKING {
+            fault::point("tcp.server.accepted", self.token);
+            // Bound what connections that never authenticate can hold:
+            // counted here, before their thread exists.
+            if self.handshaking.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKING {
+                self.handshaking.fetch_sub(1, Ordering::AcqRel);
                 warn!(
                     "Mooncake: refusing a connection from {from}: {MAX_HANDSHAKING} others are still in their handshake"
                 );
                 continue;
             }
+            self.handshaking_peak
+                .fetch_max(self.handshaking.load(Ordering::Acquire), Ordering::AcqRel);
             let Ok(clone) = stream.try_clone() else {
+                self.handshaking.fetch_sub(1, Ordering::AcqRel);
                 continue;
             };
             let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-            self.conns.lock().insert(id, clone);
+            self.conns.lock().insert(
+                id,
+                Served {
+                    stream: clone,
+                    peer: None,
+                },
+            );
             let endpoint = endpoint.clone();
             let server = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("mooncake-serve".into())
                 .spawn(move || {
-                    serve(&stream, from, &endpoint, &server);
+                    serve(&stream, id, from, &endpoint, &server);
                     // Close for real: the copy kept for shutdown holds the fd open.
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                     server.conns.lock().remove(&id);
@@ -128,8 +171,9 @@ impl TcpServer {
                 }
                 Err(e) => {
                     warn!("Mooncake: cannot serve connection from {from}: {e}");
+                    self.handshaking.fetch_sub(1, Ordering::AcqRel);
                     if let Some(c) = self.conns.lock().remove(&id) {
-                        let _ = c.shutdown(std::net::Shutdown::Both);
+                        let _ = c.stream.shutdown(std::net::Shutdown::Both);
                     }
                 }
             }
@@ -141,26 +185,70 @@ impl TcpServer {
         self.stopping.store(true, Ordering::Release);
         // SAFETY: shutting down a socket we own; wakes the blocked accept().
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        // The accept thread first: a connection it accepted just before
+        // `stopping` was set is in `conns` once it has exited.
+        if let Some(accept) = self.accept.lock().take() {
+            let _ = accept.join();
+        }
         for (_, c) in self.conns.lock().drain() {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = c.stream.shutdown(std::net::Shutdown::Both);
         }
         let threads: Vec<_> = self.threads.lock().drain(..).collect();
         for t in threads {
             let _ = t.join();
         }
     }
+
+    /// Closes the connections served for agent `peer` (NIXL's `disconnect`
+    /// of that agent): their threads end.
+    pub fn close_from(&self, peer: &AgentName) {
+        for c in self.conns.lock().values() {
+            if c.peer.as_ref() == Some(peer) {
+                let _ = c.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    /// True once shutdown started (for tests).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Connections served now (for tests).
+    pub fn served(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// The most connections that were in their handshake at once (for tests).
+    pub fn handshaking_peak(&self) -> usize {
+        self.handshaking_peak.load(Ordering::Acquire)
+    }
+
+    /// Waits as a frame's I/O does: until the server stops, and no longer
+    /// than the stall timeout without a byte (`deadline`: for the frame).
+    fn waits<'a>(&self, abort: &'a dyn Fn() -> bool, deadline: Option<Instant>) -> Waits<'a> {
+        Waits {
+            abort,
+            stall: (!self.stall.is_zero()).then_some(self.stall),
+            deadline,
+        }
+    }
+
+    /// When a frame that started now must be in.
+    fn frame_deadline(&self) -> Option<Instant> {
+        (!self.stall.is_zero()).then(|| Instant::now() + self.stall * 4)
+    }
 }
 
 /// Why a connection is being closed.
 type Close = String;
 
-fn serve(stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint, server: &TcpServer) {
+fn serve(stream: &TcpStream, id: u64, from: SocketAddr, endpoint: &Endpoint, server: &TcpServer) {
     let stall = server.stall;
-    let handshaking = &server.handshaking;
+    fault::point("tcp.server.serving", server.token);
     let _ = stream.set_nodelay(true);
-    handshaking.fetch_add(1, Ordering::AcqRel);
     let greeted = handshake(stream, endpoint);
-    handshaking.fetch_sub(1, Ordering::AcqRel);
+    server.handshaking.fetch_sub(1, Ordering::AcqRel);
     let peer = match greeted {
         Ok(peer) => peer,
         Err(why) => {
@@ -175,14 +263,19 @@ fn serve(stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint, server: &Tcp
         "Mooncake: agent {} serving agent {peer} from {from}",
         endpoint.name
     );
-    // Bounds how long a peer that stops reading or sending mid-frame can
-    // hold a pinned region (and with it deregisterMem).
+    if let Some(c) = server.conns.lock().get_mut(&id) {
+        c.peer = Some(peer.clone());
+    }
+    // Header reads wait at most this long before the loop looks again; a
+    // peer that vanished is caught by keepalive.
     let _ = stream.set_read_timeout((!stall.is_zero()).then_some(stall));
     let _ = stream.set_write_timeout((!stall.is_zero()).then_some(stall));
+    let _ = io::keep_alive(stream, stall);
     let mut scratch = Vec::new();
     loop {
-        match serve_one(stream, endpoint, &peer, &mut scratch) {
+        match serve_one(stream, endpoint, &peer, server, &mut scratch) {
             Ok(true) => linger(stream, server.spin, &server.spinners),
+            Ok(false) if server.stopping.load(Ordering::Acquire) => return,
             Ok(false) => {
                 debug!("Mooncake: agent {peer} closed its connection from {from}");
                 return;
@@ -197,7 +290,6 @@ fn serve(stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint, server: &Tcp
         }
     }
 }
-
 /// After serving a frame, polls the socket for up to `spin` before going
 /// back to a blocking read, so that the next request of a peer posting one
 /// transfer after another is picked up without a thread wake-up (the
@@ -242,56 +334,87 @@ fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<AgentName, Close
     Ok(AgentName::from(hello.name.as_slice()))
 }
 
-/// Serves one frame. `Ok(false)`: the peer closed between frames.
+/// Serves one frame. `Ok(false)`: the peer closed between frames (or the
+/// server stops); `Ok(true)` also after a wait that saw no frame.
 fn serve_one(
     stream: &TcpStream,
     endpoint: &Endpoint,
     peer: &AgentName,
+    server: &TcpServer,
     scratch: &mut Vec<u8>,
 ) -> Result<bool, Close> {
     let mut raw = [0u8; frame::HEADER_LEN];
     let mut idle = false;
     if !io::read_header(stream, &mut raw, &mut idle).map_err(|e| e.to_string())? {
-        return Ok(idle);
+        return Ok(idle && !server.stopping.load(Ordering::Acquire));
     }
     let h = Header::decode(&raw).map_err(|e| format!("bad frame: {e}"))?;
+    let deadline = server.frame_deadline();
+    let stopping = || server.stopping.load(Ordering::Acquire);
+    let waits = server.waits(&stopping, deadline);
     match h.kind {
         Kind::Write => {
             let table_len = h.aux as usize * SEG_LEN;
-            let segs = read_segs(
-                stream,
-                &h,
-                scratch,
-                Some((h.body_len as usize - table_len) as u64),
-            )?;
+            let data_len = (h.body_len as usize - table_len) as u64;
+            let segs = read_segs(stream, &h, scratch, Some(data_len))?;
             let regions = resolve(endpoint, &segs);
             let (status, reason) = match pin_all(&regions) {
                 Ok(pins) => {
-                    let ranges = ranges(&segs);
-                    // SAFETY: every range was checked to lie inside a region of our registry,
-                    // and the pins keep those regions registered until the data is in place.
-                    unsafe { io::recv_into(stream.as_raw_fd(), &ranges) }
-                        .map_err(|e| e.to_string())?;
                     drop(pins);
-                    (Status::Success.code(), Vec::new())
+                    let regions = regions.as_ref().expect("pinned, so resolved");
+                    let ranges = ranges(&segs);
+                    let mut got = 0;
+                    let mut access = || match pin_all_of(regions) {
+                        Some(pins) => Access::Memory(pins),
+                        None => Access::Zeros,
+                    };
+                    // SAFETY: every range was checked to lie inside a region of our
+                    // registry; for each call `access` pins those regions, so no byte
+                    // lands in one after its deregistration returned.
+                    let landed = unsafe {
+                        io::recv_frame(stream.as_raw_fd(), &ranges, &mut got, &mut access, waits)
+                    }
+                    .map_err(|e| e.to_string())?;
+                    if landed {
+                        (Status::Success.code(), Vec::new())
+                    } else {
+                        let e = Error::NotAllowed(
+                            "a target region was deregistered during the transfer".into(),
+                        );
+                        warn!(
+                            "Mooncake: agent {}: cut short a write from agent {peer}: {e}",
+                            endpoint.name
+                        );
+                        (e.status().code(), e.to_string().into_bytes())
+                    }
                 }
                 Err(e) => {
                     warn!(
                         "Mooncake: agent {}: refused a write from agent {peer}: {e}",
                         endpoint.name
                     );
-                    io::discard(stream, h.body_len as u64 - table_len as u64)
-                        .map_err(|e| e.to_string())?;
+                    io::discard(stream, data_len).map_err(|e| e.to_string())?;
                     (e.status().code(), e.to_string().into_bytes())
                 }
             };
-            reply(stream, Kind::WriteAck, h.tag, status, &[], &reason)?;
+            reply(
+                stream,
+                Kind::WriteAck,
+                h.tag,
+                status,
+                &[],
+                &reason,
+                None,
+                waits,
+            )?;
         }
         Kind::ReadReq => {
             let segs = read_segs(stream, &h, scratch, None)?;
             let regions = resolve(endpoint, &segs);
             match pin_all(&regions) {
                 Ok(pins) => {
+                    drop(pins);
+                    let regions = regions.as_ref().expect("pinned, so resolved");
                     reply(
                         stream,
                         Kind::ReadResp,
@@ -299,8 +422,10 @@ fn serve_one(
                         Status::Success.code(),
                         &ranges(&segs),
                         &[],
-                    )?;
-                    drop(pins);
+                        Some(regions),
+                        waits,
+                    )
+                    .map_err(|e| format!("{e} (a region it reads was deregistered meanwhile?)"))?;
                 }
                 Err(e) => {
                     warn!(
@@ -314,14 +439,39 @@ fn serve_one(
                         e.status().code(),
                         &[],
                         e.to_string().as_bytes(),
+                        None,
+                        waits,
                     )?;
                 }
             }
         }
         Kind::Notif => {
-            let mut msg = vec![0u8; h.body_len as usize];
-            io::read_exact(stream, &mut msg).map_err(|e| e.to_string())?;
-            endpoint.inbox.push(peer.clone(), msg);
+            let len = h.body_len as usize;
+            match endpoint.inbox.reserve(peer, len) {
+                Ok(room) => {
+                    let mut msg = vec![0u8; len];
+                    io::read_exact(stream, &mut msg).map_err(|e| e.to_string())?;
+                    room.deliver(msg);
+                }
+                Err(why) => {
+                    warn!(
+                        "Mooncake: agent {}: refused a notification of {len} bytes from agent {peer}: {why}",
+                        endpoint.name
+                    );
+                    io::discard(stream, len as u64).map_err(|e| e.to_string())?;
+                    let reason = why.as_bytes();
+                    let reason = &reason[..reason.len().min(frame::MAX_REASON as usize)];
+                    io::send_bytes(
+                        stream,
+                        &[
+                            &Header::new(Kind::NotifRefused, reason.len() as u32, 0, len as u64)
+                                .encode(),
+                            reason,
+                        ],
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+            }
         }
         other => return Err(format!("unexpected {other:?} frame")),
     }
@@ -358,11 +508,13 @@ fn resolve(endpoint: &Endpoint, segs: &[Seg]) -> Result<Vec<Arc<LocalRegion>>, E
 /// deregistration started since it was resolved is refused like an unknown one.
 fn pin_all(regions: &Result<Vec<Arc<LocalRegion>>, Error>) -> Result<Vec<Pin<'_>>, Error> {
     let regions = regions.as_ref().map_err(Clone::clone)?;
-    regions
-        .iter()
-        .map(|r| r.pin())
-        .collect::<Option<Vec<_>>>()
+    pin_all_of(regions)
         .ok_or_else(|| Error::NotAllowed("a target region is being deregistered".into()))
+}
+
+/// Pins every region of `regions`, or `None` once one is being deregistered.
+fn pin_all_of(regions: &[Arc<LocalRegion>]) -> Option<Vec<Pin<'_>>> {
+    regions.iter().map(|r| r.pin()).collect()
 }
 
 fn ranges(segs: &[Seg]) -> Vec<RawRange> {
@@ -374,7 +526,10 @@ fn ranges(segs: &[Seg]) -> Vec<RawRange> {
         .collect()
 }
 
-/// Sends an answer: header, then `data` ranges (pinned by the caller) or a reason.
+/// Sends an answer: header, then `data` ranges of `regions` (pinned for
+/// each system call; a region that goes meanwhile ends the connection, as
+/// data already announced cannot be taken back) or a reason.
+#[allow(clippy::too_many_arguments)]
 fn reply(
     stream: &TcpStream,
     kind: Kind,
@@ -382,17 +537,34 @@ fn reply(
     status: i32,
     data: &[RawRange],
     reason: &[u8],
+    regions: Option<&[Arc<LocalRegion>]>,
+    waits: Waits<'_>,
 ) -> Result<(), Close> {
     let reason = &reason[..reason.len().min(frame::MAX_REASON as usize)];
     let body: u64 = data.iter().map(|r| r.len as u64).sum::<u64>() + reason.len() as u64;
-    let header = Header::new(kind, body as u32, tag, i64::from(status) as u64).encode();
-    let mut parts = vec![RawRange {
-        addr: reason.as_ptr() as u64,
-        len: reason.len(),
-    }];
-    parts.extend_from_slice(data);
-    // SAFETY: `reason` is a live slice; data ranges lie in regions the caller pinned.
-    unsafe { io::send_all(stream.as_raw_fd(), &header, &parts) }.map_err(|e| e.to_string())
+    let mut head = Header::new(kind, body as u32, tag, i64::from(status) as u64)
+        .encode()
+        .to_vec();
+    head.extend_from_slice(reason);
+    let mut sent = 0;
+    let mut access = || match regions.map(pin_all_of) {
+        Some(Some(pins)) => Access::Memory(pins),
+        _ => Access::Stop,
+    };
+    // SAFETY: the data ranges lie in `regions`, which `access` pins for each
+    // call (with none, `data` is empty); once one is refused the send stops.
+    unsafe {
+        io::send_frame(
+            stream.as_raw_fd(),
+            &head,
+            data,
+            &mut sent,
+            &mut access,
+            Some(waits),
+        )
+    }
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

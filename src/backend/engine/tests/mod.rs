@@ -5,6 +5,7 @@ use std::time::Instant;
 
 mod cma;
 mod conformance;
+mod hardening;
 mod tcp;
 
 /// The preferred route of `e` to `agent`.

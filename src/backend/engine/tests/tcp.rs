@@ -8,10 +8,10 @@ use crate::wire::frame::{HEADER_LEN, Header, Kind};
 use crate::wire::region::RegionPublic;
 use std::io::{Read, Write};
 
-const TCP: &[(&str, &str)] = &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")];
+pub(super) const TCP: &[(&str, &str)] = &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")];
 
 /// The TCP link of `e` to `agent`.
-struct Link(Arc<dyn Route>);
+pub(super) struct Link(Arc<dyn Route>);
 
 impl std::ops::Deref for Link {
     type Target = PeerLink;
@@ -20,7 +20,7 @@ impl std::ops::Deref for Link {
     }
 }
 
-fn link(e: &Engine, agent: &str) -> Link {
+pub(super) fn link(e: &Engine, agent: &str) -> Link {
     let route = route_of(e, agent);
     if !route.as_any().is::<PeerLink>() {
         panic!("agent {agent} is not reached over TCP");
@@ -28,7 +28,7 @@ fn link(e: &Engine, agent: &str) -> Link {
     Link(route)
 }
 
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
+pub(super) fn wait_for(what: &str, cond: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -178,7 +178,7 @@ fn large_answers_go_back_to_the_reader_while_small_ones_are_polled() {
 
 /// Reads one request from a fake peer's socket: its header and the bytes
 /// its segments name (`None` once the engine closed the connection).
-fn read_request(s: &mut std::net::TcpStream) -> Option<(Header, usize)> {
+pub(super) fn read_request(s: &mut std::net::TcpStream) -> Option<(Header, usize)> {
     let mut head = [0u8; HEADER_LEN];
     s.read_exact(&mut head).ok()?;
     let h = Header::decode(&head).unwrap();
@@ -410,7 +410,7 @@ fn a_peer_with_a_forged_token_is_refused() {
 
 /// A fake peer on loopback: accepts one connection, answers the hello, then
 /// hands the socket to `then`. Returns its address and thread.
-fn fake_peer(
+pub(super) fn fake_peer(
     then: impl FnOnce(std::net::TcpStream) + Send + 'static,
 ) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -429,7 +429,7 @@ fn fake_peer(
 /// agent "Fake" at `addr` with one region of `len` bytes at 0x10000, and a
 /// registered local buffer of `len` bytes. Returns the engine, the buffer and
 /// the metadata ids of both.
-fn fake_agent(
+pub(super) fn fake_agent(
     addr: std::net::SocketAddr,
     len: u64,
     params: &[(&str, &str)],
@@ -461,7 +461,7 @@ fn fake_agent(
 
 /// [`fake_agent`] with default settings and a prepped request of `len`
 /// bytes (the whole buffer to the whole region).
-fn to_fake(
+pub(super) fn to_fake(
     addr: std::net::SocketAddr,
     op: Op,
     len: u64,
@@ -516,7 +516,7 @@ fn release_never_hangs_on_a_peer_that_stopped_reading() {
 }
 
 /// Reads one frame (header and body) from a fake peer's socket.
-fn read_frame(s: &mut std::net::TcpStream) -> crate::wire::frame::Header {
+pub(super) fn read_frame(s: &mut std::net::TcpStream) -> crate::wire::frame::Header {
     let mut head = [0u8; HEADER_LEN];
     s.read_exact(&mut head).unwrap();
     let h = Header::decode(&head).unwrap();
@@ -526,12 +526,12 @@ fn read_frame(s: &mut std::net::TcpStream) -> crate::wire::frame::Header {
 }
 
 /// Reads until the other side closes.
-fn drain_until_closed(mut s: std::net::TcpStream) {
+pub(super) fn drain_until_closed(mut s: std::net::TcpStream) {
     let mut sink = [0u8; 65536];
     while s.read(&mut sink).is_ok_and(|n| n > 0) {}
 }
 
-const ONE_STREAM: &[(&str, &str)] = &[
+pub(super) const ONE_STREAM: &[(&str, &str)] = &[
     ("protocol", "tcp"),
     ("ip_addr", "127.0.0.1"),
     ("streams", "1"),
