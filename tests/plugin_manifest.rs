@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use plugin_Mooncake::backend::options::OPTION_SPECS;
+use plugin_Mooncake::backend::options::{OPTION_SPECS, env_var};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -34,6 +34,7 @@ struct Plugin {
 #[derive(Deserialize)]
 struct OptionEntry {
     name: String,
+    env: String,
     default: String,
     meaning: String,
 }
@@ -112,6 +113,17 @@ fn manifest_meanings_match_the_code_and_the_readme() {
         .expect("README.md exists");
     for (entry, spec) in m.option.iter().zip(OPTION_SPECS) {
         assert_eq!(entry.name, spec.name);
+        assert_eq!(
+            entry.env,
+            env_var(spec.name),
+            "variable of option {}",
+            spec.name
+        );
+        assert!(
+            readme.contains(&format!("`{}`", entry.env)),
+            "README names the variable {}",
+            entry.env
+        );
         assert_eq!(entry.default, spec.default);
         let help: String = spec.help.split_whitespace().collect::<Vec<_>>().join(" ");
         assert_eq!(entry.meaning, help, "meaning of option {}", spec.name);

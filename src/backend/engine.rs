@@ -252,7 +252,11 @@ impl Engine {
         config: EngineConfig,
         tweak: impl FnOnce(&mut transport::Config),
     ) -> Result<Engine> {
-        let options = Options::parse(config.params.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
+        let resolved = Options::from_params_and_env(
+            config.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )?;
+        info!("Mooncake: options: {}", resolved.describe());
+        let options = resolved.options;
         let name = AgentName::from(config.local_agent.as_slice());
         let endpoint = Arc::new(Endpoint {
             name: name.clone(),

@@ -1,5 +1,10 @@
-//! Backend options: the `customParams` NIXL hands to `create_engine`, their
-//! defaults (reported through `get_backend_options`), and their validation.
+//! Backend options: the `customParams` NIXL hands to `create_engine`, the
+//! `NIXL_MOONCAKE_<OPTION>` environment variables, their defaults (reported
+//! through `get_backend_options`), and their validation.
+//!
+//! Frameworks (vLLM, SGLang, Dynamo) create every backend but UCX with no
+//! parameters, so each option can also come from the environment:
+//! `customParams` > environment > default.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -100,91 +105,206 @@ impl Default for Options {
     }
 }
 
+/// Where an option's effective value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Nobody set it.
+    Default,
+    /// The `NIXL_MOONCAKE_<OPTION>` environment variable.
+    Env(String),
+    /// NIXL's `customParams`.
+    Param,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::Env(var) => write!(f, "env {var}"),
+            Source::Param => f.write_str("customParams"),
+        }
+    }
+}
+
+/// Parameters NIXL itself passes to every backend (its gtest passes
+/// `engine_config`), which carry nothing for us: accepted without a warning.
+const IGNORED_PARAMS: &[&str] = &["engine_config"];
+
+/// The environment variable for option `name`: `NIXL_MOONCAKE_<NAME>`.
+pub fn env_var(name: &str) -> String {
+    format!("NIXL_MOONCAKE_{}", name.to_ascii_uppercase())
+}
+
+/// Validated options with where each came from.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The effective options.
+    pub options: Options,
+    /// Per documented option, in [`OPTION_SPECS`] order: its effective value
+    /// (as written) and its source.
+    pub sources: Vec<(&'static str, String, Source)>,
+}
+
+impl Resolved {
+    /// One line listing every option, its value and its source.
+    pub fn describe(&self) -> String {
+        self.sources
+            .iter()
+            .map(|(name, value, source)| format!("{name}={value:?} ({source})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 impl Options {
-    /// Parses `customParams`. Unknown keys are logged as warnings and ignored;
-    /// an invalid value is an error naming the option.
+    /// Parses `customParams` alone (no environment). Unknown keys are logged
+    /// as warnings and ignored; an invalid value is an error naming the option.
     ///
     /// # Errors
     /// [`Error::InvalidParam`] when a known option has a value it cannot take.
     pub fn parse<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Options> {
+        Ok(Self::resolve(params, |_| None)?.options)
+    }
+
+    /// Resolves every option: `customParams` first, else the environment
+    /// variable [`env_var`] as `env` reports it, else the default.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParam`] naming the option and, for a value from the
+    /// environment, the variable.
+    pub fn resolve<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Resolved> {
         let mut opts = Options::default();
-        for (key, value) in params {
-            let value = value.trim();
-            match key {
-                "protocol" => {
-                    opts.protocol = Protocol::parse(value).ok_or_else(|| {
-                        invalid(key, value, "expected one of auto, tcp, cma, rdma")
-                    })?;
-                }
-                "ip_addr" => {
-                    opts.ip_addr =
-                        if value.is_empty() {
-                            None
-                        } else {
-                            Some(value.parse().map_err(|_| {
-                                invalid(key, value, "expected an IPv4 or IPv6 address")
-                            })?)
-                        };
-                }
-                "port" => {
-                    opts.port = value
-                        .parse()
-                        .map_err(|_| invalid(key, value, "expected a port number 0-65535"))?;
-                }
-                "streams" => {
-                    opts.streams = if value.eq_ignore_ascii_case("auto") {
-                        None
-                    } else {
-                        match value.parse::<usize>() {
-                            Ok(n @ 1..=64) => Some(n),
-                            _ => {
-                                return Err(invalid(
-                                    key,
-                                    value,
-                                    "expected auto or a number from 1 to 64",
-                                ));
-                            }
-                        }
-                    };
-                }
-                "timeout_ms" => {
-                    let ms: u64 = value
-                        .parse()
-                        .map_err(|_| invalid(key, value, "expected milliseconds (0 disables)"))?;
-                    opts.timeout = Duration::from_millis(ms);
-                }
-                "busy_poll_us" => {
-                    let us: u64 = value
-                        .parse()
-                        .ok()
-                        .filter(|&us| us <= 1_000_000)
-                        .ok_or_else(|| {
-                            invalid(key, value, "expected microseconds from 0 (off) to 1000000")
-                        })?;
-                    opts.busy_poll = Duration::from_micros(us);
-                }
-                "device_name" => {
-                    opts.device_names = value
-                        .split(',')
-                        .map(str::trim)
-                        .filter(|d| !d.is_empty())
-                        .map(String::from)
-                        .collect();
-                    if let Some(bad) = opts.device_names.iter().find(|d| {
-                        !d.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
-                    }) {
-                        return Err(invalid(
-                            key,
-                            value,
-                            &format!("device name {bad:?} has characters no RDMA device name has"),
-                        ));
+        let mut sources: Vec<(&'static str, String, Source)> = OPTION_SPECS
+            .iter()
+            .map(|s| (s.name, s.default.to_string(), Source::Default))
+            .collect();
+        for (i, spec) in OPTION_SPECS.iter().enumerate() {
+            let var = env_var(spec.name);
+            if let Some(value) = env(&var) {
+                opts.apply(spec.name, &value).map_err(|e| match e {
+                    Error::InvalidParam(m) => {
+                        Error::InvalidParam(format!("environment variable {var}: {m}"))
                     }
-                }
-                _ => warn!("Mooncake: ignoring unknown backend option {key:?} (value {value:?})"),
+                    other => other,
+                })?;
+                sources[i] = (spec.name, value.trim().to_string(), Source::Env(var));
             }
         }
-        Ok(opts)
+        for (key, value) in params {
+            match OPTION_SPECS.iter().position(|s| s.name == key) {
+                Some(i) => {
+                    opts.apply(key, value)?;
+                    sources[i] = (
+                        OPTION_SPECS[i].name,
+                        value.trim().to_string(),
+                        Source::Param,
+                    );
+                }
+                None if IGNORED_PARAMS.contains(&key) => {
+                    log::debug!("Mooncake: parameter {key:?} carries nothing for this backend")
+                }
+                None => {
+                    warn!("Mooncake: ignoring unknown backend option {key:?} (value {value:?})")
+                }
+            }
+        }
+        Ok(Resolved {
+            options: opts,
+            sources,
+        })
+    }
+
+    /// Resolves `customParams` against the process environment.
+    ///
+    /// # Errors
+    /// As [`Self::resolve`].
+    pub fn from_params_and_env<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Resolved> {
+        Self::resolve(params, |var| std::env::var(var).ok())
+    }
+
+    /// Sets option `key` (one of [`OPTION_SPECS`]) from `value`.
+    fn apply(&mut self, key: &str, value: &str) -> Result<()> {
+        let opts = self;
+        let value = value.trim();
+        match key {
+            "protocol" => {
+                opts.protocol = Protocol::parse(value)
+                    .ok_or_else(|| invalid(key, value, "expected one of auto, tcp, cma, rdma"))?;
+            }
+            "ip_addr" => {
+                opts.ip_addr = if value.is_empty() {
+                    None
+                } else {
+                    Some(
+                        value
+                            .parse()
+                            .map_err(|_| invalid(key, value, "expected an IPv4 or IPv6 address"))?,
+                    )
+                };
+            }
+            "port" => {
+                opts.port = value
+                    .parse()
+                    .map_err(|_| invalid(key, value, "expected a port number 0-65535"))?;
+            }
+            "streams" => {
+                opts.streams = if value.eq_ignore_ascii_case("auto") {
+                    None
+                } else {
+                    match value.parse::<usize>() {
+                        Ok(n @ 1..=64) => Some(n),
+                        _ => {
+                            return Err(invalid(
+                                key,
+                                value,
+                                "expected auto or a number from 1 to 64",
+                            ));
+                        }
+                    }
+                };
+            }
+            "timeout_ms" => {
+                let ms: u64 = value
+                    .parse()
+                    .map_err(|_| invalid(key, value, "expected milliseconds (0 disables)"))?;
+                opts.timeout = Duration::from_millis(ms);
+            }
+            "busy_poll_us" => {
+                let us: u64 = value
+                    .parse()
+                    .ok()
+                    .filter(|&us| us <= 1_000_000)
+                    .ok_or_else(|| {
+                        invalid(key, value, "expected microseconds from 0 (off) to 1000000")
+                    })?;
+                opts.busy_poll = Duration::from_micros(us);
+            }
+            "device_name" => {
+                opts.device_names = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(String::from)
+                    .collect();
+                if let Some(bad) = opts.device_names.iter().find(|d| {
+                    !d.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c))
+                }) {
+                    return Err(invalid(
+                        key,
+                        value,
+                        &format!("device name {bad:?} has characters no RDMA device name has"),
+                    ));
+                }
+            }
+            _ => return Err(invalid(key, value, "not an option of this backend")),
+        }
+        Ok(())
     }
 }
 
@@ -263,6 +383,81 @@ mod tests {
         assert_eq!(
             Options::parse([("no_such_option", "1")]).unwrap(),
             Options::default()
+        );
+    }
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn every_option_comes_from_its_environment_variable() {
+        let r = Options::resolve(
+            [],
+            env_of(&[
+                ("NIXL_MOONCAKE_PROTOCOL", "tcp"),
+                ("NIXL_MOONCAKE_IP_ADDR", "127.0.0.1"),
+                ("NIXL_MOONCAKE_PORT", "4321"),
+                ("NIXL_MOONCAKE_STREAMS", "5"),
+                ("NIXL_MOONCAKE_TIMEOUT_MS", "700"),
+                ("NIXL_MOONCAKE_BUSY_POLL_US", "0"),
+                ("NIXL_MOONCAKE_DEVICE_NAME", "mlx5_3"),
+            ]),
+        )
+        .unwrap();
+        let o = &r.options;
+        assert_eq!(o.protocol, Protocol::Tcp);
+        assert_eq!(o.ip_addr, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(o.port, 4321);
+        assert_eq!(o.streams, Some(5));
+        assert_eq!(o.timeout, Duration::from_millis(700));
+        assert_eq!(o.busy_poll, Duration::ZERO);
+        assert_eq!(o.device_names, vec!["mlx5_3"]);
+        assert!(
+            r.sources
+                .iter()
+                .all(|(name, _, src)| *src == Source::Env(env_var(name)))
+        );
+    }
+
+    #[test]
+    fn params_win_over_the_environment_which_wins_over_defaults() {
+        let r = Options::resolve(
+            [("protocol", "cma")],
+            env_of(&[
+                ("NIXL_MOONCAKE_PROTOCOL", "tcp"),
+                ("NIXL_MOONCAKE_PORT", "99"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.options.protocol, Protocol::Cma);
+        assert_eq!(r.options.port, 99);
+        assert_eq!(r.options.streams, None);
+        let line = r.describe();
+        assert!(line.contains("protocol=\"cma\" (customParams)"), "{line}");
+        assert!(
+            line.contains("port=\"99\" (env NIXL_MOONCAKE_PORT)"),
+            "{line}"
+        );
+        assert!(line.contains("streams=\"auto\" (default)"), "{line}");
+    }
+
+    #[test]
+    fn an_invalid_environment_value_names_the_variable() {
+        let err = Options::resolve([], env_of(&[("NIXL_MOONCAKE_STREAMS", "lots")])).unwrap_err();
+        assert!(matches!(err, Error::InvalidParam(_)));
+        assert!(err.to_string().contains("NIXL_MOONCAKE_STREAMS"), "{err}");
+        // A valid parameter does not hide it: every source is checked.
+        assert!(
+            Options::resolve(
+                [("streams", "2")],
+                env_of(&[("NIXL_MOONCAKE_STREAMS", "lots")])
+            )
+            .is_err()
         );
     }
 }
