@@ -37,8 +37,8 @@ pub const OPTION_SPECS: &[OptionSpec] = &[
     OptionSpec {
         name: "ip_addr",
         default: "",
-        help: "IP address to listen on and publish; empty: NIXL_MOONCAKE_IP_ADDR, \
-               else the first UP non-loopback IPv4 address, else 127.0.0.1",
+        help: "IP address to listen on and publish; empty: the first UP non-loopback \
+               IPv4 address, else 127.0.0.1",
     },
     OptionSpec {
         name: "port",

@@ -39,7 +39,7 @@ impl TcpTransport {
     /// whose `stall_timeout` also bounds a served connection's stalls.
     ///
     /// # Errors
-    /// [`Error::InvalidParam`] when the address is invalid or cannot be bound.
+    /// [`Error::InvalidParam`] when the address cannot be bound.
     pub fn start(
         endpoint: Arc<Endpoint>,
         ip_addr: Option<IpAddr>,
@@ -47,12 +47,12 @@ impl TcpTransport {
         busy_poll: Duration,
         config: TcpConfig,
     ) -> Result<TcpTransport> {
-        let addr = listen_address(ip_addr, port).map_err(Error::InvalidParam)?;
+        let addr = listen_address(ip_addr, port);
         let (me, my_token) = (endpoint.name.clone(), endpoint.token);
         let server =
             TcpServer::start(endpoint, addr, config.stall_timeout, busy_poll).map_err(|e| {
                 Error::InvalidParam(format!(
-                    "cannot listen on {addr} (backend options ip_addr and port, or ${IP_ENV}): {e}"
+                    "cannot listen on {addr} (backend options ip_addr and port, or NIXL_MOONCAKE_IP_ADDR and NIXL_MOONCAKE_PORT): {e}"
                 ))
             })?;
         Ok(TcpTransport {
@@ -105,31 +105,13 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Environment variable naming the address to listen on (as NIXL's own
-/// Mooncake plugin honours it), used when the `ip_addr` option is empty.
-pub const IP_ENV: &str = "NIXL_MOONCAKE_IP_ADDR";
-
-/// The address an engine listens on and publishes: the `ip_addr` option,
-/// else `$NIXL_MOONCAKE_IP_ADDR`, else the first UP non-loopback IPv4
+/// The address an engine listens on and publishes: the `ip_addr` option
+/// (which `$NIXL_MOONCAKE_IP_ADDR` sets when `customParams` do not, as NIXL's
+/// own Mooncake plugin honours it), else the first UP non-loopback IPv4
 /// address, else 127.0.0.1.
-///
-/// # Errors
-/// A message when `$NIXL_MOONCAKE_IP_ADDR` is set but not an address.
-pub fn listen_address(
-    option: Option<IpAddr>,
-    port: u16,
-) -> std::result::Result<SocketAddr, String> {
+pub fn listen_address(option: Option<IpAddr>, port: u16) -> SocketAddr {
     if let Some(ip) = option {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    if let Ok(value) = std::env::var(IP_ENV)
-        && !value.trim().is_empty()
-    {
-        let ip: IpAddr = value
-            .trim()
-            .parse()
-            .map_err(|_| format!("{IP_ENV}={value:?} is not an IP address"))?;
-        return Ok(SocketAddr::new(ip, port));
+        return SocketAddr::new(ip, port);
     }
     let ip = if_addrs::get_if_addrs()
         .unwrap_or_default()
@@ -140,7 +122,7 @@ pub fn listen_address(
             IpAddr::V6(_) => None,
         })
         .unwrap_or(Ipv4Addr::LOCALHOST);
-    Ok(SocketAddr::new(IpAddr::V4(ip), port))
+    SocketAddr::new(IpAddr::V4(ip), port)
 }
 
 /// The default number of streams per peer for this machine.
