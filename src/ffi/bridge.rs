@@ -154,18 +154,11 @@ fn engine_new(
             progress_delay: Duration::from_micros(progress_delay_us),
         })
     });
+    // The shim logs the error it receives (one line), so nothing is logged here.
     match result {
         Ok(Ok(engine)) => Ok(Box::new(engine)),
-        Ok(Err(e)) => {
-            let msg = format!("cannot create the Mooncake engine: {e}");
-            error!("Mooncake: {msg}");
-            Err(msg)
-        }
-        Err(_) => {
-            let msg = "cannot create the Mooncake engine: internal error (panic)".to_string();
-            error!("Mooncake: {msg}");
-            Err(msg)
-        }
+        Ok(Err(e)) => Err(format!("cannot create the Mooncake engine: {e}")),
+        Err(_) => Err("cannot create the Mooncake engine: internal error (panic)".to_string()),
     }
 }
 

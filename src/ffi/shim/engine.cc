@@ -82,7 +82,7 @@ ShimEngine::ShimEngine(const nixlBackendInitParams *init) : nixlBackendEngine(in
         engine_.emplace(engine_new(bytes(init->localAgent), {params.data(), params.size()}, init->enableProgTh,
                                    init->pthrDelay));
     } catch (const std::exception &e) {
-        // The Rust side already logged why; this covers allocation failures too.
+        // The one log line of a failed creation (the Rust side returns why\n        // without logging); this covers allocation failures too.
         log_error("create_engine", e.what());
         initErr = true;
     } catch (...) {
