@@ -445,6 +445,9 @@ def sc_params(args) -> None:
         )
     log("unknown option accepted")
 
+    if BACKEND == "Mooncake":
+        env_options()
+
     # A backend created after failed attempts in the same process moves data.
     a, b = new_agent("params-A"), new_agent("params-B")
     src, dst = pattern(MiB, 2), filled(MiB)
@@ -455,6 +458,41 @@ def sc_params(args) -> None:
     post(a, h, "1 MiB WRITE after failed creations")
     assert same(src, dst)
     log("1 MiB WRITE after failed creations verified")
+
+
+def env_options() -> None:
+    """Options from NIXL_MOONCAKE_<OPTION>, for frameworks that pass no parameters."""
+    import socket
+
+    # An invalid value from the environment fails creation, naming the variable.
+    os.environ["NIXL_MOONCAKE_PROTOCOL"] = "bogus"
+    try:
+        agent = new_agent("env-bad", create=False)
+        with capture_fds() as cap:
+            try:
+                agent.create_backend(BACKEND, {})
+            except Exception as e:  # noqa: BLE001 - checked just below
+                assert is_nixl_error(e), f"a non-NIXL error: {e!r}"
+            else:
+                raise AssertionError("NIXL_MOONCAKE_PROTOCOL=bogus was accepted")
+    finally:
+        del os.environ["NIXL_MOONCAKE_PROTOCOL"]
+    assert "NIXL_MOONCAKE_PROTOCOL" in cap["text"], f"no line names the variable: {cap['text']!r}"
+    log("NIXL_MOONCAKE_PROTOCOL=bogus rejected, naming the variable")
+
+    # A valid one is used by a backend created with no parameters at all.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["NIXL_MOONCAKE_PORT"] = str(port)
+    try:
+        agent = new_agent("env-port", create=False)
+        agent.create_backend(BACKEND, {})
+    finally:
+        del os.environ["NIXL_MOONCAKE_PORT"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        pass
+    log(f"NIXL_MOONCAKE_PORT={port}: the backend created without parameters listens there")
 
 
 # --------------------------------------------------------------------------------------
