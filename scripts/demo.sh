@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the plugin, prepares the venv with the real NIXL 1.5.1, and runs one
-# demo transfer through it (scripts/demo.py), printing what happened.
-#   scripts/demo.sh [--size-mib N] [--backend UCX] ...
+# Builds the plugin, prepares the venv with the real NIXL 1.5.1, and runs the
+# two-process demo (scripts/demo.py): Mooncake on its default path and over
+# TCP beside NIXL's UCX, bytes verified, GB/s printed.
+#   scripts/demo.sh [--only mooncake|mooncake-tcp|ucx|ucx-tcp] [--iters N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --quiet

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::info;
 use parking_lot::{Mutex, RwLock};
 
 use super::options::Options;
@@ -337,7 +337,7 @@ impl Engine {
         crate::common::fault::point("engine.loading", self.endpoint.token);
         let routes = self.transports.routes(&info);
         match &routes {
-            Ok(routes) => debug!("Mooncake: agent {name} {}", routes[0].describe()),
+            Ok(_) => {} // the choice and its reason are logged by the selection
             Err(e) => info!("Mooncake: agent {name} is not reachable: {e}"),
         }
         let old = self

@@ -220,8 +220,8 @@ pub trait Transport: Send + Sync {
 pub trait Route: Send + Sync {
     /// The transport's name (for log lines and errors).
     fn transport(&self) -> &'static str;
-    /// A phrase saying how the peer is reached, for the log line written
-    /// when its connection info is loaded (e.g. "over TCP").
+    /// A noun phrase saying how the peer is reached, for the log line
+    /// written when its connection info is loaded (e.g. "TCP to 10.0.0.2:4000").
     fn describe(&self) -> String;
     /// True when this route can move bytes between local memory of kind
     /// `local` and the peer's memory of kind `remote`. By default: host

@@ -192,10 +192,19 @@ impl Transports {
         self.routes_built
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = AgentName::from(remote.agent.as_slice());
+        let chosen = |routes: Vec<Arc<dyn Route>>, why: &str| {
+            log::info!(
+                "Mooncake: agent {} reaches agent {name} by {} ({why})",
+                AgentName::from(self.info.agent.as_slice()),
+                routes[0].describe(),
+            );
+            routes
+        };
+        let protocol = format!("protocol={}", self.protocol.as_str());
         if self.protocol == Protocol::Auto && self.info.same_process(remote) {
             // No network or kernel path beats a copy inside the process.
             let route: Arc<dyn Route> = Arc::new(self.inproc.route(&name, remote.token)?);
-            return Ok(vec![route]);
+            return Ok(chosen(vec![route], "protocol=auto, same process"));
         }
         let agent = String::from_utf8_lossy(&remote.agent);
         let tcp = remote
@@ -233,7 +242,10 @@ impl Transports {
         let only = |r: Arc<dyn Route>| vec![r];
         match self.protocol {
             Protocol::Auto => match cma() {
-                Ok(route) => Ok(only(Arc::new(route))),
+                Ok(route) => Ok(chosen(
+                    only(Arc::new(route)),
+                    "protocol=auto, same host, the cross-memory attach probe succeeded",
+                )),
                 Err(why) => {
                     if same_host {
                         log::warn!(
@@ -242,15 +254,17 @@ impl Transports {
                         );
                     }
                     let addr = tcp.ok_or_else(no_tcp)?;
-                    Ok(only(tcp_route(addr)))
+                    let why = format!("protocol=auto, no cross-memory attach: {why}");
+                    Ok(chosen(only(tcp_route(addr)), &why))
                 }
             },
-            Protocol::Tcp => Ok(only(tcp_route(tcp.ok_or_else(no_tcp)?))),
-            Protocol::Cma => cma().map(|r| only(Arc::new(r))).map_err(|why| {
-                Error::NotSupported(format!(
+            Protocol::Tcp => Ok(chosen(only(tcp_route(tcp.ok_or_else(no_tcp)?)), &protocol)),
+            Protocol::Cma => match cma() {
+                Ok(route) => Ok(chosen(only(Arc::new(route)), &protocol)),
+                Err(why) => Err(Error::NotSupported(format!(
                     "protocol=cma: agent {agent:?} cannot be reached with cross-memory attach: {why}"
-                ))
-            }),
+                ))),
+            },
             Protocol::Rdma => Err(Error::NotSupported(format!(
                 "protocol=rdma is not available in this build; agent {agent:?} (pid {} on host \
                  {:?}) cannot be reached with it (use protocol=auto)",

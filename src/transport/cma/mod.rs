@@ -145,7 +145,7 @@ impl Route for CmaRoute {
     }
 
     fn describe(&self) -> String {
-        format!("is on this host (pid {}): cross-memory attach", self.pid())
+        format!("cross-memory attach (pid {} on this host)", self.pid())
     }
 
     fn connect(&self) -> Result<()> {

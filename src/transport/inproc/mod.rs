@@ -135,7 +135,7 @@ impl Route for InProcRoute {
     }
 
     fn describe(&self) -> String {
-        "is in this process: direct copy".into()
+        "direct copy (same process)".into()
     }
 
     fn connect(&self) -> Result<()> {

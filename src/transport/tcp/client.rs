@@ -1101,7 +1101,7 @@ impl Route for PeerLink {
     }
 
     fn describe(&self) -> String {
-        "is reached over TCP".into()
+        format!("TCP to {}", self.addr)
     }
 
     fn connect(&self) -> Result<()> {
