@@ -110,6 +110,14 @@ std::string where(const char *file, int line) { return std::string(file) + ":" +
             fail(where(__FILE__, __LINE__) + #expr " returned " + statusStr(check_ok_status_));                   \
     } while (0)
 
+#define CHECK_STATUS(expr, want)                                                                                  \
+    do {                                                                                                          \
+        const nixl_status_t check_status_ = (expr);                                                               \
+        if (check_status_ != (want))                                                                              \
+            fail(where(__FILE__, __LINE__) + #expr " returned " + statusStr(check_status_) + ", expected " +      \
+                 statusStr(want));                                                                                \
+    } while (0)
+
 // Printable form of a possibly binary payload.
 std::string printable(const std::string &s) {
     std::string out = "\"";
@@ -540,6 +548,22 @@ void runPass(const Plugin &p, bool progTh) {
     std::vector<nixlBackendMD *> remoteOn1 = loadRemoteRegions(e1, r2, kAgent2);
     std::printf("memory: %d x %zu bytes registered per engine, %zu remote MDs loaded on %s\n", kNumRegions,
                 kRegionLen, remoteOn1.size(), kAgent1.c_str());
+
+    // Cross-engine handles, as NIXL's own test uses them: engine 1 asked for the public data of a registration
+    // engine 2 returned answers for exactly that region (which then loads on engine 1 as Agent2's); no other call
+    // acts on the foreign handle.
+    {
+        std::string viaE1;
+        CHECK_OK(e1->getPublicData(r2[0].md, viaE1));
+        CHECK(viaE1 == r2[0].publicData, "engine 1 answered getPublicData of engine 2's handle with other data");
+        const nixlBlobDesc desc(reinterpret_cast<uintptr_t>(r2[0].buf), r2[0].len, 0, viaE1);
+        nixlBackendMD *md = nullptr;
+        CHECK_OK(e1->loadRemoteMD(desc, DRAM_SEG, kAgent2, md));
+        CHECK_OK(e1->unloadMD(md));
+        CHECK_STATUS(e1->deregisterMem(r2[0].md), NIXL_ERR_NOT_FOUND);
+        CHECK_STATUS(e2->unloadMD(remoteOn1[0]), NIXL_ERR_NOT_FOUND);
+    }
+    std::printf("handles: engine 2's handle resolved by engine 1 to engine 2's region; foreign deregister refused\n");
 
     // The NIXL test matrix: WRITE/READ x notif x reuse, 10 iterations, Agent1 -> Agent2.
     const Side local1 = makeSide(r1, 0, r1.size(), false);

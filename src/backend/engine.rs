@@ -24,8 +24,23 @@ use crate::wire::conn_info::ConnInfo;
 use crate::wire::frame::MAX_NOTIF;
 use crate::wire::region::RegionPublic;
 
-/// Id of a metadata object (`nixlBackendMD`) handed to NIXL; never 0.
+/// Id of a metadata object (`nixlBackendMD`) handed to NIXL; never 0, and
+/// unique across every engine of the process (see [`public_registrations`]).
 pub type MdId = u64;
+
+/// Metadata ids are numbered process-wide, so that a handle one engine
+/// returned never names another object in another engine.
+static NEXT_MD: AtomicU64 = AtomicU64::new(1);
+
+/// The public data of every local registration of every engine in this
+/// process, by metadata id: `getPublicData` on one engine with a handle
+/// another engine returned answers for exactly that region (NIXL's own
+/// backend test does this), and no other call acts on a foreign handle.
+fn public_registrations() -> &'static RwLock<HashMap<MdId, RegionPublic>> {
+    static MAP: std::sync::OnceLock<RwLock<HashMap<MdId, RegionPublic>>> =
+        std::sync::OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
 /// Id of a request handle (`nixlBackendReqH`) handed to NIXL; never 0.
 pub type ReqId = u64;
 
@@ -224,7 +239,6 @@ pub struct Engine {
     loopback: Arc<dyn Route>,
     conn_blob: Vec<u8>,
     mds: RwLock<HashMap<MdId, Md>>,
-    next_md: AtomicU64,
     peers: RwLock<HashMap<AgentName, Arc<Peer>>>,
     /// Serialises `loadRemoteConnInfo`.
     loading: Mutex<()>,
@@ -282,7 +296,6 @@ impl Engine {
             transports,
             endpoint,
             mds: RwLock::new(HashMap::new()),
-            next_md: AtomicU64::new(1),
             peers: RwLock::new(HashMap::new()),
             loading: Mutex::new(()),
             requests: RequestSlab::default(),
@@ -404,7 +417,12 @@ impl Engine {
     // ---- memory ------------------------------------------------------------
 
     fn new_md(&self, md: Md) -> MdId {
-        let id = self.next_md.fetch_add(1, Ordering::Relaxed);
+        let id = NEXT_MD.fetch_add(1, Ordering::Relaxed);
+        if let Md::Local(region) = &md {
+            public_registrations()
+                .write()
+                .insert(id, region.public(self.endpoint.token));
+        }
         self.mds.write().insert(id, md);
         id
     }
@@ -432,6 +450,7 @@ impl Engine {
                 let key = region.key;
                 mds.remove(&md);
                 drop(mds);
+                public_registrations().write().remove(&md);
                 self.endpoint.registry.deregister(key)
             }
             Some(Md::Remote { .. }) => Err(Error::InvalidParam(format!(
@@ -443,15 +462,18 @@ impl Engine {
         }
     }
 
-    /// `getPublicData`: what a peer needs to address the region.
+    /// `getPublicData`: what a peer needs to address the region. A handle
+    /// another engine of this process returned for its registration
+    /// answers for exactly that region (owned by that engine).
     ///
     /// # Errors
-    /// [`Error::NotFound`] when `md` is not one of our registrations.
+    /// [`Error::NotFound`] when `md` is not a live local registration of
+    /// any engine of this process.
     pub fn public_data(&self, md: MdId) -> Result<Vec<u8>> {
-        match self.mds.read().get(&md) {
-            Some(Md::Local(region)) => Ok(region.public(self.endpoint.token).encode()),
-            _ => Err(Error::NotFound(format!(
-                "getPublicData: {md} is not a local registration"
+        match public_registrations().read().get(&md) {
+            Some(region) => Ok(region.encode()),
+            None => Err(Error::NotFound(format!(
+                "getPublicData: {md} is not a live local registration"
             ))),
         }
     }
@@ -591,8 +613,12 @@ impl Engine {
             }
             let li = locals.index(l.md, || match mds.get(&l.md) {
                 Some(Md::Local(region)) => Ok(region.clone()),
-                _ => Err(Error::InvalidParam(format!(
-                    "prepXfer: local descriptor {i} does not carry one of our registrations"
+                Some(Md::Remote { .. }) => Err(Error::InvalidParam(format!(
+                    "prepXfer: local descriptor {i} carries a remote region's metadata"
+                ))),
+                None => Err(Error::NotFound(format!(
+                    "prepXfer: local descriptor {i} carries metadata {} this engine does not know",
+                    l.md
                 ))),
             })?;
             if !locals.items[li as usize].contains(l.addr, l.len) {
@@ -606,8 +632,13 @@ impl Engine {
                 Some(Md::Remote { agent: a, .. }) => Err(Error::InvalidParam(format!(
                     "prepXfer: remote descriptor {i} belongs to agent {a}, not {agent}"
                 ))),
-                _ => Err(Error::InvalidParam(format!(
-                    "prepXfer: remote descriptor {i} carries no loaded metadata of agent {agent}"
+                Some(Md::Local(_)) => Err(Error::InvalidParam(format!(
+                    "prepXfer: remote descriptor {i} carries a local registration, not metadata \
+                     of agent {agent}"
+                ))),
+                None => Err(Error::NotFound(format!(
+                    "prepXfer: remote descriptor {i} carries metadata {} this engine does not know",
+                    r.md
                 ))),
             })?;
             if !remotes.items[ri as usize].contains(r.addr, r.len) {
@@ -863,11 +894,14 @@ impl Drop for Engine {
         }
         // Peers may still hold our regions in their jobs: make sure none of
         // them touches our memory once we are gone.
-        for md in self.mds.get_mut().values() {
+        let mut public = public_registrations().write();
+        for (id, md) in self.mds.get_mut().iter() {
             if let Md::Local(region) = md {
+                public.remove(id);
                 let _ = self.endpoint.registry.deregister(region.key);
             }
         }
+        drop(public);
         info!(
             "Mooncake: engine for agent {} destroyed",
             self.endpoint.name

@@ -24,6 +24,14 @@ uint64_t md_id(const nixlBackendMD *md) {
     return ours ? ours->id : 0; // 0 is never a valid id: Rust reports it
 }
 
+// Deletes `md` when engine `self` made it: NIXL never uses a metadata object
+// again after deregisterMem or unloadMD, whatever the outcome; an object
+// another engine made stays that engine's (the call failed with NOT_FOUND).
+void release_md(const void *self, nixlBackendMD *md) {
+    auto *ours = dynamic_cast<ShimMD *>(md);
+    if (ours != nullptr && ours->owner == self) delete ours;
+}
+
 // Descriptors a thread's prepXfer buffers keep room for between calls.
 constexpr size_t kPrepDescsKept = 64 << 10;
 
@@ -108,7 +116,7 @@ nixl_mem_list_t ShimEngine::getSupportedMems() const {
 nixl_status_t ShimEngine::registerMem(const nixlBlobDesc &mem, const nixl_mem_t &nixl_mem, nixlBackendMD *&out) {
     return guarded("registerMem", [&] {
         ENGINE_OR_FAIL;
-        auto md = std::make_unique<ShimMD>(true, 0);
+        auto md = std::make_unique<ShimMD>(true, this);
         auto rc = static_cast<nixl_status_t>(mooncake_rs::register_mem(
             e, mem.addr, mem.len, mem.devId, static_cast<int32_t>(nixl_mem), md->id));
         if (rc == NIXL_SUCCESS) out = md.release();
@@ -120,7 +128,7 @@ nixl_status_t ShimEngine::deregisterMem(nixlBackendMD *meta) {
     return guarded("deregisterMem", [&] {
         ENGINE_OR_FAIL;
         auto rc = static_cast<nixl_status_t>(deregister_mem(e, md_id(meta)));
-        delete meta; // NIXL never uses the object again, whatever the outcome
+        release_md(this, meta);
         return rc;
     });
 }
@@ -143,7 +151,7 @@ nixl_status_t ShimEngine::unloadMD(nixlBackendMD *input) {
     return guarded("unloadMD", [&] {
         ENGINE_OR_FAIL;
         auto rc = static_cast<nixl_status_t>(unload_md(e, md_id(input)));
-        delete input;
+        release_md(this, input);
         return rc;
     });
 }
@@ -232,7 +240,7 @@ nixl_status_t ShimEngine::loadRemoteMD(const nixlBlobDesc &input, const nixl_mem
                                        const std::string &remote_agent, nixlBackendMD *&output) {
     return guarded("loadRemoteMD", [&] {
         ENGINE_OR_FAIL;
-        auto md = std::make_unique<ShimMD>(false, 0);
+        auto md = std::make_unique<ShimMD>(false, this);
         auto rc = static_cast<nixl_status_t>(load_remote_md(e, input.addr, input.len, static_cast<int32_t>(nixl_mem),
                                                             bytes(input.metaInfo), bytes(remote_agent), md->id));
         if (rc == NIXL_SUCCESS) output = md.release();
@@ -243,7 +251,7 @@ nixl_status_t ShimEngine::loadRemoteMD(const nixlBlobDesc &input, const nixl_mem
 nixl_status_t ShimEngine::loadLocalMD(nixlBackendMD *input, nixlBackendMD *&output) {
     return guarded("loadLocalMD", [&] {
         ENGINE_OR_FAIL;
-        auto md = std::make_unique<ShimMD>(false, 0);
+        auto md = std::make_unique<ShimMD>(false, this);
         auto rc = static_cast<nixl_status_t>(load_local_md(e, md_id(input), md->id));
         if (rc == NIXL_SUCCESS) output = md.release();
         return rc;

@@ -13,11 +13,13 @@ namespace mooncake_rs {
 
 struct Engine; // the Rust engine (opaque)
 
-// Our metadata object: the id of a registration or a loaded remote region.
+// Our metadata object: the id of a registration or a loaded remote region,
+// and the engine that made it (only that engine ever deletes it).
 class ShimMD final : public nixlBackendMD {
 public:
-    ShimMD(bool is_private, uint64_t id) : nixlBackendMD(is_private), id(id) {}
-    uint64_t id;
+    ShimMD(bool is_private, const void *owner) : nixlBackendMD(is_private), owner(owner) {}
+    uint64_t id = 0;
+    const void *owner;
 };
 
 // Our request handle: the id of a request in the Rust request slab.

@@ -347,7 +347,7 @@ fn bad_input_is_refused_with_the_right_error() {
     };
     assert!(matches!(
         err(p.a.prep_xfer(Op::Write, &[unknown], &[r(rbase, 8)], b"B")),
-        Error::InvalidParam(_)
+        Error::NotFound(_)
     ));
     // Requests and metadata that do not exist.
     assert!(matches!(
@@ -489,4 +489,58 @@ fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds()
         // DRAM to DRAM on the same route still works.
         let _ = p.whole(Op::Write);
     }
+}
+
+#[test]
+fn a_handle_of_another_engine_names_its_own_region_or_nothing() {
+    // NIXL's own backend test asks engine A for the public data of a
+    // registration engine B returned, then loads it on A as B's region.
+    let a = engine("A", false);
+    let b = engine("B", false);
+    a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    let abuf = vec![1u8; 4096];
+    let bbuf = vec![2u8; 8192];
+    let amd = a.register_mem(abuf.as_ptr() as u64, 4096, 0, 0).unwrap();
+    let bmd = b.register_mem(bbuf.as_ptr() as u64, 8192, 0, 0).unwrap();
+    assert_ne!(amd, bmd, "handles are unique across the process");
+    // Exactly B's region, owned by B: loading it as B's works.
+    let via_a = a.public_data(bmd).unwrap();
+    assert_eq!(via_a, b.public_data(bmd).unwrap());
+    let rmd = a
+        .load_remote_md(bbuf.as_ptr() as u64, 8192, 0, &via_a, b"B")
+        .unwrap();
+    let id = a
+        .prep_xfer(
+            Op::Write,
+            &[whole(&abuf[..], amd)],
+            &[Desc {
+                addr: bbuf.as_ptr() as u64,
+                len: 4096,
+                md: rmd,
+            }],
+            b"B",
+        )
+        .unwrap();
+    a.release_req(id).unwrap();
+    // No other call acts on a foreign handle.
+    assert!(matches!(a.deregister_mem(bmd), Err(Error::NotFound(_))));
+    assert!(matches!(a.load_local_md(bmd), Err(Error::NotFound(_))));
+    assert!(matches!(a.unload_md(bmd), Err(Error::NotFound(_))));
+    assert!(matches!(
+        a.prep_xfer(
+            Op::Write,
+            &[whole(&abuf[..], bmd)],
+            &[whole(&bbuf[..4096], rmd)],
+            b"B"
+        ),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(b.unload_md(rmd), Err(Error::NotFound(_))));
+    // Still B's: deregistered there, it is gone everywhere.
+    b.deregister_mem(bmd).unwrap();
+    assert!(matches!(a.public_data(bmd), Err(Error::NotFound(_))));
+    assert!(matches!(b.public_data(bmd), Err(Error::NotFound(_))));
+    // A destroyed engine's registrations vanish too.
+    drop(a);
+    assert!(matches!(b.public_data(amd), Err(Error::NotFound(_))));
 }
