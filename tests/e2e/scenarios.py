@@ -1197,6 +1197,14 @@ def sc_xp_target(args) -> None:
             elif cmd == "quiet":
                 notifs.expect_quiet(msg["seconds"], msg["what"])
                 reply = {}
+            elif cmd == "deregister":
+                # deregisterMem of one buffer; the memory stays ours and is
+                # reused for something else right away.
+                buf = bufs[msg["buf"]]
+                agent.deregister_memory(agent.get_reg_descs([(addr(buf), buf.nbytes, 0, "")],
+                                                            "DRAM"))
+                buf[:] = msg["refill"]
+                reply = {}
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             log(f"target: {cmd} {msg.get('what', '')!r} ok")
@@ -1683,6 +1691,63 @@ def sc_xp_unaligned(args) -> None:
         tgt.quit()
 
 
+# h0. revocation: after deregisterMem returns, no peer touches the region ----------------
+
+
+def sc_xp_revoke(args) -> None:
+    """The target deregisters two regions (and reuses the memory); the
+    initiator, whose transfers were prepared (and run) before, posts them
+    again: both must fail with NIXL_ERR_NOT_ALLOWED, the WRITE must not land
+    and the READ must not return the target's new bytes."""
+    from nixl_cu12 import _bindings as nixl_bind
+
+    proto, size = args.protocol, 4 * MiB
+    bufs = [{"name": "w", "size": size, "fill": W_FILL}, {"name": "r", "size": size, "seed": 160}]
+    with target_process("xp-revoke-target", proto, bufs) as tgt:
+        ini = new_agent_with("xp-revoke-init", proto)
+        src, dst = fast_pattern(size, 161), filled(size, R_FILL)
+        register(ini, src, dst)
+        add_remote_expecting(ini, tgt, "tcp" if proto == "tcp" else "cma")
+        hw = ini.initialize_xfer("WRITE", xfer_descs(ini, src), tgt.descs(ini, "w"), tgt.name)
+        hr = ini.initialize_xfer("READ", xfer_descs(ini, dst), tgt.descs(ini, "r"), tgt.name)
+        post(ini, hw, "WRITE before deregistration")
+        post(ini, hr, "READ before deregistration")
+        assert same(dst, fast_pattern(size, 160)), "READ before deregistration: data mismatch"
+        tgt.check("WRITE before deregistration", "xp-revoke-init", None,
+                  (("w", 0, size, sha256(src)),))
+        dst[:] = R_FILL
+        new_w, new_r = 0x11, 0x22
+        tgt.request("deregister", buf="w", refill=new_w)
+        tgt.request("deregister", buf="r", refill=new_r)
+        log("target deregistered both regions and reused the memory")
+        def status_of(call) -> str:
+            # The bindings raise one exception class per nixl_status_t error.
+            try:
+                return {nixl_bind.NIXL_SUCCESS: "DONE", nixl_bind.NIXL_IN_PROG: "PROC"}[call()]
+            except nixl_bind.nixlNotAllowedError:
+                return "NOT_ALLOWED"
+            except Exception as e:  # noqa: BLE001 - reported below
+                return f"{type(e).__name__}: {e}"
+
+        for op, h in (("WRITE", hw), ("READ", hr)):
+            status = status_of(lambda: ini.agent.postXferReq(h._handle, b""))
+            deadline = time.monotonic() + OP_TIMEOUT
+            while status == "PROC":
+                assert time.monotonic() < deadline, f"{op} after deregistration never finished"
+                status = status_of(lambda: ini.agent.getXferStatus(h._handle))
+            assert status == "NOT_ALLOWED", (
+                f"{op} after the target's deregistration: {status}, expected NIXL_ERR_NOT_ALLOWED")
+            log(f"{op} after deregistration: NIXL_ERR_NOT_ALLOWED")
+            ini.release_xfer_handle(h)
+        tgt.check("memory reused after deregistration is untouched", "xp-revoke-init", None,
+                  (("w", 0, size, sha256(filled(size, new_w))),
+                   ("r", 0, size, sha256(filled(size, new_r)))))
+        assert not (dst == new_r).any(), "the READ after deregistration returned the target's bytes"
+        assert (dst == R_FILL).all(), "the READ after deregistration changed local memory"
+        log(f"protocol={proto}: neither the WRITE nor the READ touched the deregistered memory")
+        tgt.quit()
+
+
 # h. 100,000 descriptors in one transfer ---------------------------------------------------
 
 
@@ -1970,6 +2035,7 @@ def main() -> None:
     s.add_argument("--kill-ops", nargs="+", choices=["WRITE", "READ"], default=["WRITE", "READ"])
     xp("xp_notif_bytes", sc_xp_notif_bytes, "processes: empty and binary notifications")
     xp("xp_unaligned", sc_xp_unaligned, "processes: 1 byte to 64 MiB at unaligned addresses")
+    xp("xp_revoke", sc_xp_revoke, "processes: transfers after the target's deregisterMem")
     s = xp("xp_many_descs", sc_xp_many_descs, "processes: one transfer of many descriptors")
     s.add_argument("--descs", type=int, default=100_000)
     xp("xp_probe_fail", sc_xp_probe_fail, "processes: the cross-memory attach probe fails")

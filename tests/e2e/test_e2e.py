@@ -198,6 +198,13 @@ def test_cma_probe_failure_auto_falls_back_cma_refuses(run_scenario, backend, pr
     run_scenario("xp_probe_fail", "--protocol", protocol, env=DEBUG_LOG)
 
 
+@pytest.mark.parametrize("protocol", ["cma", "auto", "tcp"])
+def test_no_peer_touches_a_region_after_its_deregistration(run_scenario, backend, protocol):
+    # Over cross-memory attach too (where NIXL's UCX lets such transfers through).
+    _cma_only(backend)
+    run_scenario("xp_revoke", "--protocol", protocol, env=DEBUG_LOG)
+
+
 @pytest.mark.parametrize("protocol", CMA_PROTOCOLS)
 def test_cma_sigkill_target_during_stream_then_new_target(run_scenario, backend, protocol):
     _cma_only(backend)
