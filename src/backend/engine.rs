@@ -41,6 +41,7 @@ fn public_registrations() -> &'static RwLock<HashMap<MdId, RegionPublic>> {
         std::sync::OnceLock::new();
     MAP.get_or_init(Default::default)
 }
+
 /// Id of a request handle (`nixlBackendReqH`) handed to NIXL; never 0.
 pub type ReqId = u64;
 
