@@ -56,6 +56,7 @@ KV_REGIONS = 64
 KV_BLOCK = 32 * KiB
 KV_BLOCKS_PER_REGION = 128
 KV_BLOCKS_PER_BATCH = 64  # blocks of one request, in every region
+REGION_SIZE = KV_BLOCK * KV_BLOCKS_PER_REGION
 # Large blocks: one WRITE of LARGE_COUNT descriptors of LARGE_BLOCK bytes.
 LARGE_BLOCK = 16 * MiB
 LARGE_COUNT = 8
@@ -105,19 +106,23 @@ def make_agent(name: str, backend: str):
     return agent
 
 
-def wait_done(agent, handle, what: str) -> None:
+def timed_transfer(agent, handle, what: str) -> float:
+    """Posts `handle`, waits (bounded) until it is DONE, releases it; returns
+    the seconds from post to completion."""
+    t0 = time.perf_counter()
+    state = agent.transfer(handle)
+    if state not in ("DONE", "PROC"):
+        sys.exit(f"demo: posting {what} failed ({state})")
     deadline = time.monotonic() + TIMEOUT_S
-    state = agent.check_xfer_state(handle)
     while state == "PROC":
         if time.monotonic() > deadline:
             sys.exit(f"demo: {what} did not complete within {TIMEOUT_S:.0f}s")
         state = agent.check_xfer_state(handle)
+    dt = time.perf_counter() - t0
     if state != "DONE":
         sys.exit(f"demo: {what} failed (state {state})")
-
-
-def region_size() -> int:
-    return KV_BLOCK * KV_BLOCKS_PER_REGION
+    agent.release_xfer_handle(handle)
+    return dt
 
 
 def run_target(args) -> None:
@@ -127,7 +132,7 @@ def run_target(args) -> None:
     import numpy as np
 
     agent = make_agent("demo-target", args.backend)
-    kv = [pattern(1000 + r, region_size()) for r in range(KV_REGIONS)]
+    kv = [pattern(1000 + r, REGION_SIZE) for r in range(KV_REGIONS)]
     landing = np.zeros(LARGE_BLOCK * LARGE_COUNT, dtype=np.uint8)
     landing[:] = 1  # touched before the transfers, as a live cache is
     agent.register_memory([(b.ctypes.data, b.nbytes, 0, "") for b in (*kv, landing)], "DRAM")
@@ -167,7 +172,7 @@ def run_initiator(args) -> None:
     agent = make_agent("demo-initiator", args.backend)
     exchange = Path(args.exchange)
     peer = agent.add_remote_agent((exchange / "target.ready").read_bytes())
-    kv = [np.zeros(region_size(), dtype=np.uint8) for _ in range(KV_REGIONS)]
+    kv = [np.zeros(REGION_SIZE, dtype=np.uint8) for _ in range(KV_REGIONS)]
     for r in kv:
         r[:] = 1  # touched, as a live KV cache is
     source = pattern(7, LARGE_BLOCK * LARGE_COUNT)
@@ -175,7 +180,10 @@ def run_initiator(args) -> None:
     local_kv = agent.prep_xfer_dlist("NIXL_INIT_AGENT", block_descs(kv), "DRAM")
     remote_kv = agent.prep_xfer_dlist(
         peer, agent.deserialize_descs((exchange / "target.kv").read_bytes()))
-    expected_kv = [pattern(1000 + r, region_size()) for r in range(KV_REGIONS)]
+    # Each region as rows of blocks: what we hold, and what the target holds.
+    kv_blocks = [r.reshape(KV_BLOCKS_PER_REGION, KV_BLOCK) for r in kv]
+    expected_blocks = [pattern(1000 + r, REGION_SIZE).reshape(KV_BLOCKS_PER_REGION, KV_BLOCK)
+                       for r in range(KV_REGIONS)]
     result = {"batch_gbps": [], "large_gbps": [], "read_bad": 0}
 
     def indices(blocks):
@@ -187,35 +195,19 @@ def run_initiator(args) -> None:
         remote_blocks, local_blocks = batch_blocks(i)
         handle = agent.make_prepped_xfer("READ", local_kv, indices(local_blocks), remote_kv,
                                          indices(remote_blocks), f"request-{i}".encode())
-        t0 = time.perf_counter()
-        state = agent.transfer(handle)
-        if state not in ("DONE", "PROC"):
-            sys.exit(f"demo: posting batch {i} failed ({state})")
-        wait_done(agent, handle, f"batch {i}")
-        dt = time.perf_counter() - t0
-        agent.release_xfer_handle(handle)
+        dt = timed_transfer(agent, handle, f"batch {i}")
         if i:
             result["batch_gbps"].append(batch_bytes / dt / 1e9)
-        for r in range(KV_REGIONS):
-            got = kv[r].reshape(KV_BLOCKS_PER_REGION, KV_BLOCK)[local_blocks]
-            want = expected_kv[r].reshape(KV_BLOCKS_PER_REGION, KV_BLOCK)[remote_blocks]
-            result["read_bad"] += int(not np.array_equal(got, want))
-        kv_view = [r.reshape(KV_BLOCKS_PER_REGION, KV_BLOCK) for r in kv]
-        for view in kv_view:
-            view[local_blocks] = 0  # the next batch must land again
+        for got, want in zip(kv_blocks, expected_blocks):
+            result["read_bad"] += int(not np.array_equal(got[local_blocks], want[remote_blocks]))
+            got[local_blocks] = 0  # the next batch must land again
 
     local_large = agent.get_xfer_descs(
         [(source.ctypes.data + i * LARGE_BLOCK, LARGE_BLOCK, 0) for i in range(LARGE_COUNT)], "DRAM")
     remote_large = agent.deserialize_descs((exchange / "target.landing").read_bytes())
     for i in range(args.iters + 1):
         handle = agent.initialize_xfer("WRITE", local_large, remote_large, peer, f"write-{i}".encode())
-        t0 = time.perf_counter()
-        state = agent.transfer(handle)
-        if state not in ("DONE", "PROC"):
-            sys.exit(f"demo: posting WRITE {i} failed ({state})")
-        wait_done(agent, handle, f"WRITE {i}")
-        dt = time.perf_counter() - t0
-        agent.release_xfer_handle(handle)
+        dt = timed_transfer(agent, handle, f"WRITE {i}")
         if i:
             result["large_gbps"].append(source.nbytes / dt / 1e9)
         # Let the target check (and clear) this WRITE before the next one.

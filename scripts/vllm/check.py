@@ -70,8 +70,10 @@ def get(port: int, path: str) -> str:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of metric `name` whose labels include `labels`."""
-    total = 0.0
+    """Sum of the samples of metric `name` whose labels include `labels`;
+    NaN when there is none (a renamed metric then fails every comparison
+    instead of reading as zero)."""
+    total, seen = 0.0, False
     for line in text.splitlines():
         m = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
         if not m or m.group(1) != name:
@@ -79,7 +81,8 @@ def metric(text: str, name: str, **labels: str) -> float:
         have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
         if all(have.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
-    return total
+            seen = True
+    return total if seen else float("nan")
 
 
 class Server:
@@ -166,8 +169,10 @@ def run_pd(label: str, backend: str, model: Path, work: Path, env: dict, ports: 
     # One core each where there are several: vLLM's CPU workers spin in
     # OpenMP, and two servers sharing every core slow each other down tenfold.
     cores = sorted(os.sched_getaffinity(0))
-    bind = (lambda k: {"VLLM_CPU_OMP_THREADS_BIND": str(cores[k])}) if len(cores) > 1 else (
-        lambda k: {})
+
+    def bind(k: int) -> dict:
+        return {"VLLM_CPU_OMP_THREADS_BIND": str(cores[k])} if len(cores) > 1 else {}
+
     prefill = Server(f"{label}-prefill", p_port, model, work,
                      dict(env, VLLM_NIXL_SIDE_CHANNEL_PORT=str(p_side), **bind(0)), kv)
     decode = Server(f"{label}-decode", d_port, model, work,
@@ -196,8 +201,7 @@ def run_pd(label: str, backend: str, model: Path, work: Path, env: dict, ports: 
             "external": metric(metrics, "vllm:prompt_tokens_by_source_total",
                                source="external_kv_transfer"),
             "local": metric(metrics, "vllm:prompt_tokens_by_source_total", source="local_compute"),
-            "failed": metric(metrics, "vllm:nixl_num_failed_transfers_total")
-            + metric(metrics, "vllm:nixl_num_failed_transfers"),
+            "failed": metric(metrics, "vllm:nixl_num_failed_transfers_total"),
             "plugin": decode.lines(r"Mooncake: agent .* reaches")
             + decode.lines(r"Mooncake: options:"),
             "errors": [line for s in (prefill, decode) for line in s.lines(r"\bERROR\b")],
