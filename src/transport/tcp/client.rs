@@ -626,18 +626,20 @@ impl Conns {
     /// [`Self::fail_all`]; `closed_between_frames` says the peer closed a
     /// connection cleanly (the close is clean when nothing else was lost).
     fn fail_all_as(&self, err: Error, closed_between_frames: bool) {
+        let outstanding = !self.pending.lock().is_empty();
+        let queued = self.queues.iter().any(|(q, _)| !q.lock().items.is_empty());
+        let all_up = self.socks.iter().all(|s| s.get().is_some());
         {
             let mut down = self.down.lock();
             if down.is_some() {
                 return;
             }
+            // Cleanliness is known before anyone can see the link down, so
+            // a use that finds it down also finds whether to reconnect.
+            if closed_between_frames && !outstanding && !queued && all_up {
+                self.clean_close.store(true, Ordering::Release);
+            }
             *down = Some(err.clone());
-        }
-        let outstanding = !self.pending.lock().is_empty();
-        let queued = self.queues.iter().any(|(q, _)| !q.lock().items.is_empty());
-        let all_up = self.socks.iter().all(|s| s.get().is_some());
-        if closed_between_frames && !outstanding && !queued && all_up {
-            self.clean_close.store(true, Ordering::Release);
         }
         if outstanding {
             warn!("Mooncake: {err}");

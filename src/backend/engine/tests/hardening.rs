@@ -241,9 +241,12 @@ fn d3_a_link_the_peer_closed_while_idle_reconnects_on_the_next_post() {
     let id = p.whole(Op::Write);
     let _ = p.a.post_xfer(id, None).unwrap();
     assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    // Idle means every stream is up (on a loaded host the others may still
+    // be dialing after the first transfer).
+    let l = link(&p.a, "B");
+    l.ensure_connected().unwrap();
     // B closes A's connections (it is alive): A's link goes down, cleanly.
     tcp_server(&p.b).close_from(&AgentName::from("A"));
-    let l = link(&p.a, "B");
     wait_for("A to see its connections closed", || !l.connected());
     let _ = p.a.post_xfer(id, Some(b"again")).unwrap();
     assert_eq!(wait(&p.a, id), Ok(Status::Success));
