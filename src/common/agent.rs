@@ -12,6 +12,12 @@ impl AgentName {
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+
+    /// How many copies of this name exist (for leak tests).
+    #[cfg(test)]
+    pub(crate) fn copies(&self) -> usize {
+        Arc::strong_count(&self.0)
+    }
 }
 
 impl From<&[u8]> for AgentName {

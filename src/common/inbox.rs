@@ -55,14 +55,11 @@ pub struct Reservation<'a> {
 
 impl Reservation<'_> {
     /// Delivers `msg` (at most the reserved length) in the reserved room.
-    pub fn deliver(self, msg: Vec<u8>) {
+    pub fn deliver(mut self, msg: Vec<u8>) {
         debug_assert!(msg.len() <= self.len);
-        let mut s = self.inbox.state.lock();
-        let unused = self.len - msg.len().min(self.len);
-        release(&mut s, &self.from, unused);
-        s.queue.push((self.from.clone(), msg));
-        drop(s);
-        std::mem::forget(self);
+        // The message keeps its bytes' room; the drop gives back the rest.
+        self.len -= msg.len().min(self.len);
+        self.inbox.state.lock().queue.push((self.from.clone(), msg));
     }
 }
 
@@ -161,6 +158,19 @@ impl Inbox {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_delivered_notification_keeps_no_copy_of_its_sender_s_name() {
+        let inbox = Inbox::default();
+        let a = AgentName::from("A");
+        inbox.push(a.clone(), b"one".to_vec()).unwrap();
+        inbox.reserve(&a, 10).unwrap().deliver(b"two".to_vec());
+        drop(inbox.reserve(&a, 10).unwrap());
+        assert_eq!(inbox.bytes(), 6);
+        drop(inbox.drain());
+        assert_eq!(inbox.bytes(), 0);
+        assert_eq!(a.copies(), 1, "a copy of the name leaked");
+    }
 
     #[test]
     fn keeps_order_and_bytes() {
