@@ -16,11 +16,12 @@ use super::options::Options;
 use super::progress::Worker;
 use super::requests::RequestSlab;
 use crate::common::memory::random_u128;
+use crate::common::peers::Known;
 use crate::common::{
     AgentName, Endpoint, Error, Inbox, LocalRegion, MemKind, Notification, Registry, Result, Status,
 };
 use crate::transport::{self, Job, Op, Plan, Posted, Route, Segment, Transfer, Transports};
-use crate::wire::conn_info::ConnInfo;
+use crate::wire::conn_info::{ConnInfo, Endpoint as WireEndpoint};
 use crate::wire::frame::MAX_NOTIF;
 use crate::wire::region::RegionPublic;
 
@@ -278,6 +279,7 @@ impl Engine {
             token: random_u128(),
             registry: Registry::default(),
             inbox: Inbox::default(),
+            peers: Default::default(),
         });
         let mut transport_config = options.transport_config();
         tweak(&mut transport_config);
@@ -343,12 +345,30 @@ impl Engine {
         // both build routes (loads are rare; transfers never take this).
         let _loading = self.loading.lock();
         if let Some(old) = self.peers.read().get(&name) {
-            if old.info.token == info.token {
+            // Equal in every field: a reload. Same token but another field
+            // changed (NIXL may have refused metadata that carried it, then
+            // retries with the right one): the new info replaces the old.
+            if old.info == info {
                 return Ok(());
             }
-            info!("Mooncake: agent {name} has new connection info (it restarted); replacing");
+            info!(
+                "Mooncake: agent {name} has new connection info (it restarted, or it changed); replacing"
+            );
         }
         crate::common::fault::point("engine.loading", self.endpoint.token);
+        self.endpoint.peers.learn(
+            name.clone(),
+            Known {
+                token: info.token,
+                tcp: info
+                    .endpoints
+                    .iter()
+                    .map(|e| match e {
+                        WireEndpoint::Tcp(a) => *a,
+                    })
+                    .collect(),
+            },
+        );
         let routes = self.transports.routes(&info);
         match &routes {
             Ok(_) => {} // the choice and its reason are logged by the selection
@@ -391,6 +411,7 @@ impl Engine {
             .write()
             .remove(&name)
             .ok_or_else(|| Error::NotFound(format!("disconnect: unknown agent {name}")))?;
+        self.endpoint.peers.forget(&name);
         peer.close();
         self.transports.forget(&name);
         Ok(())

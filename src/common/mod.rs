@@ -12,12 +12,14 @@ pub mod completion;
 pub mod fault;
 pub mod inbox;
 pub mod memory;
+pub mod peers;
 pub mod status;
 
 pub use agent::AgentName;
 pub use completion::Completion;
 pub use inbox::{Inbox, Notification};
 pub use memory::{LocalRegion, MemKind, Pin, Registry};
+pub use peers::KnownPeers;
 pub use status::{Error, Result, Status};
 
 /// The part of an engine its peers reach: who it is, what memory it
@@ -32,4 +34,7 @@ pub struct Endpoint {
     pub registry: Registry,
     /// Notifications received.
     pub inbox: Inbox,
+    /// The agents whose connection info was loaded: what a connecting
+    /// peer's claimed name is checked against.
+    pub peers: KnownPeers,
 }

@@ -513,6 +513,7 @@ mod tests {
             token,
             registry: Registry::default(),
             inbox: Inbox::default(),
+            peers: Default::default(),
         }
     }
 

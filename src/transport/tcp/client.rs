@@ -712,6 +712,36 @@ fn fail_out(conns: &Conns, out: Out, err: &Error) {
     }
 }
 
+/// Asks the engine with `token` whether it still serves at `addr`: true when
+/// it accepts a hello that names its token before `within` runs out. A
+/// refusal (another engine listens there now), a closed port or silence
+/// until the deadline all say it is gone.
+pub(super) fn instance_alive(
+    addr: SocketAddr,
+    token: u128,
+    me: &AgentName,
+    my_token: u128,
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    let Ok(s) = io::connect_by(addr, deadline, &|| false) else {
+        return false;
+    };
+    let hello = Hello {
+        target_token: token,
+        sender_token: my_token,
+        name: me.as_bytes().to_vec(),
+    }
+    .encode();
+    let head = Header::new(Kind::Hello, hello.len() as u32, 0, 0).encode();
+    let mut raw = [0u8; frame::HEADER_LEN];
+    let alive = io::send_bytes(&s, &[&head, &hello]).is_ok()
+        && io::read_exact_by(&s, &mut raw, deadline, &|| false).is_ok()
+        && matches!(Header::decode(&raw), Ok(h) if h.kind == Kind::HelloOk);
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    alive
+}
+
 /// What a writer thread needs to open its stream.
 struct Dial {
     addr: SocketAddr,
@@ -746,7 +776,7 @@ impl Dial {
         let mut raw = [0u8; frame::HEADER_LEN];
         io::read_exact_by(&s, &mut raw, Instant::now() + HELLO_TIMEOUT, &abort).map_err(|e| {
             Error::RemoteDisconnect(format!(
-                "agent {} at {} refused the connection (it is not the engine whose metadata we hold?): {e}",
+                "agent {} at {} refused the connection (it is not the engine whose metadata we hold, or another live agent uses our name there?): {e}",
                 conns.peer, self.addr
             ))
         })?;

@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use parking_lot::Mutex;
 
+use super::client;
 use super::io::{self, Access, RawRange, Waits};
+use crate::common::peers::Claim;
 use crate::common::{AgentName, Endpoint, Error, LocalRegion, Pin, Status, fault};
 use crate::wire::frame::{self, Header, Hello, Kind, SEG_LEN, Seg};
 
@@ -42,6 +44,10 @@ pub const MAX_HANDSHAKING: usize = 64;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the engine a connecting peer's claimed name belongs to may take
+/// to answer whether it is alive.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A served connection, kept so that shutdown and `disconnect` can close it.
 struct Served {
@@ -178,6 +184,17 @@ impl TcpServer {
                 }
             }
         }
+    }
+
+    /// Serves one connection that is already open, on this thread, exactly
+    /// as the accept loop serves each connection it accepts (handshake, then
+    /// frames until the peer closes or breaks the protocol), and returns when
+    /// it ends. The fuzzer (`fuzz/`) drives the server's frame handling
+    /// through it with arbitrary byte streams.
+    #[doc(hidden)]
+    pub fn serve_connection(&self, stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint) {
+        self.handshaking.fetch_add(1, Ordering::AcqRel);
+        serve(stream, u64::MAX, from, endpoint, self);
     }
 
     /// Stops accepting, closes every served connection and joins the threads.
@@ -329,9 +346,44 @@ fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<AgentName, Close
     if hello.target_token != endpoint.token {
         return Err("it did not present this engine's token (stale or forged metadata)".into());
     }
+    let name = AgentName::from(hello.name.as_slice());
+    admit(endpoint, &name, hello.sender_token)?;
     io::send_bytes(stream, &[&Header::new(Kind::HelloOk, 0, 0, 0).encode()])
         .map_err(|e| e.to_string())?;
-    Ok(AgentName::from(hello.name.as_slice()))
+    Ok(name)
+}
+
+/// Checks a peer's claim to be agent `name` (engine `token`) against the
+/// connection info loaded for that name (see [`crate::common::peers`]): a
+/// name whose loaded instance is alive elsewhere is refused; when that
+/// instance is gone the newcomer is its restart and is accepted.
+fn admit(endpoint: &Endpoint, name: &AgentName, token: u128) -> Result<(), Close> {
+    let known = match endpoint.peers.check(name, token) {
+        Claim::Unverified | Claim::Verified => return Ok(()),
+        Claim::Stale(known) => known,
+    };
+    let alive = known.tcp.iter().any(|addr| {
+        client::instance_alive(
+            *addr,
+            known.token,
+            &endpoint.name,
+            endpoint.token,
+            PROBE_TIMEOUT,
+        )
+    });
+    if alive {
+        return Err(format!(
+            "it claims to be agent {name}, but the connection info loaded for that name is of \
+             another engine, which is alive (a second agent with that name, or forged)"
+        ));
+    }
+    endpoint.peers.mark_gone(known.token);
+    info!(
+        "Mooncake: agent {}: agent {name} connects as a new engine (the one whose connection info \
+         was loaded is gone: a restart); accepted, unverified until its new info is loaded",
+        endpoint.name
+    );
+    Ok(())
 }
 
 /// Serves one frame. `Ok(false)`: the peer closed between frames (or the

@@ -747,3 +747,43 @@ fn posts_queued_during_a_slow_handshake_go_out_once_it_completes() {
     drop(a);
     fake.join().unwrap();
 }
+
+#[test]
+fn a_live_agent_s_name_cannot_be_taken_but_a_restart_is_accepted() {
+    let b = engine_with("B", false, TCP);
+    let a1 = engine_with("A", false, TCP);
+    b.load_remote_conn_info(b"A", a1.conn_info()).unwrap();
+    // Another engine calls itself A while the A that B knows is alive.
+    let impostor = engine_with("A", false, TCP);
+    impostor.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    assert!(
+        matches!(
+            link(&impostor, "B").ensure_connected(),
+            Err(Error::RemoteDisconnect(_))
+        ),
+        "a second live agent named A was let in"
+    );
+    // The genuine A still gets in.
+    a1.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    a1.gen_notif(b"B", b"genuine").unwrap();
+    assert_eq!(
+        notifs_until(&b, 1),
+        vec![(AgentName::from("A"), b"genuine".to_vec())]
+    );
+    // A restarts: the new engine is accepted once the old one is gone,
+    // before B loads its new info.
+    drop(a1);
+    let a2 = engine_with("A", false, TCP);
+    a2.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    a2.gen_notif(b"B", b"restarted").unwrap();
+    assert_eq!(
+        notifs_until(&b, 1),
+        vec![(AgentName::from("A"), b"restarted".to_vec())]
+    );
+    // Once B loaded the new info, the new engine is the one that counts.
+    b.load_remote_conn_info(b"A", a2.conn_info()).unwrap();
+    let impostor = engine_with("A", false, TCP);
+    impostor.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    assert!(link(&impostor, "B").ensure_connected().is_err());
+    drop(impostor);
+}
