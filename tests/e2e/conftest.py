@@ -11,6 +11,8 @@ Environment:
                      With MOONCAKE_PLUGIN pointing at the wheel's libplugin_UCX.so,
                      the NIXL_PLUGIN_DIR path is exercised with UCX too.
     E2E_TIMEOUT      per-scenario timeout in seconds, default 120.
+    E2E_PRELOAD      a library every scenario process preloads (LD_PRELOAD), e.g. the
+                     ASan runtime for a plugin built with AddressSanitizer.
 
 Every scenario runs with UCX_MODULES=^efa and UCX_NET_DEVICES=lo (see
 shared/nixl-abi.md section 7), with NIXL_MOONCAKE_IP_ADDR=127.0.0.1 (the plugin's
@@ -170,6 +172,10 @@ class Runner:
                 env["LD_LIBRARY_PATH"] = os.pathsep.join(
                     p for p in (str(self.wheel.libs_dir), str(self.wheel.vendored_dir),
                                 env.get("LD_LIBRARY_PATH", "")) if p)
+        # E2E_PRELOAD: a library every scenario process preloads (the ASan
+        # runtime for a plugin built with AddressSanitizer, scripts/sanitizers.sh).
+        if os.environ.get("E2E_PRELOAD"):
+            env["LD_PRELOAD"] = os.environ["E2E_PRELOAD"]
         if extra:
             env.update(extra)
         return env
