@@ -5,7 +5,11 @@
 #                         the exported entry point) and the manifest check
 #   2. cargo build --release, then the end-to-end suite through the real NIXL 1.5.1
 #      (PyPI wheel nixl-cu12, in a venv made by scripts/setup-venv.sh), including
-#      the wheel's own nixl_example C++ program against backend "Mooncake"
+#      the wheel's own nixl_example C++ program against backend "Mooncake", the
+#      bad-input, fault-proxy and 30-second soak runs
+#   3. scripts/sanitizers.sh asan-unit asan-cxx (AddressSanitizer, leaks included)
+#   4. scripts/fuzz.sh: every fuzz target for a minute (cargo-fuzz is installed
+#      if missing)
 #
 # Needs: Rust, gcc/g++, Python 3 with venv. Everything else is installed here.
 set -euo pipefail
@@ -30,3 +34,9 @@ venv=$(scripts/setup-venv.sh)
 echo "== end-to-end tests through the real NIXL"
 MOONCAKE_PLUGIN="$PWD/target/release/libplugin_Mooncake.so" \
     "$venv/bin/python" -m pytest tests/e2e -v "$@"
+
+echo "== sanitizers: AddressSanitizer on the unit tests and the C++ backend test"
+scripts/sanitizers.sh asan-unit asan-cxx
+
+echo "== fuzzing: every target of fuzz/ for FUZZ_SECONDS (default 60) seconds"
+scripts/fuzz.sh
