@@ -26,6 +26,8 @@ SCRIPT = Path(__file__).with_name("bad_input.py")
 # Two-process modes: the target in a child process, protocol=auto (cross-memory
 # attach on this host) and protocol=tcp.  Other backends know no protocol option.
 XP_MODES = ["auto", "tcp"] if BACKEND == "Mooncake" else ["auto"]
+# One process, then two (the target in a child process).
+MODES = ["local", *XP_MODES]
 
 
 def run_case(runner, case: str, mode: str, *args: str, env=None, timeout: float = 120) -> str:
@@ -50,13 +52,8 @@ UCX_KEEPS_REFUSED_STATE = pytest.mark.xfail(
 
 
 @UCX_KEEPS_REFUSED_STATE
-def test_corrupted_metadata_one_process(runner):
-    run_case(runner, "metadata", "local")
-
-
-@UCX_KEEPS_REFUSED_STATE
-@pytest.mark.parametrize("mode", XP_MODES)
-def test_corrupted_metadata_two_processes(runner, mode):
+@pytest.mark.parametrize("mode", MODES)
+def test_corrupted_metadata(runner, mode):
     run_case(runner, "metadata", mode)
 
 
@@ -69,12 +66,8 @@ def test_refused_metadata_leaves_no_stale_connection_info(runner, mode):
 # 2. descriptors crossing a region's end, wholly outside, wrapping around 2^64 ----------
 
 
-def test_descriptors_outside_regions_one_process(runner):
-    run_case(runner, "bounds", "local")
-
-
-@pytest.mark.parametrize("mode", XP_MODES)
-def test_descriptors_outside_regions_two_processes(runner, mode):
+@pytest.mark.parametrize("mode", MODES)
+def test_descriptors_outside_regions(runner, mode):
     run_case(runner, "bounds", mode)
 
 
@@ -95,24 +88,16 @@ def test_handle_misuse(runner):
 # 5. unknown agents, removed agents -----------------------------------------------------
 
 
-def test_unknown_agents_one_process(runner):
-    run_case(runner, "unknown", "local")
-
-
-@pytest.mark.parametrize("mode", XP_MODES)
-def test_unknown_agents_two_processes(runner, mode):
+@pytest.mark.parametrize("mode", MODES)
+def test_unknown_agents(runner, mode):
     run_case(runner, "unknown", mode)
 
 
 # 6. 64 MiB notifications (and the 16 MiB limit) ----------------------------------------
 
 
-def test_64mib_notification_one_process(runner):
-    run_case(runner, "bignotif", "local")
-
-
-@pytest.mark.parametrize("mode", XP_MODES)
-def test_64mib_notification_two_processes(runner, mode):
+@pytest.mark.parametrize("mode", MODES)
+def test_64mib_notification(runner, mode):
     run_case(runner, "bignotif", mode)
 
 
@@ -133,10 +118,6 @@ def test_zero_length_descriptors(runner):
 # 9. a million descriptors in one transfer ------------------------------------------------
 
 
-def test_million_descriptors_one_process(runner):
-    run_case(runner, "manydescs", "local")
-
-
-@pytest.mark.parametrize("mode", XP_MODES)
-def test_million_descriptors_two_processes(runner, mode):
+@pytest.mark.parametrize("mode", MODES)
+def test_million_descriptors(runner, mode):
     run_case(runner, "manydescs", mode)
