@@ -15,12 +15,16 @@
 //! - [`wire`]: versioned encodings of everything that crosses to a peer.
 //! - [`common`]: the vocabulary all of them share (errors, agent names,
 //!   registered memory and pins, notifications, completions).
+//! - [`cuda`]: GPU memory through the CUDA driver, loaded at run time on
+//!   first use (registration checks, device copies); used by the backend
+//!   and the transports, beside `common`.
 #![allow(non_snake_case)] // the library name must be `plugin_Mooncake`
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
 pub mod backend;
 pub mod common;
+pub mod cuda;
 mod ffi;
 pub mod logging;
 pub mod transport;

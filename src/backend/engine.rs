@@ -15,11 +15,12 @@ use parking_lot::{Mutex, RwLock};
 use super::options::Options;
 use super::progress::Worker;
 use super::requests::RequestSlab;
-use crate::common::memory::random_u128;
+use crate::common::memory::{VRAM_SEG, random_u128};
 use crate::common::peers::Known;
 use crate::common::{
     AgentName, Endpoint, Error, Inbox, LocalRegion, MemKind, Notification, Registry, Result, Status,
 };
+use crate::cuda;
 use crate::transport::{self, Job, Op, Plan, Posted, Route, Segment, Transfer, Transports};
 use crate::wire::conn_info::{ConnInfo, Endpoint as WireEndpoint};
 use crate::wire::frame::MAX_NOTIF;
@@ -449,15 +450,22 @@ impl Engine {
         id
     }
 
-    /// `registerMem`.
+    /// `registerMem`: host memory as it is; GPU memory (`VRAM_SEG`) after
+    /// the CUDA driver confirmed that the range is memory of device
+    /// `dev_id` (the driver is loaded then, on first use).
     ///
     /// # Errors
-    /// See [`Registry::register`].
+    /// See [`Registry::register`] and [`cuda::inspect`].
     pub fn register_mem(&self, addr: u64, len: u64, mem_type: u32, dev_id: u64) -> Result<MdId> {
-        let region = self
-            .endpoint
-            .registry
-            .register(addr, len, mem_type, dev_id)?;
+        let registry = &self.endpoint.registry;
+        let region = if mem_type == VRAM_SEG {
+            if addr == 0 {
+                return Err(Error::InvalidParam("registerMem: null address".into()));
+            }
+            registry.register_device(addr, len, cuda::inspect(addr, len, dev_id)?)?
+        } else {
+            registry.register(addr, len, mem_type, dev_id)?
+        };
         Ok(self.new_md(Md::Local(region)))
     }
 

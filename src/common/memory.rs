@@ -85,6 +85,35 @@ pub trait RegionWatch: Send + Sync {
     fn revoke(&self, region: &LocalRegion);
 }
 
+/// One allocation (or one mapped chunk of VMM memory) that a GPU region
+/// lies in, as the CUDA driver describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DevicePiece {
+    /// Start of the allocation.
+    pub base: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The driver's unique id of the allocation.
+    pub buffer_id: u64,
+    /// True for `cuMemAlloc` memory (exportable with a legacy IPC handle),
+    /// false for VMM memory.
+    pub legacy_ipc: bool,
+}
+
+/// What the CUDA driver told us about a GPU region when it was registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAlloc {
+    /// The device ordinal (equal to the registration's `devId`).
+    pub ordinal: i32,
+    /// The `CUcontext` our threads make current before touching the
+    /// memory (the allocation's own context, else the device's primary
+    /// context), as an opaque value.
+    pub context: usize,
+    /// The allocations the region covers, in address order (one, or
+    /// several adjacent VMM chunks).
+    pub pieces: Vec<DevicePiece>,
+}
+
 /// One registered local region. Address, length and key never change.
 #[derive(Debug)]
 pub struct LocalRegion {
@@ -98,6 +127,8 @@ pub struct LocalRegion {
     pub mem_type: u32,
     /// Device id from the registration.
     pub dev_id: u64,
+    /// For GPU memory: where it lives, as the driver said at registration.
+    pub device: Option<DeviceAlloc>,
     /// Read-held by every pin; write-taken once by the deregistration, to
     /// wait for the pins taken before it started.
     pins: RwLock<()>,
@@ -196,7 +227,8 @@ impl Registry {
     /// Registers `[addr, addr+len)` of host memory.
     ///
     /// # Errors
-    /// [`Error::NotSupported`] for memory types other than DRAM,
+    /// [`Error::NotSupported`] for memory types other than DRAM (GPU memory
+    /// goes through [`Registry::register_device`]),
     /// [`Error::InvalidParam`] for a null address or a range that wraps.
     pub fn register(
         &self,
@@ -207,14 +239,40 @@ impl Registry {
     ) -> Result<Arc<LocalRegion>> {
         if mem_type != DRAM_SEG {
             let what = if mem_type == VRAM_SEG {
-                "VRAM (GPU memory)".to_owned()
+                "VRAM (GPU memory) needs its device description".to_owned()
             } else {
-                format!("memory type {mem_type}")
+                format!("memory type {mem_type} is not supported")
             };
             return Err(Error::NotSupported(format!(
-                "registerMem: {what} is not supported yet; only DRAM can be registered"
+                "registerMem: {what}; only DRAM and VRAM can be registered"
             )));
         }
+        self.insert(addr, len, mem_type, dev_id, None)
+    }
+
+    /// Registers `[addr, addr+len)` of GPU memory that the driver described
+    /// as `device` (see `crate::cuda::inspect`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidParam`] for a null address or a range that wraps.
+    pub fn register_device(
+        &self,
+        addr: u64,
+        len: u64,
+        device: DeviceAlloc,
+    ) -> Result<Arc<LocalRegion>> {
+        let dev_id = device.ordinal as u64;
+        self.insert(addr, len, VRAM_SEG, dev_id, Some(device))
+    }
+
+    fn insert(
+        &self,
+        addr: u64,
+        len: u64,
+        mem_type: u32,
+        dev_id: u64,
+        device: Option<DeviceAlloc>,
+    ) -> Result<Arc<LocalRegion>> {
         if addr == 0 {
             return Err(Error::InvalidParam("registerMem: null address".into()));
         }
@@ -241,6 +299,7 @@ impl Registry {
             len,
             mem_type,
             dev_id,
+            device,
             pins: RwLock::new(()),
             dying: AtomicBool::new(false),
         });
@@ -398,10 +457,24 @@ mod tests {
     }
 
     #[test]
-    fn refuses_vram_null_and_wrapping_ranges() {
+    fn refuses_undescribed_vram_other_types_null_and_wrapping_ranges() {
         let reg = Registry::default();
         let e = reg.register(0x1000, 1, VRAM_SEG, 0).unwrap_err();
         assert!(matches!(e, Error::NotSupported(_)) && e.to_string().contains("VRAM"));
+        let e = reg.register(0x1000, 1, 3, 0).unwrap_err();
+        assert!(matches!(e, Error::NotSupported(_)) && e.to_string().contains("type 3"));
+        let gpu = DeviceAlloc {
+            ordinal: 1,
+            context: 0,
+            pieces: vec![],
+        };
+        let r = reg.register_device(0x1000, 1, gpu.clone()).unwrap();
+        assert_eq!(r.kind(), MemKind::Vram { device: 1 });
+        assert_eq!(r.device.as_ref(), Some(&gpu));
+        assert!(matches!(
+            reg.register_device(0, 1, gpu),
+            Err(Error::InvalidParam(_))
+        ));
         assert!(matches!(
             reg.register(0, 1, DRAM_SEG, 0),
             Err(Error::InvalidParam(_))

@@ -41,7 +41,11 @@ nixl_b_params_t backend_options() noexcept {
 
 nixl_mem_list_t backend_mems() noexcept {
     try {
-        return {DRAM_SEG};
+        // VRAM always, whether or not a CUDA driver exists here: finding out
+        // would load it (and call cuInit) while NIXL only lists memory types,
+        // before a caller may fork. Without a driver, registerMem(VRAM) fails
+        // with NIXL_ERR_NOT_SUPPORTED and a log line saying why.
+        return {DRAM_SEG, VRAM_SEG};
     } catch (...) {
         return {};
     }

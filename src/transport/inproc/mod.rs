@@ -5,6 +5,10 @@
 //! their random token. A copy job re-checks every remote range against the
 //! target's own registry at post time, and pins both regions around each
 //! piece it copies, so deregistration and cancellation are honoured exactly.
+//!
+//! Segments that touch GPU memory (on either side) move as device copies
+//! on our own streams ([`cuda::Copier`]), many per step, waited for before
+//! the step's pins are dropped.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -14,8 +18,10 @@ use std::sync::{Arc, LazyLock, Weak};
 use parking_lot::Mutex;
 
 use super::job::{Mover, SegmentJob};
-use super::{Op, Plan, Posted, Route, Transport};
-use crate::common::{AgentName, Endpoint, Error, LocalRegion, Result};
+use super::{Op, Plan, Posted, Route, Segment, Transport};
+use crate::common::memory::DeviceAlloc;
+use crate::common::{AgentName, Endpoint, Error, LocalRegion, MemKind, Pin, Result};
+use crate::cuda;
 use crate::wire::conn_info::ConnInfo;
 
 /// An engine of this process as its peers find it.
@@ -138,6 +144,13 @@ impl Route for InProcRoute {
         "direct copy (same process)".into()
     }
 
+    /// Host and GPU memory on either side: device copies move whatever
+    /// touches a GPU.
+    fn serves(&self, local: MemKind, remote: MemKind) -> bool {
+        let movable = |k| matches!(k, MemKind::Dram | MemKind::Vram { .. });
+        movable(local) && movable(remote)
+    }
+
     fn connect(&self) -> Result<()> {
         Ok(())
     }
@@ -231,36 +244,108 @@ impl InProcCopy {
     }
 }
 
-impl Mover for InProcCopy {
-    fn move_bytes(&self, plan: &Plan, segment: usize, offset: u64, budget: u64) -> Result<u64> {
-        let s = plan.segments[segment];
-        let len = (s.len - offset).min(budget);
-        if len == 0 {
-            return Ok(0);
-        }
+/// Most bytes one step queues on a device stream before waiting for them.
+const DEVICE_STEP_BYTES: u64 = 64 << 20;
+/// Most copies one step queues on a device stream before waiting for them.
+const DEVICE_STEP_COPIES: usize = 4096;
+
+impl InProcCopy {
+    /// Pins the local and the target region of segment `s` of `plan`.
+    fn pin<'a>(&'a self, plan: &'a Plan, s: &Segment) -> Result<(Pin<'a>, Pin<'a>)> {
         let local = &plan.local_regions[s.local as usize];
-        let _local_pin = local.pin().ok_or_else(|| {
+        let local_pin = local.pin().ok_or_else(|| {
             Error::InvalidParam(format!(
                 "local region {:#x}+{} was deregistered during the transfer",
                 local.addr, local.len
             ))
         })?;
-        let _remote_pin = self.targets[s.remote as usize].pin().ok_or_else(|| {
+        let remote_pin = self.targets[s.remote as usize].pin().ok_or_else(|| {
             Error::RemoteDisconnect(format!(
                 "agent {} deregistered the target region during the transfer",
                 self.target.name
             ))
         })?;
+        Ok((local_pin, remote_pin))
+    }
+
+    /// The GPU side of segment `s`, if it has one (the local one first).
+    fn device_of<'a>(&'a self, plan: &'a Plan, s: &Segment) -> Option<&'a DeviceAlloc> {
+        plan.local_regions[s.local as usize]
+            .device
+            .as_ref()
+            .or(self.targets[s.remote as usize].device.as_ref())
+    }
+
+    /// Moves the segments from `segment` + `offset` on that touch GPU
+    /// memory with device copies on one of our streams: queues many at
+    /// once, then waits for all of them before the pins are dropped (so a
+    /// deregistration or a cancel that waits for this step also waits for
+    /// the device).
+    fn device_step(&self, plan: &Plan, segment: usize, offset: u64) -> Result<u64> {
+        let first = &plan.segments[segment];
+        let Some(device) = self.device_of(plan, first) else {
+            return Ok(0);
+        };
+        let driver = cuda::driver()?;
+        let mut pins = Vec::new();
+        let mut copier = cuda::Copier::new(driver, device.context)?;
+        let (mut at, mut offset, mut moved, mut copies) = (segment, offset, 0u64, 0usize);
+        let mut pinned = None;
+        while at < plan.segments.len() && moved < DEVICE_STEP_BYTES && copies < DEVICE_STEP_COPIES {
+            let s = &plan.segments[at];
+            if self.device_of(plan, s).is_none() {
+                break;
+            }
+            if pinned != Some((s.local, s.remote)) {
+                pins.push(self.pin(plan, s)?);
+                pinned = Some((s.local, s.remote));
+            }
+            let len = (s.len - offset).min(DEVICE_STEP_BYTES - moved);
+            if len > 0 {
+                let (l, r) = (s.local_addr + offset, s.remote_addr + offset);
+                let (src, dst) = match plan.op {
+                    Op::Write => (l, r),
+                    Op::Read => (r, l),
+                };
+                copier.copy(dst, src, len)?;
+                copies += 1;
+            }
+            moved += len;
+            offset += len;
+            if offset == s.len {
+                at += 1;
+                offset = 0;
+            }
+        }
+        copier.wait()?;
+        drop(copier);
+        drop(pins);
+        Ok(moved)
+    }
+}
+
+impl Mover for InProcCopy {
+    fn move_bytes(&self, plan: &Plan, segment: usize, offset: u64, budget: u64) -> Result<u64> {
+        let s = &plan.segments[segment];
+        if self.device_of(plan, s).is_some() {
+            return self.device_step(plan, segment, offset);
+        }
+        let len = (s.len - offset).min(budget);
+        if len == 0 {
+            return Ok(0);
+        }
+        let _pins = self.pin(plan, s)?;
         let (l, r) = (s.local_addr + offset, s.remote_addr + offset);
         let (src, dst) = match plan.op {
             Op::Write => (l, r),
             Op::Read => (r, l),
         };
-        // SAFETY: both ranges lie inside live registrations of this process
-        // (local ranges were checked at prep time against our registry, remote
-        // ones at post time against the target's registry), and both regions
-        // are pinned, so they stay registered for the duration of the copy.
-        // `copy` (memmove) is used because a loopback transfer may overlap.
+        // SAFETY: both ranges lie inside live registrations of host memory
+        // of this process (local ranges were checked at prep time against
+        // our registry, remote ones at post time against the target's
+        // registry), and both regions are pinned, so they stay registered
+        // for the duration of the copy. `copy` (memmove) is used because a
+        // loopback transfer may overlap.
         unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, len as usize) };
         Ok(len)
     }

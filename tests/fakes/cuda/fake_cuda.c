@@ -99,6 +99,8 @@
  *        "copy still pending" states without sleeping).
  *  unsigned long long fake_cuda_copies(void), fake_cuda_bytes_copied(void)
  *        successful copies (not memsets) and their bytes.
+ *  unsigned long long fake_cuda_pending_copies(void)
+ *        asynchronous copies queued on a stream and not yet run.
  *  unsigned long long fake_cuda_live_allocations(void)
  *        cuMemAlloc allocations + pinned host allocations + host
  *        registrations + VMM physical allocations (created or imported, alive
@@ -368,6 +370,7 @@ static unsigned g_quar_count, g_quar_next;
 
 static atomic_ullong g_used[FC_MAX_DEVICES];
 static atomic_ullong g_copies, g_bytes;
+static atomic_llong g_pending; /* async copies queued, not yet run */
 static atomic_long g_fail_after = -1;
 static atomic_int g_fail_err = CUDA_ERROR_ILLEGAL_ADDRESS;
 static atomic_uint g_delay_us;
@@ -759,6 +762,8 @@ static void *stream_worker(void *arg)
         pthread_mutex_unlock(&g_prog_mu);
 
         exec_op(s, o);
+        if (o->type == OP_COPY)
+            atomic_fetch_sub(&g_pending, 1);
 
         pthread_mutex_lock(&g_prog_mu);
         s->done_seq = o->seq;
@@ -914,6 +919,8 @@ static CUresult enqueue(struct fake_stream *s, struct op *o)
     if (!rc) {
         *wt = o;
         o->next = NULL;
+        if (o->type == OP_COPY)
+            atomic_fetch_add(&g_pending, 1);
         for (struct op *x = waits; x; x = x->next)
             x->seq = ++s->enq_seq;
         if (s->tail)
@@ -2768,6 +2775,7 @@ FC_API void fake_cuda_pause_streams(int paused)
 
 FC_API unsigned long long fake_cuda_copies(void) { return atomic_load(&g_copies); }
 FC_API unsigned long long fake_cuda_bytes_copied(void) { return atomic_load(&g_bytes); }
+FC_API unsigned long long fake_cuda_pending_copies(void) { return (unsigned long long)atomic_load(&g_pending); }
 
 FC_API unsigned long long fake_cuda_live_allocations(void)
 {

@@ -7,6 +7,7 @@ mod cma;
 mod conformance;
 mod hardening;
 mod tcp;
+mod vram;
 
 /// The preferred route of `e` to `agent`.
 fn route_of(e: &Engine, agent: &str) -> Arc<dyn Route> {
@@ -440,21 +441,33 @@ fn restarted_peer_replaces_old_info_and_same_info_is_a_no_op() {
 
 #[test]
 fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds() {
-    for (params, transport) in [
-        (&[][..], "in-process copy"),
-        (&[("protocol", "tcp"), ("ip_addr", "127.0.0.1")][..], "tcp"),
-        (&[("protocol", "cma"), ("ip_addr", "127.0.0.1")][..], "cma"),
+    // The in-process copy serves GPU memory but not files; TCP and
+    // cross-memory attach serve neither.
+    for (params, transport, mem_type, kind) in [
+        (&[][..], "in-process copy", 4, "memory type 4"),
+        (
+            &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")][..],
+            "tcp",
+            crate::common::memory::VRAM_SEG,
+            "VRAM (device 3)",
+        ),
+        (
+            &[("protocol", "cma"), ("ip_addr", "127.0.0.1")][..],
+            "cma",
+            crate::common::memory::VRAM_SEG,
+            "VRAM (device 3)",
+        ),
     ] {
         let p = pair_with(4096, false, params);
-        // Metadata of B presenting GPU memory (VRAM of device 3): B cannot
-        // register any yet, but a peer's metadata may say so.
+        // Metadata of B presenting memory of that kind (device 3): a
+        // peer's metadata may say so whatever B registered.
         let info = ConnInfo::decode(p.b.conn_info()).unwrap();
         let vram = RegionPublic {
             owner: info.token,
             key: 42,
             addr: 0x7000_0000,
             len: 1 << 20,
-            mem_type: crate::common::memory::VRAM_SEG,
+            mem_type,
             dev_id: 3,
         };
         let vmd =
@@ -480,7 +493,7 @@ fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds()
             match p.a.prep_xfer(Op::Write, &local, &remote, b"B") {
                 Err(Error::NotSupported(m)) => {
                     assert!(m.contains(transport), "{m}");
-                    assert!(m.contains("local DRAM with remote VRAM (device 3)"), "{m}");
+                    assert!(m.contains(&format!("local DRAM with remote {kind}")), "{m}");
                 }
                 other => panic!("expected NotSupported, got {other:?}"),
             }

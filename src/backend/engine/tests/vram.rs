@@ -1,0 +1,424 @@
+//! GPU memory on the fake CUDA driver: registration checks, device copies
+//! in one process (VRAM to VRAM, to and from DRAM, mixed plans), the
+//! notification after the device finished, deregistration and release
+//! waiting for queued copies.
+
+use super::*;
+use crate::common::memory::{DRAM_SEG, VRAM_SEG};
+use crate::cuda::testing::{DeviceBuffer, fake};
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Device memory of `ordinal` holding `data`.
+fn device_with(ordinal: i32, data: &[u8]) -> DeviceBuffer {
+    let buf = fake().alloc(ordinal, data.len());
+    fake().write(buf.ptr, data);
+    buf
+}
+
+/// Registers `[addr, addr+len)` of `mem_type` on `owner` (agent `name`)
+/// and loads it on `a`: returns (owner's id, `a`'s remote id).
+fn share(
+    a: &Engine,
+    owner: &Engine,
+    name: &[u8],
+    addr: u64,
+    len: usize,
+    mem: u32,
+    dev: u64,
+) -> (MdId, MdId) {
+    let md = owner.register_mem(addr, len as u64, mem, dev).unwrap();
+    let blob = owner.public_data(md).unwrap();
+    let remote = a
+        .load_remote_md(addr, len as u64, mem, &blob, name)
+        .unwrap();
+    (md, remote)
+}
+
+fn desc(addr: u64, len: usize, md: MdId) -> Desc {
+    Desc {
+        addr,
+        len: len as u64,
+        md,
+    }
+}
+
+#[test]
+fn registration_checks_device_memory_device_and_allocation_bounds() {
+    let gpu = fake();
+    let e = engine("Reg", false);
+    let buf = gpu.alloc(1, 1 << 20);
+    // The whole allocation, and a range at an offset inside it.
+    let whole = e.register_mem(buf.ptr, 1 << 20, VRAM_SEG, 1).unwrap();
+    let inner = e.register_mem(buf.ptr + 4096, 8192, VRAM_SEG, 1).unwrap();
+    // Another device than the memory's.
+    match e.register_mem(buf.ptr, 4096, VRAM_SEG, 0) {
+        Err(Error::InvalidParam(m)) => assert!(m.contains("device 1, not of devId 0"), "{m}"),
+        other => panic!("wrong devId accepted: {other:?}"),
+    }
+    // Past the end of the allocation.
+    match e.register_mem(buf.ptr + 4096, 1 << 20, VRAM_SEG, 1) {
+        Err(Error::InvalidParam(m)) => assert!(m.contains("crosses the end"), "{m}"),
+        other => panic!("a range past the allocation accepted: {other:?}"),
+    }
+    // Host memory claimed to be VRAM.
+    let host = vec![0u8; 4096];
+    match e.register_mem(host.as_ptr() as u64, 4096, VRAM_SEG, 0) {
+        Err(Error::InvalidParam(m)) => assert!(m.contains("not GPU memory"), "{m}"),
+        other => panic!("host memory accepted as VRAM: {other:?}"),
+    }
+    // A devId no int can hold, and a null address.
+    assert!(matches!(
+        e.register_mem(buf.ptr, 4096, VRAM_SEG, 1 << 40),
+        Err(Error::InvalidParam(_))
+    ));
+    assert!(matches!(
+        e.register_mem(0, 4096, VRAM_SEG, 0),
+        Err(Error::InvalidParam(_))
+    ));
+    e.deregister_mem(inner).unwrap();
+    e.deregister_mem(whole).unwrap();
+}
+
+#[test]
+fn vram_to_vram_and_vram_with_dram_in_one_process_both_directions() {
+    let gpu = fake();
+    let _knobs = gpu.exclusive();
+    gpu.set_copy_delay_us(0);
+    let a = engine("GA", true);
+    let b = engine("GB", true);
+    a.load_remote_conn_info(b"GB", b.conn_info()).unwrap();
+    let len = (3 << 20) + 123;
+    let src = pattern(len, 1);
+    // A's VRAM (device 0) and DRAM; B's VRAM (device 1) and DRAM.
+    let a_gpu = device_with(0, &src);
+    let a_host = pattern(len, 2);
+    let b_gpu = device_with(1, &vec![0u8; len]);
+    let mut b_host = vec![0u8; len];
+    let a_gpu_md = a.register_mem(a_gpu.ptr, len as u64, VRAM_SEG, 0).unwrap();
+    let a_host_md = a
+        .register_mem(a_host.as_ptr() as u64, len as u64, DRAM_SEG, 0)
+        .unwrap();
+    let (_, b_gpu_r) = share(&a, &b, b"GB", b_gpu.ptr, len, VRAM_SEG, 1);
+    let (_, b_host_r) = share(&a, &b, b"GB", b_host.as_mut_ptr() as u64, len, DRAM_SEG, 0);
+
+    // VRAM -> VRAM (WRITE), with a notification.
+    let id = a
+        .prep_xfer(
+            Op::Write,
+            &[desc(a_gpu.ptr, len, a_gpu_md)],
+            &[desc(b_gpu.ptr, len, b_gpu_r)],
+            b"GB",
+        )
+        .unwrap();
+    let _ = a.post_xfer(id, Some(b"v2v")).unwrap();
+    assert_eq!(wait(&a, id), Ok(Status::Success));
+    assert_eq!(gpu.read(b_gpu.ptr, len), src, "VRAM to VRAM");
+    assert_eq!(
+        notifs_until(&b, 1),
+        vec![(AgentName::from("GA"), b"v2v".to_vec())]
+    );
+    a.release_req(id).unwrap();
+
+    // DRAM -> remote VRAM (WRITE), then remote VRAM -> local VRAM (READ)
+    // of what was written, at offsets.
+    let id = a
+        .prep_xfer(
+            Op::Write,
+            &[desc(a_host.as_ptr() as u64, len, a_host_md)],
+            &[desc(b_gpu.ptr, len, b_gpu_r)],
+            b"GB",
+        )
+        .unwrap();
+    let _ = a.post_xfer(id, None).unwrap();
+    assert_eq!(wait(&a, id), Ok(Status::Success));
+    assert_eq!(gpu.read(b_gpu.ptr, len), a_host, "DRAM to VRAM");
+    a.release_req(id).unwrap();
+    let id = a
+        .prep_xfer(
+            Op::Read,
+            &[desc(a_gpu.ptr + 5, len - 10, a_gpu_md)],
+            &[desc(b_gpu.ptr + 3, len - 10, b_gpu_r)],
+            b"GB",
+        )
+        .unwrap();
+    let _ = a.post_xfer(id, None).unwrap();
+    assert_eq!(wait(&a, id), Ok(Status::Success));
+    let got = gpu.read(a_gpu.ptr, len);
+    assert_eq!(
+        &got[5..len - 5],
+        &a_host[3..len - 7],
+        "READ VRAM to VRAM at offsets"
+    );
+    assert_eq!(&got[..5], &src[..5], "nothing before the range");
+    assert_eq!(&got[len - 5..], &src[len - 5..], "nothing after the range");
+    a.release_req(id).unwrap();
+
+    // Remote DRAM -> local VRAM (READ), VRAM -> remote DRAM (WRITE).
+    let id = a
+        .prep_xfer(
+            Op::Read,
+            &[desc(a_gpu.ptr, len, a_gpu_md)],
+            &[desc(b_host.as_ptr() as u64, len, b_host_r)],
+            b"GB",
+        )
+        .unwrap();
+    let _ = a.post_xfer(id, None).unwrap();
+    assert_eq!(wait(&a, id), Ok(Status::Success));
+    assert_eq!(
+        gpu.read(a_gpu.ptr, len),
+        vec![0u8; len],
+        "DRAM to VRAM by READ"
+    );
+    a.release_req(id).unwrap();
+    gpu.write(a_gpu.ptr, &src);
+    let id = a
+        .prep_xfer(
+            Op::Write,
+            &[desc(a_gpu.ptr, len, a_gpu_md)],
+            &[desc(b_host.as_ptr() as u64, len, b_host_r)],
+            b"GB",
+        )
+        .unwrap();
+    let _ = a.post_xfer(id, None).unwrap();
+    assert_eq!(wait(&a, id), Ok(Status::Success));
+    assert_eq!(b_host, src, "VRAM to DRAM");
+    a.release_req(id).unwrap();
+}
+
+#[test]
+fn a_mixed_plan_of_host_and_device_segments_moves_every_byte() {
+    let gpu = fake();
+    let a = engine("MA", true);
+    let b = engine("MB", true);
+    a.load_remote_conn_info(b"MB", b.conn_info()).unwrap();
+    let block = 4096 + 17;
+    let n = 64;
+    let len = block * n;
+    let src_host = pattern(len, 5);
+    let src_gpu = device_with(0, &pattern(len, 9));
+    let dst_host = vec![0u8; len];
+    let dst_gpu = device_with(1, &vec![0u8; len]);
+    let host_md = a
+        .register_mem(src_host.as_ptr() as u64, len as u64, DRAM_SEG, 0)
+        .unwrap();
+    let gpu_md = a
+        .register_mem(src_gpu.ptr, len as u64, VRAM_SEG, 0)
+        .unwrap();
+    let (_, dh) = share(&a, &b, b"MB", dst_host.as_ptr() as u64, len, DRAM_SEG, 0);
+    let (_, dg) = share(&a, &b, b"MB", dst_gpu.ptr, len, VRAM_SEG, 1);
+    // Block i goes host->host, host->gpu, gpu->host or gpu->gpu by i % 4.
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let off = (i * block) as u64;
+        let (l, r) = match i % 4 {
+            0 => (
+                desc(src_host.as_ptr() as u64 + off, block, host_md),
+                desc(dst_host.as_ptr() as u64 + off, block, dh),
+            ),
+            1 => (
+                desc(src_host.as_ptr() as u64 + off, block, host_md),
+                desc(dst_gpu.ptr + off, block, dg),
+            ),
+            2 => (
+                desc(src_gpu.ptr + off, block, gpu_md),
+                desc(dst_host.as_ptr() as u64 + off, block, dh),
+            ),
+            _ => (
+                desc(src_gpu.ptr + off, block, gpu_md),
+                desc(dst_gpu.ptr + off, block, dg),
+            ),
+        };
+        local.push(l);
+        remote.push(r);
+    }
+    let id = a.prep_xfer(Op::Write, &local, &remote, b"MB").unwrap();
+    let _ = a.post_xfer(id, Some(b"mixed")).unwrap();
+    assert_eq!(wait(&a, id), Ok(Status::Success));
+    assert_eq!(notifs_until(&b, 1).len(), 1);
+    let (gsrc, gdst) = (gpu.read(src_gpu.ptr, len), gpu.read(dst_gpu.ptr, len));
+    for i in 0..n {
+        let r = i * block..(i + 1) * block;
+        let want = if i % 4 < 2 {
+            &src_host[r.clone()]
+        } else {
+            &gsrc[r.clone()]
+        };
+        let got = if i % 4 == 0 || i % 4 == 2 {
+            &dst_host[r.clone()]
+        } else {
+            &gdst[r.clone()]
+        };
+        assert_eq!(got, want, "block {i} (kind pair {})", i % 4);
+    }
+}
+
+#[test]
+fn the_notification_arrives_only_after_the_device_finished_copying() {
+    let gpu = fake();
+    let _knobs = gpu.exclusive();
+    // Every device copy takes 2 ms: a notification sent when the copies
+    // were queued (not finished) would arrive before the data.
+    gpu.set_copy_delay_us(2000);
+    let a = engine("NA", true);
+    let b = engine("NB", true);
+    a.load_remote_conn_info(b"NB", b.conn_info()).unwrap();
+    let (block, n) = (64 << 10, 16);
+    let len = block * n;
+    let src = device_with(0, &pattern(len, 3));
+    let dst = device_with(1, &vec![0u8; len]);
+    let smd = a.register_mem(src.ptr, len as u64, VRAM_SEG, 0).unwrap();
+    let (_, dmd) = share(&a, &b, b"NB", dst.ptr, len, VRAM_SEG, 1);
+    let local: Vec<Desc> = (0..n)
+        .map(|i| desc(src.ptr + (i * block) as u64, block, smd))
+        .collect();
+    let remote: Vec<Desc> = (0..n)
+        .map(|i| desc(dst.ptr + (i * block) as u64, block, dmd))
+        .collect();
+    let id = a.prep_xfer(Op::Write, &local, &remote, b"NB").unwrap();
+    for round in 0..3u8 {
+        gpu.write(src.ptr, &pattern(len, round));
+        let _ = a.post_xfer(id, Some(&[round])).unwrap();
+        // Poll only the receiver: the moment the notification shows, every
+        // byte must be in place.
+        let got = notifs_until(&b, 1);
+        assert_eq!(got, vec![(AgentName::from("NA"), vec![round])]);
+        assert_eq!(
+            gpu.read(dst.ptr, len),
+            pattern(len, round),
+            "round {round}: notified before the data landed"
+        );
+        assert_eq!(wait(&a, id), Ok(Status::Success));
+    }
+    gpu.set_copy_delay_us(0);
+}
+
+/// Posts a device copy while the fake's streams are paused (so it stays
+/// queued on the device), then runs `act` on another thread: `act` must
+/// not return while the copy is queued, and after it returned no byte of
+/// the copy may land.
+fn while_a_copy_is_queued(act: impl FnOnce(&Engine, MdId, ReqId) + Send) {
+    let gpu = fake();
+    let _knobs = gpu.exclusive();
+    let a = engine("QA", true);
+    let b = engine("QB", true);
+    a.load_remote_conn_info(b"QB", b.conn_info()).unwrap();
+    // More than postXfer moves inline: the progress thread queues it.
+    let len = 4 << 20;
+    let src = device_with(0, &pattern(len, 7));
+    let dst = device_with(1, &vec![0u8; len]);
+    let smd = a.register_mem(src.ptr, len as u64, VRAM_SEG, 0).unwrap();
+    let (_, dmd) = share(&a, &b, b"QB", dst.ptr, len, VRAM_SEG, 1);
+    let id = a
+        .prep_xfer(
+            Op::Write,
+            &[desc(src.ptr, len, smd)],
+            &[desc(dst.ptr, len, dmd)],
+            b"QB",
+        )
+        .unwrap();
+    let paused = gpu.pause_streams();
+    assert_eq!(a.post_xfer(id, None), Ok(Status::InProg));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gpu.pending_copies() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the progress thread never queued the copy"
+        );
+        std::thread::yield_now();
+    }
+    let done = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let acting = s.spawn(|| {
+            act(&a, smd, id);
+            done.store(1, Ordering::SeqCst);
+        });
+        // The copy is queued on the device: the act must wait for it.
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(2));
+            assert_eq!(
+                done.load(Ordering::SeqCst),
+                0,
+                "returned while a copy was queued on the device"
+            );
+        }
+        drop(paused);
+        acting.join().unwrap();
+    });
+    // Whatever ran, ran before the act returned: nothing changes after.
+    let bytes = gpu.read(dst.ptr, len);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        gpu.read(dst.ptr, len),
+        bytes,
+        "a copy landed after the act returned"
+    );
+}
+
+#[test]
+fn deregistration_waits_for_copies_queued_on_the_device() {
+    while_a_copy_is_queued(|a, smd, _| a.deregister_mem(smd).unwrap());
+}
+
+#[test]
+fn release_in_flight_waits_for_copies_queued_on_the_device() {
+    while_a_copy_is_queued(|a, _, id| a.release_req(id).unwrap());
+}
+
+#[test]
+fn a_prepped_20000_block_read_with_a_notification_reposted() {
+    // The vLLM shape: the decoder pulls many blocks with one READ and one
+    // notification per request, reposting the prepped handle.
+    let gpu = fake();
+    let a = engine("DA", true);
+    let b = engine("DB", true);
+    a.load_remote_conn_info(b"DB", b.conn_info()).unwrap();
+    let (block, n) = (256, 20_000);
+    let len = block * n;
+    let remote_data = pattern(len, 4);
+    let theirs = device_with(1, &remote_data);
+    let ours = device_with(0, &vec![0u8; len]);
+    let our_md = a.register_mem(ours.ptr, len as u64, VRAM_SEG, 0).unwrap();
+    let (_, their_md) = share(&a, &b, b"DB", theirs.ptr, len, VRAM_SEG, 1);
+    // Every other block, reversed: descriptors are not contiguous.
+    let picks: Vec<usize> = (0..n).rev().step_by(2).collect();
+    let local: Vec<Desc> = picks
+        .iter()
+        .enumerate()
+        .map(|(i, _)| desc(ours.ptr + (i * block) as u64, block, our_md))
+        .collect();
+    let remote: Vec<Desc> = picks
+        .iter()
+        .map(|&j| desc(theirs.ptr + (j * block) as u64, block, their_md))
+        .collect();
+    let id = a.prep_xfer(Op::Read, &local, &remote, b"DB").unwrap();
+    let streams = gpu.live_streams();
+    for round in 0..3u8 {
+        let _ = a.post_xfer(id, Some(&[b'r', round])).unwrap();
+        assert_eq!(wait(&a, id), Ok(Status::Success));
+        assert_eq!(
+            notifs_until(&b, 1),
+            vec![(AgentName::from("DA"), vec![b'r', round])]
+        );
+    }
+    let got = gpu.read(ours.ptr, len);
+    for (i, &j) in picks.iter().enumerate() {
+        assert_eq!(
+            &got[i * block..(i + 1) * block],
+            &remote_data[j * block..(j + 1) * block],
+            "block {i}"
+        );
+    }
+    assert!(
+        got[picks.len() * block..].iter().all(|&x| x == 0),
+        "nothing past the picked blocks"
+    );
+    assert!(
+        gpu.live_streams() <= streams.max(8) + 8,
+        "streams are pooled, not made per post"
+    );
+}

@@ -1,0 +1,150 @@
+//! Asynchronous device copies on streams of our own, completed by events.
+//!
+//! A [`Copier`] makes a context current, takes a *lane* (a non-blocking
+//! stream and an event) from a small pool per context, queues copies on it
+//! and waits for them with one event. Until it was waited for (or dropped,
+//! which waits too) the caller must keep the memory of every queued copy
+//! registered: that is how deregistration and cancel keep their promises
+//! while copies run on the device.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use parking_lot::Mutex;
+
+use super::context::Current;
+use super::driver::{self, Driver, Handle};
+use crate::common::Result;
+
+/// A stream and an event of one context (opaque values).
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    stream: usize,
+    event: usize,
+}
+
+/// Idle lanes kept per context; more are destroyed when given back.
+const IDLE_LANES: usize = 8;
+
+/// Idle lanes, by context.
+static LANES: LazyLock<Mutex<HashMap<usize, Vec<Lane>>>> = LazyLock::new(Default::default);
+
+/// Copies queued on one lane of one context.
+pub struct Copier<'d> {
+    driver: &'d Driver,
+    context: usize,
+    lane: Lane,
+    /// Copies queued since the last wait.
+    queued: usize,
+    _current: Current<'d>,
+}
+
+impl<'d> Copier<'d> {
+    /// Makes `context` current on this thread and takes a lane of it.
+    ///
+    /// # Errors
+    /// [`Error::Backend`](crate::common::Error::Backend) when the driver
+    /// refuses (a context broken by an earlier device fault, say).
+    pub fn new(driver: &'d Driver, context: usize) -> Result<Copier<'d>> {
+        let current = Current::enter(driver, context)?;
+        let idle = LANES.lock().get_mut(&context).and_then(Vec::pop);
+        let lane = match idle {
+            Some(lane) => lane,
+            None => new_lane(driver)?,
+        };
+        Ok(Copier {
+            driver,
+            context,
+            lane,
+            queued: 0,
+            _current: current,
+        })
+    }
+
+    /// Queues a copy of `len` bytes from `src` to `dst` (device or host
+    /// addresses: unified addressing tells which).
+    ///
+    /// # Errors
+    /// [`Error::Backend`](crate::common::Error::Backend) when the driver
+    /// refuses it.
+    pub fn copy(&mut self, dst: u64, src: u64, len: u64) -> Result<()> {
+        // SAFETY: the caller keeps both ranges registered (and so
+        // allocated) until the copy was waited for; the stream is ours.
+        let rc = unsafe {
+            (self.driver.api.memcpy_async)(dst, src, len as usize, self.lane.stream as Handle)
+        };
+        self.driver.check(rc, "cuMemcpyAsync")?;
+        self.queued += 1;
+        Ok(())
+    }
+
+    /// Waits until every copy queued so far has finished on the device.
+    ///
+    /// # Errors
+    /// [`Error::Backend`](crate::common::Error::Backend) with the device's
+    /// error (an illegal address, say) when one failed.
+    pub fn wait(&mut self) -> Result<()> {
+        if self.queued == 0 {
+            return Ok(());
+        }
+        self.queued = 0;
+        let (stream, event) = (self.lane.stream as Handle, self.lane.event as Handle);
+        // SAFETY: the event and stream are ours, of the current context.
+        let rc = unsafe { (self.driver.api.event_record)(event, stream) };
+        self.driver.check(rc, "cuEventRecord")?;
+        // SAFETY: as above.
+        let rc = unsafe { (self.driver.api.event_synchronize)(event) };
+        self.driver.check(rc, "cuEventSynchronize")
+    }
+}
+
+impl Drop for Copier<'_> {
+    /// Waits for what is still queued (an error path), then gives the lane
+    /// back, or destroys it when the device reported an error.
+    fn drop(&mut self) {
+        let healthy = match self.wait() {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("device copies ended with an error: {e}");
+                false
+            }
+        };
+        if healthy {
+            let mut lanes = LANES.lock();
+            let idle = lanes.entry(self.context).or_default();
+            if idle.len() < IDLE_LANES {
+                idle.push(self.lane);
+                return;
+            }
+        }
+        destroy_lane(self.driver, self.lane);
+    }
+}
+
+fn new_lane(driver: &Driver) -> Result<Lane> {
+    let mut stream: Handle = std::ptr::null_mut();
+    // SAFETY: the out-pointer is a live local; a context is current.
+    let rc = unsafe { (driver.api.stream_create)(&mut stream, driver::STREAM_NON_BLOCKING) };
+    driver.check(rc, "cuStreamCreate")?;
+    let mut event: Handle = std::ptr::null_mut();
+    // SAFETY: as above.
+    let rc = unsafe { (driver.api.event_create)(&mut event, driver::EVENT_DISABLE_TIMING) };
+    if let Err(e) = driver.check(rc, "cuEventCreate") {
+        // SAFETY: the stream was just created and holds no work.
+        unsafe { (driver.api.stream_destroy)(stream) };
+        return Err(e);
+    }
+    Ok(Lane {
+        stream: stream as usize,
+        event: event as usize,
+    })
+}
+
+fn destroy_lane(driver: &Driver, lane: Lane) {
+    // SAFETY: the lane is ours and no longer used; destroying a stream
+    // lets its queued work finish first.
+    unsafe {
+        (driver.api.event_destroy)(lane.event as Handle);
+        (driver.api.stream_destroy)(lane.stream as Handle);
+    }
+}

@@ -1,0 +1,239 @@
+//! Loading the CUDA driver library and the table of its entry points.
+//!
+//! The library is `$NIXL_MOONCAKE_CUDA_LIB` when set, else `libcuda.so.1`,
+//! opened with `dlopen` (through `libloading`) the first time GPU memory is
+//! used, never when the plugin loads: a host without a GPU, or a process
+//! that only lists memory types before it forks, never touches it. Every
+//! entry point is looked up by its explicit versioned name (`_v2` where the
+//! driver's ABI has one), so the ABI we call is the one we declare whatever
+//! `cuda.h` a caller compiled against. A missing library or symbol, or a
+//! failing `cuInit`, is an error with the reason, never a panic.
+//!
+//! We write our own loader rather than use `cudarc`, whose dynamic loading
+//! panics when the library or a symbol is missing and takes no path.
+
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
+use std::sync::OnceLock;
+
+use crate::common::{Error, Result};
+
+/// The environment variable that names another driver library file (a
+/// fake for tests, or a driver outside the loader's search path).
+pub const LIBRARY_ENV: &str = "NIXL_MOONCAKE_CUDA_LIB";
+
+/// The driver's file name, found through the loader's search path.
+pub const DEFAULT_LIBRARY: &str = "libcuda.so.1";
+
+/// `CUresult`: 0 is success.
+pub type CuResult = c_int;
+/// `CUdevice`: a device ordinal.
+pub type CuDevice = c_int;
+/// `CUdeviceptr`: a device address (unified addressing).
+pub type CuDevicePtr = u64;
+/// `CUcontext`, `CUstream`, `CUevent`: opaque handles.
+pub type Handle = *mut c_void;
+
+/// `CUDA_SUCCESS`.
+pub const SUCCESS: CuResult = 0;
+/// `CUDA_ERROR_NOT_READY`: queued work has not finished yet.
+pub const NOT_READY: CuResult = 600;
+/// `CUDA_ERROR_NO_DEVICE`.
+pub const NO_DEVICE: CuResult = 100;
+
+/// `CU_STREAM_NON_BLOCKING`: no implicit synchronisation with the legacy
+/// default stream (a caller's kernels never wait for our copies).
+pub const STREAM_NON_BLOCKING: c_uint = 1;
+/// `CU_EVENT_DISABLE_TIMING`: the cheapest event.
+pub const EVENT_DISABLE_TIMING: c_uint = 2;
+
+/// `CU_POINTER_ATTRIBUTE_*` values we query.
+pub mod attr {
+    /// `CU_POINTER_ATTRIBUTE_CONTEXT` (a `CUcontext`; null for VMM memory).
+    pub const CONTEXT: i32 = 1;
+    /// `CU_POINTER_ATTRIBUTE_MEMORY_TYPE` (a `CUmemorytype`, 4 bytes).
+    pub const MEMORY_TYPE: i32 = 2;
+    /// `CU_POINTER_ATTRIBUTE_BUFFER_ID` (8 bytes, unique per allocation).
+    pub const BUFFER_ID: i32 = 7;
+    /// `CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL` (4 bytes).
+    pub const DEVICE_ORDINAL: i32 = 9;
+    /// `CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE` (4 bytes).
+    pub const IS_LEGACY_IPC_CAPABLE: i32 = 10;
+    /// `CU_POINTER_ATTRIBUTE_RANGE_START_ADDR` (8 bytes).
+    pub const RANGE_START: i32 = 11;
+    /// `CU_POINTER_ATTRIBUTE_RANGE_SIZE` (8 bytes).
+    pub const RANGE_SIZE: i32 = 12;
+}
+
+/// `CU_MEMORYTYPE_DEVICE`.
+pub const MEMORYTYPE_DEVICE: u32 = 2;
+
+/// Declares the table of required entry points: field, exported symbol,
+/// argument types (all return `CUresult`).
+macro_rules! entry_points {
+    ($($field:ident = $symbol:literal ($($arg:ty),*);)*) => {
+        /// The driver's entry points we call, looked up by versioned name.
+        pub struct Api {
+            $(
+                #[doc = concat!("`", $symbol, "`")]
+                pub $field: unsafe extern "C" fn($($arg),*) -> CuResult,
+            )*
+        }
+
+        impl Api {
+            fn load(lib: &libloading::Library) -> std::result::Result<Api, String> {
+                Ok(Api {
+                    $($field: {
+                        // SAFETY: the function type is the driver API's
+                        // signature of this exact (versioned) symbol on
+                        // x86-64/aarch64 Linux; the pointer is copied out
+                        // and used only while the library stays loaded
+                        // (forever: the driver is kept in a static).
+                        let f = unsafe {
+                            lib.get::<unsafe extern "C" fn($($arg),*) -> CuResult>(
+                                concat!($symbol, "\0").as_bytes(),
+                            )
+                        };
+                        *f.map_err(|e| format!("it has no `{}`: {e}", $symbol))?
+                    },)*
+                })
+            }
+        }
+    };
+}
+
+entry_points! {
+    init = "cuInit"(c_uint);
+    get_error_name = "cuGetErrorName"(CuResult, *mut *const c_char);
+    device_get = "cuDeviceGet"(*mut CuDevice, c_int);
+    device_get_count = "cuDeviceGetCount"(*mut c_int);
+    primary_ctx_retain = "cuDevicePrimaryCtxRetain"(*mut Handle, CuDevice);
+    ctx_get_current = "cuCtxGetCurrent"(*mut Handle);
+    ctx_set_current = "cuCtxSetCurrent"(Handle);
+    pointer_get_attributes = "cuPointerGetAttributes"(c_uint, *mut c_int, *mut *mut c_void, CuDevicePtr);
+    stream_create = "cuStreamCreate"(*mut Handle, c_uint);
+    stream_destroy = "cuStreamDestroy_v2"(Handle);
+    memcpy_async = "cuMemcpyAsync"(CuDevicePtr, CuDevicePtr, usize, Handle);
+    event_create = "cuEventCreate"(*mut Handle, c_uint);
+    event_record = "cuEventRecord"(Handle, Handle);
+    event_synchronize = "cuEventSynchronize"(Handle);
+    event_destroy = "cuEventDestroy_v2"(Handle);
+}
+
+/// The loaded driver: the library (kept loaded for the life of the
+/// process) and its entry points.
+pub struct Driver {
+    /// The entry points.
+    pub api: Api,
+    /// Number of devices `cuDeviceGetCount` reported.
+    pub devices: i32,
+    /// The file that was loaded.
+    pub path: String,
+    _lib: libloading::Library,
+}
+
+static OVERRIDE: OnceLock<String> = OnceLock::new();
+static DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
+
+/// Makes the driver load from `path` instead of what the environment says,
+/// for harnesses that cannot set the environment before their threads
+/// start (Rust tests). Returns false when the driver was loaded (or
+/// another path chosen) already.
+pub fn use_library(path: &str) -> bool {
+    DRIVER.get().is_none() && OVERRIDE.set(path.to_owned()).is_ok()
+}
+
+/// The driver, loaded and initialised (`cuInit`) on the first call.
+///
+/// # Errors
+/// [`Error::NotSupported`] saying why GPU memory cannot be used here: no
+/// library, a symbol missing, or `cuInit` failing (no device). The outcome
+/// of the first call is kept: later calls give the same answer.
+pub fn driver() -> Result<&'static Driver> {
+    DRIVER
+        .get_or_init(load)
+        .as_ref()
+        .map_err(|why| Error::NotSupported(format!("GPU memory is unavailable: {why}")))
+}
+
+/// True once the driver was loaded successfully (never loads it).
+pub fn loaded() -> bool {
+    matches!(DRIVER.get(), Some(Ok(_)))
+}
+
+fn load() -> std::result::Result<Driver, String> {
+    let path = OVERRIDE
+        .get()
+        .cloned()
+        .or_else(|| std::env::var(LIBRARY_ENV).ok().filter(|p| !p.is_empty()))
+        .unwrap_or_else(|| DEFAULT_LIBRARY.to_owned());
+    // SAFETY: loading the CUDA driver runs its initialisers, which have no
+    // preconditions; a fake named by the environment is trusted as the
+    // driver would be.
+    let lib = unsafe { libloading::Library::new(&path) }
+        .map_err(|e| format!("the CUDA driver library {path} cannot be loaded ({e})"))?;
+    let api = Api::load(&lib).map_err(|e| format!("{path} is not a usable CUDA driver: {e}"))?;
+    let mut driver = Driver {
+        api,
+        devices: 0,
+        path,
+        _lib: lib,
+    };
+    // SAFETY: cuInit takes flags by value (0 is the only valid value).
+    let rc = unsafe { (driver.api.init)(0) };
+    if rc != SUCCESS {
+        return Err(format!(
+            "cuInit failed in {}: {}",
+            driver.path,
+            driver.describe(rc)
+        ));
+    }
+    let mut n = 0;
+    // SAFETY: the out-pointer is a live local.
+    let rc = unsafe { (driver.api.device_get_count)(&mut n) };
+    if rc != SUCCESS || n <= 0 {
+        return Err(format!(
+            "the CUDA driver {} reports no device ({})",
+            driver.path,
+            driver.describe(rc)
+        ));
+    }
+    driver.devices = n;
+    log::info!(
+        "CUDA driver {} loaded: {n} device(s) for GPU memory",
+        driver.path
+    );
+    Ok(driver)
+}
+
+impl Driver {
+    /// `NAME (code)` of a driver result, e.g. `CUDA_ERROR_ILLEGAL_ADDRESS (700)`.
+    pub fn describe(&self, rc: CuResult) -> String {
+        let mut name: *const c_char = std::ptr::null();
+        // SAFETY: the out-pointer is a live local; on success the driver
+        // stores a pointer to a static NUL-terminated string.
+        let ok = unsafe { (self.api.get_error_name)(rc, &mut name) } == SUCCESS;
+        if ok && !name.is_null() {
+            // SAFETY: see above: a static C string owned by the driver.
+            let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
+            format!("{name} ({rc})")
+        } else {
+            format!("CUDA error {rc}")
+        }
+    }
+
+    /// `Ok` for success, else [`Error::Backend`] saying which call failed
+    /// (`what`) and with what driver error.
+    ///
+    /// # Errors
+    /// As above.
+    pub fn check(&self, rc: CuResult, what: &str) -> Result<()> {
+        if rc == SUCCESS {
+            Ok(())
+        } else {
+            Err(Error::Backend(format!(
+                "{what} failed: {}",
+                self.describe(rc)
+            )))
+        }
+    }
+}

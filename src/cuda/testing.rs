@@ -1,0 +1,204 @@
+//! Test support: the fake CUDA driver of `tests/fakes/cuda`, built by
+//! `scripts/build-fakes.sh` and selected for this test process, with the
+//! calls a test needs to make and inspect "device" memory.
+//!
+//! Device memory of the fake faults on any CPU access, as a GPU's does; tests
+//! fill and check it through the fake's shadow mapping
+//! ([`FakeGpu::read`], [`FakeGpu::write`]), never the code under test.
+
+use std::ffi::{c_int, c_uint, c_void};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use super::driver::{CuDevice, CuDevicePtr, CuResult, Handle};
+
+/// The fake driver's calls used by tests.
+pub struct FakeGpu {
+    device_get: unsafe extern "C" fn(*mut CuDevice, c_int) -> CuResult,
+    primary_ctx_retain: unsafe extern "C" fn(*mut Handle, CuDevice) -> CuResult,
+    ctx_set_current: unsafe extern "C" fn(Handle) -> CuResult,
+    mem_alloc: unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult,
+    mem_free: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
+    shadow: unsafe extern "C" fn(CuDevicePtr) -> *mut c_void,
+    set_copy_delay_us: unsafe extern "C" fn(c_uint),
+    pause_streams: unsafe extern "C" fn(c_int),
+    copies: unsafe extern "C" fn() -> u64,
+    pending_copies: unsafe extern "C" fn() -> u64,
+    live_streams: unsafe extern "C" fn() -> u64,
+    /// Serialises tests that change the fake's global knobs (delay, pause).
+    exclusive: Mutex<()>,
+    _lib: libloading::Library,
+}
+
+static FAKE: OnceLock<FakeGpu> = OnceLock::new();
+
+/// The fake driver, built on first use and made the driver of this process
+/// (before anything loaded a driver).
+pub fn fake() -> &'static FakeGpu {
+    FAKE.get_or_init(|| {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let out = Command::new(format!("{root}/scripts/build-fakes.sh"))
+            .output()
+            .expect("scripts/build-fakes.sh runs");
+        assert!(
+            out.status.success(),
+            "scripts/build-fakes.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let path = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("NIXL_MOONCAKE_CUDA_LIB="))
+            .expect("build-fakes.sh names the fake CUDA driver")
+            .to_owned();
+        assert!(
+            super::use_library(&path),
+            "a CUDA driver was loaded before the fake was chosen"
+        );
+        // SAFETY: the fake has no initialisers with preconditions.
+        let lib = unsafe { libloading::Library::new(&path) }.expect("the fake loads");
+        macro_rules! sym {
+            ($name:literal) => {
+                // SAFETY: the types are the fake's (the driver API's)
+                // signatures; the library stays loaded in the static.
+                *unsafe { lib.get(concat!($name, "\0").as_bytes()) }
+                    .expect(concat!("the fake exports ", $name))
+            };
+        }
+        FakeGpu {
+            device_get: sym!("cuDeviceGet"),
+            primary_ctx_retain: sym!("cuDevicePrimaryCtxRetain"),
+            ctx_set_current: sym!("cuCtxSetCurrent"),
+            mem_alloc: sym!("cuMemAlloc_v2"),
+            mem_free: sym!("cuMemFree_v2"),
+            shadow: sym!("fake_cuda_shadow"),
+            set_copy_delay_us: sym!("fake_cuda_set_copy_delay_us"),
+            pause_streams: sym!("fake_cuda_pause_streams"),
+            copies: sym!("fake_cuda_copies"),
+            pending_copies: sym!("fake_cuda_pending_copies"),
+            live_streams: sym!("fake_cuda_live_streams"),
+            exclusive: Mutex::new(()),
+            _lib: lib,
+        }
+    })
+}
+
+fn ok(rc: CuResult, what: &str) {
+    assert_eq!(rc, 0, "{what} failed on the fake driver");
+}
+
+impl FakeGpu {
+    /// Holds the fake's global knobs (delay, pause) for one test.
+    pub fn exclusive(&self) -> MutexGuard<'_, ()> {
+        self.exclusive.lock()
+    }
+
+    /// Makes device `ordinal`'s primary context current on this thread.
+    fn enter(&self, ordinal: i32) {
+        super::driver().expect("the fake driver initialises");
+        let (mut dev, mut ctx) = (0, std::ptr::null_mut());
+        // SAFETY: out-pointers are live locals.
+        unsafe {
+            ok((self.device_get)(&mut dev, ordinal), "cuDeviceGet");
+            ok(
+                (self.primary_ctx_retain)(&mut ctx, dev),
+                "cuDevicePrimaryCtxRetain",
+            );
+            ok((self.ctx_set_current)(ctx), "cuCtxSetCurrent");
+        }
+    }
+
+    /// Allocates `len` bytes of memory of device `ordinal`.
+    pub fn alloc(&self, ordinal: i32, len: usize) -> DeviceBuffer {
+        self.enter(ordinal);
+        let mut ptr = 0;
+        // SAFETY: the out-pointer is a live local; a context is current.
+        ok(unsafe { (self.mem_alloc)(&mut ptr, len) }, "cuMemAlloc_v2");
+        DeviceBuffer { ptr, len }
+    }
+
+    fn shadow_of(&self, ptr: u64, len: usize) -> *mut u8 {
+        // SAFETY: the fake returns the CPU view of its own allocation.
+        let s = unsafe { (self.shadow)(ptr) }.cast::<u8>();
+        assert!(
+            !s.is_null() && len > 0,
+            "{ptr:#x} is not fake device memory"
+        );
+        s
+    }
+
+    /// A copy of `len` bytes of device memory at `ptr`.
+    pub fn read(&self, ptr: u64, len: usize) -> Vec<u8> {
+        let s = self.shadow_of(ptr, len);
+        // SAFETY: the shadow maps the allocation containing `ptr`, which the
+        // test keeps alive and which is at least `len` bytes past it.
+        unsafe { std::slice::from_raw_parts(s, len) }.to_vec()
+    }
+
+    /// Writes `data` into device memory at `ptr`.
+    pub fn write(&self, ptr: u64, data: &[u8]) {
+        let s = self.shadow_of(ptr, data.len());
+        // SAFETY: as in `read`; no copy of ours runs on it meanwhile.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), s, data.len()) };
+    }
+
+    /// Makes every asynchronous copy wait `us` microseconds first.
+    pub fn set_copy_delay_us(&self, us: u32) {
+        // SAFETY: a plain setter of the fake.
+        unsafe { (self.set_copy_delay_us)(us) }
+    }
+
+    /// While the guard lives, no stream starts another operation (dropping
+    /// it resumes them, also when a test fails).
+    pub fn pause_streams(&'static self) -> Paused {
+        // SAFETY: a plain setter of the fake.
+        unsafe { (self.pause_streams)(1) };
+        Paused(self)
+    }
+
+    /// Copies the fake has completed so far.
+    pub fn copies(&self) -> u64 {
+        // SAFETY: a plain getter of the fake.
+        unsafe { (self.copies)() }
+    }
+
+    /// Asynchronous copies queued and not yet run.
+    pub fn pending_copies(&self) -> u64 {
+        // SAFETY: a plain getter of the fake.
+        unsafe { (self.pending_copies)() }
+    }
+
+    /// Streams alive now.
+    pub fn live_streams(&self) -> u64 {
+        // SAFETY: a plain getter of the fake.
+        unsafe { (self.live_streams)() }
+    }
+}
+
+/// Streams paused until dropped (see [`FakeGpu::pause_streams`]).
+pub struct Paused(&'static FakeGpu);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: a plain setter of the fake.
+        unsafe { (self.0.pause_streams)(0) }
+    }
+}
+
+/// Device memory of the fake; freed on drop.
+pub struct DeviceBuffer {
+    /// The device address.
+    pub ptr: u64,
+    /// Its length.
+    pub len: usize,
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: our own allocation, freed once; frees need no context.
+        let rc = unsafe { (fake().mem_free)(self.ptr) };
+        ok(rc, "cuMemFree_v2");
+    }
+}
