@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the README's test command, and what CI runs.
 #
+#   0. scripts/build-fakes.sh --check: the fake CUDA driver the GPU tests run on
 #   1. cargo test         unit tests, the mooncake_backend_test port (C++ through
 #                         the exported entry point) and the manifest check
 #   2. cargo build --release, then the end-to-end suite through the real NIXL 1.5.1
@@ -21,6 +22,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # wheel's UCX at exit once Debian's ibverbs providers are installed) and on loopback.
 export UCX_MODULES='^efa'
 export UCX_NET_DEVICES=lo
+
+echo "== test fakes of hardware libraries (built, and their own self-tests)"
+scripts/build-fakes.sh --check >/dev/null
 
 echo "== cargo test"
 cargo test --all-targets

@@ -1,0 +1,396 @@
+#!/usr/bin/env python3
+"""GPU memory (VRAM) through the real NIXL 1.5.1 Python API, on a CUDA driver.
+
+Every case runs in its own process (test_gpu.py starts them).  The driver is
+the one the plugin loads: $NIXL_MOONCAKE_CUDA_LIB (the fake of
+tests/fakes/cuda, built by scripts/build-fakes.sh), else libcuda.so.1 (a real
+GPU).  This script allocates device memory through the same library with
+ctypes, registers it with NIXL as "VRAM" and moves it with backend
+"Mooncake".  On the fake, device memory faults on any CPU access; the script
+fills and checks it through the fake's test-only shadow mapping (on a real
+driver, with cuMemcpyHtoD/DtoH).
+
+    python tests/e2e/gpu.py <case> [options]
+
+Each case ends with the line ``SCENARIO <case> OK``; any failure raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+
+import scenarios as S  # noqa: E402
+from scenarios import KiB, MiB, log  # noqa: E402
+
+CASE = sys.argv[1] if len(sys.argv) > 1 else "?"
+
+
+class Gpu:
+    """Device memory through the CUDA driver API (the one the plugin loads)."""
+
+    def __init__(self) -> None:
+        path = os.environ.get("NIXL_MOONCAKE_CUDA_LIB") or "libcuda.so.1"
+        self.lib = ctypes.CDLL(path)
+        self.fake = hasattr(self.lib, "fake_cuda_shadow")
+        self.lib.fake_cuda_shadow.restype = ctypes.c_void_p if self.fake else None
+        self._ok(self.lib.cuInit(0), "cuInit")
+        n = ctypes.c_int()
+        self._ok(self.lib.cuDeviceGetCount(ctypes.byref(n)), "cuDeviceGetCount")
+        self.devices = n.value
+        self.ctx = {}
+        log(f"CUDA driver {path}: {self.devices} device(s){' (fake)' if self.fake else ''}")
+
+    @staticmethod
+    def _ok(rc: int, what: str) -> None:
+        assert rc == 0, f"{what} failed with CUDA error {rc}"
+
+    def enter(self, dev: int) -> None:
+        """Make device `dev`'s primary context current on this thread."""
+        if dev not in self.ctx:
+            d, c = ctypes.c_int(), ctypes.c_void_p()
+            self._ok(self.lib.cuDeviceGet(ctypes.byref(d), dev), "cuDeviceGet")
+            self._ok(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(c), d), "cuDevicePrimaryCtxRetain")
+            self.ctx[dev] = c
+        self._ok(self.lib.cuCtxSetCurrent(self.ctx[dev]), "cuCtxSetCurrent")
+
+    def alloc(self, dev: int, nbytes: int) -> int:
+        self.enter(dev)
+        p = ctypes.c_uint64()
+        self._ok(self.lib.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(nbytes)), "cuMemAlloc_v2")
+        return p.value
+
+    def free(self, ptr: int) -> None:
+        self._ok(self.lib.cuMemFree_v2(ctypes.c_uint64(ptr)), "cuMemFree_v2")
+
+    def write(self, ptr: int, data: np.ndarray) -> None:
+        if self.fake:
+            view = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(
+                self.lib.fake_cuda_shadow(ctypes.c_uint64(ptr))))
+            view[:] = data
+        else:
+            self._ok(self.lib.cuMemcpyHtoD_v2(ctypes.c_uint64(ptr), ctypes.c_void_p(S.addr(data)),
+                                              ctypes.c_size_t(data.nbytes)), "cuMemcpyHtoD_v2")
+
+    def read(self, ptr: int, nbytes: int) -> np.ndarray:
+        out = np.empty(nbytes, dtype=np.uint8)
+        if self.fake:
+            view = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(
+                self.lib.fake_cuda_shadow(ctypes.c_uint64(ptr))))
+            out[:] = view
+        else:
+            self._ok(self.lib.cuMemcpyDtoH_v2(ctypes.c_void_p(S.addr(out)), ctypes.c_uint64(ptr),
+                                              ctypes.c_size_t(nbytes)), "cuMemcpyDtoH_v2")
+        return out
+
+    def set_copy_delay_us(self, us: int) -> None:
+        """Make each asynchronous copy take `us` longer (fake only)."""
+        if self.fake:
+            self.lib.fake_cuda_set_copy_delay_us(ctypes.c_uint(us))
+
+
+def vram_descs(agent, ptr: int, nbytes: int, dev: int):
+    return agent.get_xfer_descs([(ptr, nbytes, dev)], "VRAM")
+
+
+def register_vram(agent, ptr: int, nbytes: int, dev: int):
+    return agent.register_memory([(ptr, nbytes, dev, "")], "VRAM")
+
+
+def two_agents(prog: bool = True):
+    a = S.new_agent("gpu-initiator", prog_thread=prog)
+    b = S.new_agent("gpu-target", prog_thread=prog)
+    a.add_remote_agent(b.get_agent_metadata())
+    return a, b
+
+
+def checked(what: str, got: np.ndarray, want: np.ndarray) -> None:
+    assert got.nbytes == want.nbytes and np.array_equal(got, want), (
+        f"{what}: data mismatch (sha {S.sha256(got)[:12]} != {S.sha256(want)[:12]})")
+    log(f"{what}: {got.nbytes} bytes verified")
+
+
+# --------------------------------------------------------------------------------------
+
+
+def case_inproc(args) -> None:
+    """VRAM<->VRAM and VRAM<->DRAM both ways in one process, with notifications."""
+    gpu = Gpu()
+    size = args.size_mib * MiB
+    devs = (0, 1 % gpu.devices)
+    a, b = two_agents(args.prog_thread == "on")
+    notifs = S.Notifs(b)
+    pump = None if args.prog_thread == "on" else notifs.poll
+    src = S.fast_pattern(size, 1)
+    a_gpu, b_gpu = gpu.alloc(devs[0], size), gpu.alloc(devs[1], size)
+    gpu.write(a_gpu, src)
+    gpu.write(b_gpu, np.zeros(size, dtype=np.uint8))
+    a_host, b_host = S.fast_pattern(size, 2), S.filled(size)
+    regs = [register_vram(a, a_gpu, size, devs[0]), S.register(a, a_host),
+            register_vram(b, b_gpu, size, devs[1]), S.register(b, b_host)]
+    a.add_remote_agent(b.get_agent_metadata())  # after b's registrations
+
+    cases = [
+        ("WRITE VRAM->VRAM", "WRITE", vram_descs(a, a_gpu, size, devs[0]),
+         vram_descs(b, b_gpu, size, devs[1]), lambda: gpu.read(b_gpu, size), src),
+        ("READ VRAM<-VRAM into DRAM", "READ", S.xfer_descs(a, a_host),
+         vram_descs(b, b_gpu, size, devs[1]), lambda: a_host.copy(), src),
+        # a_host holds src since the READ before.
+        ("WRITE DRAM->VRAM", "WRITE", S.xfer_descs(a, a_host),
+         vram_descs(b, b_gpu, size, devs[1]), lambda: gpu.read(b_gpu, size), src),
+        ("WRITE VRAM->DRAM", "WRITE", vram_descs(a, a_gpu, size, devs[0]), S.xfer_descs(b, b_host),
+         lambda: b_host.copy(), src),
+    ]
+    for i, (what, op, local, remote, result, want) in enumerate(cases):
+        tag = f"gpu-{i}".encode()
+        h = a.initialize_xfer(op, local, remote, "gpu-target", tag)
+        dt = S.post(a, h, what, pump=pump)
+        log(what, S.rate(size, dt))
+        notifs.expect("gpu-initiator", [tag], f"{what} notification")
+        checked(what, result(), want)
+        a.release_xfer_handle(h)
+    # A READ of fresh remote bytes into VRAM.
+    fresh = S.fast_pattern(size, 3)
+    b_host[:] = fresh
+    h = a.initialize_xfer("READ", vram_descs(a, a_gpu, size, devs[0]), S.xfer_descs(b, b_host),
+                          "gpu-target", b"gpu-r")
+    S.post(a, h, "READ DRAM into VRAM", pump=pump)
+    notifs.expect("gpu-initiator", [b"gpu-r"], "READ notification")
+    checked("READ DRAM into VRAM", gpu.read(a_gpu, size), fresh)
+    a.release_xfer_handle(h)
+    for r, ag in zip(regs, (a, a, b, b)):
+        ag.deregister_memory(r)
+    gpu.free(a_gpu)
+    gpu.free(b_gpu)
+
+
+def case_prepped(args) -> None:
+    """vLLM's shape: prepped lists over VRAM caches, a READ of N scattered blocks
+    with one notification, reposted."""
+    gpu = Gpu()
+    nsel, block = args.blocks, args.block_kib * KiB
+    total = nsel + nsel // 5
+    devs = (0, 1 % gpu.devices)
+    a = S.new_agent("decode")
+    b = S.new_agent("prefill")
+    size = total * block
+    remote_data = S.fast_pattern(size, 20)
+    theirs, ours = gpu.alloc(devs[1], size), gpu.alloc(devs[0], size)
+    gpu.write(theirs, remote_data)
+    gpu.write(ours, np.zeros(size, dtype=np.uint8))
+    register_vram(a, ours, size, devs[0])
+    register_vram(b, theirs, size, devs[1])
+    a.add_remote_agent(b.get_agent_metadata())
+    notifs = S.Notifs(b)
+    lt = S.desc_table(ours + np.arange(total, dtype=np.uint64) * np.uint64(block), block)
+    lt[:, 2] = devs[0]
+    rt = S.desc_table(theirs + np.arange(total, dtype=np.uint64) * np.uint64(block), block)
+    rt[:, 2] = devs[1]
+    local_h = a.prep_xfer_dlist("NIXL_INIT_AGENT", lt, "VRAM")
+    remote_h = a.prep_xfer_dlist("prefill", rt, "VRAM")
+    rng = np.random.default_rng(5)
+    ridx = rng.permutation(total)[:nsel].astype(np.int32)
+    lidx = rng.permutation(total)[:nsel].astype(np.int32)
+    for rnd in range(args.rounds):
+        notif = f"req-{rnd}:tp1".encode()
+        h = a.make_prepped_xfer("READ", local_h, lidx, remote_h, ridx, notif)
+        dt = S.post(a, h, f"prepped READ of {nsel} VRAM blocks")
+        log(f"round {rnd}: prepped READ of {nsel} x {args.block_kib} KiB VRAM blocks:",
+            S.rate(nsel * block, dt))
+        notifs.expect("decode", [notif], "prepped READ notification")
+        a.release_xfer_handle(h)
+    got = gpu.read(ours, size).reshape(total, block)
+    want = remote_data.reshape(total, block)
+    assert np.array_equal(got[lidx], want[ridx]), "prepped READ: blocks differ"
+    untouched = np.setdiff1d(np.arange(total), lidx)
+    assert not got[untouched].any(), "prepped READ wrote outside the selected blocks"
+    log(f"{nsel} blocks verified, {len(untouched)} untouched blocks still zero")
+    a.release_dlist_handle(local_h)
+    a.release_dlist_handle(remote_h)
+
+
+def case_threads(args) -> None:
+    """Four threads post VRAM transfers through one agent at once."""
+    gpu = Gpu()
+    a, b = two_agents()
+    notifs = S.Notifs(b)
+    size, nthreads, rounds = 4 * MiB + 3, 4, args.rounds
+    bufs = []
+    for t in range(nthreads):
+        src, dst = gpu.alloc(0, size), gpu.alloc(1 % gpu.devices, size)
+        gpu.write(src, S.fast_pattern(size, 40 + t))
+        register_vram(a, src, size, 0)
+        register_vram(b, dst, size, 1 % gpu.devices)
+        bufs.append((src, dst))
+    a.add_remote_agent(b.get_agent_metadata())
+    errors = []
+
+    def worker(t: int) -> None:
+        try:
+            src, dst = bufs[t]
+            for r in range(rounds):
+                h = a.initialize_xfer("WRITE", vram_descs(a, src, size, 0),
+                                      vram_descs(b, dst, size, 1 % gpu.devices), "gpu-target",
+                                      f"t{t}-{r}".encode())
+                S.post(a, h, f"thread {t} round {r}")
+                a.release_xfer_handle(h)
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    got = notifs.wait_count("gpu-initiator", nthreads * rounds, "all threads' notifications")
+    assert sorted(got) == sorted(f"t{t}-{r}".encode() for t in range(nthreads) for r in range(rounds))
+    for t, (src, dst) in enumerate(bufs):
+        checked(f"thread {t}", gpu.read(dst, size), S.fast_pattern(size, 40 + t))
+
+
+def case_release(args) -> None:
+    """Release in flight and deregistration while device copies run: after the
+    call returns, no byte of the transfer lands."""
+    gpu = Gpu()
+    a, b = two_agents()
+    size = 64 * MiB
+    src, dst = gpu.alloc(0, size), gpu.alloc(1 % gpu.devices, size)
+    gpu.write(src, S.fast_pattern(size, 7))
+    zeros = np.zeros(size, dtype=np.uint8)
+    a_reg = register_vram(a, src, size, 0)
+    register_vram(b, dst, size, 1 % gpu.devices)
+    a.add_remote_agent(b.get_agent_metadata())
+    notifs = S.Notifs(b)
+    gpu.set_copy_delay_us(2000)  # 64 descriptors x 2 ms: still in flight when released
+    blk = MiB
+    local = a.get_xfer_descs([(src + i * blk, blk, 0) for i in range(64)], "VRAM")
+    remote = b.get_xfer_descs([(dst + i * blk, blk, 1 % gpu.devices) for i in range(64)], "VRAM")
+    for how in ("release", "deregister"):
+        gpu.write(dst, zeros)
+        h = a.initialize_xfer("WRITE", local, remote, "gpu-target", b"never")
+        state = a.transfer(h, b"never")
+        log(f"{how}: transfer() -> {state}")
+        if how == "release":
+            try:
+                a.release_xfer_handle(h)
+            except Exception as e:  # a NIXL error is fine; the promise is what counts
+                assert S.is_nixl_error(e), e
+        else:
+            a.deregister_memory(a_reg)
+        after = gpu.read(dst, size)
+        t_end = time.monotonic() + 0.3
+        while time.monotonic() < t_end:  # a window in which a late copy would land
+            time.sleep(0.01)
+        assert np.array_equal(gpu.read(dst, size), after), f"{how}: bytes landed after it returned"
+        landed = int(np.count_nonzero(after.reshape(64, blk).any(axis=1)))
+        log(f"{how}: {landed} of 64 blocks had landed before the call returned; none after")
+        if landed == 64:
+            # The transfer completed before the release took effect: then,
+            # and only then, its notification was delivered.
+            notifs.wait_for("gpu-initiator", b"never", "the completed transfer's notification")
+            notifs.got.clear()
+        if how == "deregister":
+            try:
+                st = a.check_xfer_state(h)
+            except Exception as e:
+                assert S.is_nixl_error(e), e
+                st = type(e).__name__
+            log(f"after deregistration the transfer is {st}")
+            try:
+                a.release_xfer_handle(h)
+            except Exception as e:
+                assert S.is_nixl_error(e), e
+            a_reg = register_vram(a, src, size, 0)
+        notifs.expect_quiet(0.2, f"no notification of a transfer stopped by {how}")
+    gpu.set_copy_delay_us(0)
+    h = a.initialize_xfer("WRITE", local, remote, "gpu-target", b"after")
+    S.post(a, h, "a transfer after the releases")
+    notifs.expect("gpu-initiator", [b"after"], "the next transfer")
+    checked("the next transfer", gpu.read(dst, size), S.fast_pattern(size, 7))
+
+
+def case_bad(args) -> None:
+    """Registration mismatches fail with a NIXL error; the next valid one works."""
+    gpu = Gpu()
+    a, b = two_agents()
+    size = MiB
+    buf = gpu.alloc(1 % gpu.devices, size)
+    host = S.filled(size)
+    bad = [
+        ("another devId", [(buf, size, (1 % gpu.devices) ^ 1 if gpu.devices > 1 else 5, "")]),
+        ("past the allocation's end", [(buf + 4096, size, 1 % gpu.devices, "")]),
+        ("host memory as VRAM", [(S.addr(host), size, 0, "")]),
+        ("a device that does not exist", [(buf, size, 99, "")]),
+    ]
+    for what, descs in bad:
+        try:
+            a.register_memory(descs, "VRAM")
+        except Exception as e:
+            assert S.is_nixl_error(e), f"{what}: {e!r}"
+            log(f"register {what}: refused ({type(e).__name__})")
+        else:
+            raise AssertionError(f"register {what}: accepted")
+    reg = register_vram(a, buf + 4096, 8192, 1 % gpu.devices)
+    log("register at an offset inside the allocation: ok")
+    a.deregister_memory(reg)
+
+
+def case_nodriver(args) -> None:
+    """No CUDA driver: the plugin loads, VRAM registration fails, DRAM works."""
+    assert os.environ.get("NIXL_MOONCAKE_CUDA_LIB", "").startswith("/nonexistent"), \
+        "run with NIXL_MOONCAKE_CUDA_LIB=/nonexistent/libcuda.so.1"
+    a, b = two_agents()
+    mems = a.get_backend_mem_types(S.BACKEND)
+    log("memory types:", mems)
+    assert "VRAM_SEG" in mems and "DRAM_SEG" in mems, mems
+    fake_ptr = 0x7F0000000000
+    try:
+        a.register_memory([(fake_ptr, 4096, 0, "")], "VRAM")
+    except Exception as e:
+        assert S.is_nixl_error(e), repr(e)
+        log(f"VRAM registration without a driver: refused ({type(e).__name__})")
+    else:
+        raise AssertionError("VRAM registered without a driver")
+    src, dst = S.fast_pattern(MiB, 1), S.filled(MiB)
+    S.register(a, src)
+    S.register(b, dst)
+    a.add_remote_agent(b.get_agent_metadata())
+    h = a.initialize_xfer("WRITE", S.xfer_descs(a, src), S.xfer_descs(b, dst), "gpu-target")
+    S.post(a, h, "DRAM WRITE without a driver")
+    checked("DRAM WRITE without a driver", dst, src)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="case", required=True)
+    s = sub.add_parser("inproc")
+    s.add_argument("--size-mib", type=int, default=64)
+    s.add_argument("--prog-thread", choices=["on", "off"], default="on")
+    s.set_defaults(fn=case_inproc)
+    s = sub.add_parser("prepped")
+    s.add_argument("--blocks", type=int, default=20000)
+    s.add_argument("--block-kib", type=int, default=4)
+    s.add_argument("--rounds", type=int, default=3)
+    s.set_defaults(fn=case_prepped)
+    s = sub.add_parser("threads")
+    s.add_argument("--rounds", type=int, default=10)
+    s.set_defaults(fn=case_threads)
+    sub.add_parser("release").set_defaults(fn=case_release)
+    sub.add_parser("bad").set_defaults(fn=case_bad)
+    sub.add_parser("nodriver").set_defaults(fn=case_nodriver)
+    args = p.parse_args()
+    args.fn(args)
+    print(f"SCENARIO {args.case} OK", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""GPU memory (VRAM) through the real NIXL 1.5.1, on the fake CUDA driver.
+
+Each test runs one case of gpu.py in a fresh process with
+NIXL_MOONCAKE_CUDA_LIB pointing at the fake driver that scripts/build-fakes.sh
+builds (tests/fakes/cuda): device memory that faults on any CPU access,
+asynchronous copies on stream threads, two devices.  What passes here is
+proven on the fake only; scripts/gpu-check.sh runs the same paths on a real
+GPU.
+
+    .venv/bin/python -m pytest tests/e2e/test_gpu.py -v
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BACKEND = os.environ.get("E2E_BACKEND", "Mooncake")  # as conftest.py reads it
+SCRIPT = Path(__file__).with_name("gpu.py")
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(BACKEND != "Mooncake",
+                                reason="GPU cases drive the Mooncake plugin on the fake driver")
+
+
+@pytest.fixture(scope="session")
+def fake_cuda() -> dict:
+    """NIXL_MOONCAKE_CUDA_LIB=<fake>, built (if stale) by scripts/build-fakes.sh."""
+    out = subprocess.run([str(REPO / "scripts" / "build-fakes.sh")], check=True,
+                         capture_output=True, text=True).stdout
+    env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert "NIXL_MOONCAKE_CUDA_LIB" in env, out
+    return {"NIXL_MOONCAKE_CUDA_LIB": env["NIXL_MOONCAKE_CUDA_LIB"]}
+
+
+def run_case(runner, case: str, *args: str, env: dict, timeout: float = 120) -> str:
+    cmd = [sys.executable, str(SCRIPT), case, *args]
+    what = f"gpu {case} {' '.join(args)}".strip()
+    text = runner.command(cmd, what, runner.env(extra=env), timeout)
+    assert f"SCENARIO {case} OK" in text, f"{what}: no success line\n{text}"
+    return text
+
+
+@pytest.mark.parametrize("prog_thread", ["on", "off"])
+def test_vram_to_vram_and_dram_in_one_process(runner, fake_cuda, prog_thread):
+    run_case(runner, "inproc", "--prog-thread", prog_thread, env=fake_cuda)
+
+
+def test_prepped_20000_block_vram_read_with_a_notification(runner, fake_cuda):
+    run_case(runner, "prepped", env=fake_cuda)
+
+
+def test_four_threads_posting_vram_transfers(runner, fake_cuda):
+    run_case(runner, "threads", env=fake_cuda)
+
+
+def test_release_and_deregistration_while_device_copies_run(runner, fake_cuda):
+    run_case(runner, "release", env=fake_cuda)
+
+
+def test_registration_mismatches_are_refused(runner, fake_cuda):
+    text = run_case(runner, "bad", env=fake_cuda)
+    # One log line of ours per refusal, naming the mismatch.
+    for why in ("not of devId", "crosses the end of the allocation", "is not GPU memory"):
+        assert why in text, f"no log line saying {why!r}\n{text}"
+
+
+def test_without_a_driver_vram_is_refused_and_dram_works(runner):
+    text = run_case(runner, "nodriver",
+                    env={"NIXL_MOONCAKE_CUDA_LIB": "/nonexistent/libcuda.so.1"})
+    assert "GPU memory is unavailable" in text and "cannot be loaded" in text, text
+
+
+def test_the_plugin_does_not_link_the_cuda_driver(plugin):
+    """The driver is loaded at run time (dlopen): no NEEDED entry names it."""
+    assert plugin.file is not None
+    dynamic = subprocess.run(["readelf", "-d", str(plugin.file)], check=True,
+                             capture_output=True, text=True).stdout
+    needed = [line.split("[", 1)[1].rstrip("]") for line in dynamic.splitlines()
+              if "(NEEDED)" in line]
+    assert needed, dynamic
+    for lib in needed:
+        assert not lib.startswith(("libcuda", "libcudart", "libnvidia", "libibverbs")), needed
+    print("NEEDED:", ", ".join(needed))
