@@ -67,9 +67,14 @@ impl<'d> Copier<'d> {
     /// # Errors
     /// [`Error::Backend`](crate::common::Error::Backend) when the driver
     /// refuses it.
-    pub fn copy(&mut self, dst: u64, src: u64, len: u64) -> Result<()> {
-        // SAFETY: the caller keeps both ranges registered (and so
-        // allocated) until the copy was waited for; the stream is ours.
+    ///
+    /// # Safety
+    /// Both ranges must stay allocated, and no other code may write `dst`
+    /// or (for host memory) read it, until the copy was waited for
+    /// ([`Copier::wait`], or the drop of the copier).
+    pub unsafe fn copy(&mut self, dst: u64, src: u64, len: u64) -> Result<()> {
+        // SAFETY: the caller keeps both ranges allocated until the copy was
+        // waited for; the stream is ours.
         let rc = unsafe {
             (self.driver.api.memcpy_async)(dst, src, len as usize, self.lane.stream as Handle)
         };

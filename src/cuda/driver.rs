@@ -43,6 +43,8 @@ pub const NO_DEVICE: CuResult = 100;
 /// `CU_STREAM_NON_BLOCKING`: no implicit synchronisation with the legacy
 /// default stream (a caller's kernels never wait for our copies).
 pub const STREAM_NON_BLOCKING: c_uint = 1;
+/// `CU_MEMHOSTALLOC_PORTABLE`: pinned host memory usable from every context.
+pub const MEMHOSTALLOC_PORTABLE: c_uint = 1;
 /// `CU_EVENT_DISABLE_TIMING`: the cheapest event.
 pub const EVENT_DISABLE_TIMING: c_uint = 2;
 
@@ -117,6 +119,8 @@ entry_points! {
     event_record = "cuEventRecord"(Handle, Handle);
     event_synchronize = "cuEventSynchronize"(Handle);
     event_destroy = "cuEventDestroy_v2"(Handle);
+    mem_host_alloc = "cuMemHostAlloc"(*mut *mut c_void, usize, c_uint);
+    mem_free_host = "cuMemFreeHost"(*mut c_void);
 }
 
 /// The loaded driver: the library (kept loaded for the life of the

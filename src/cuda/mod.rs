@@ -9,6 +9,8 @@
 //!   VMM chunks of one device).
 //! - [`Copier`]: device copies on our own non-blocking streams, completed by
 //!   events, with the right context current on the calling thread.
+//! - [`HostBuffer`]: pooled pinned host memory, to stage device data through
+//!   a socket.
 //!
 //! This module sits beside [`crate::common`]: transports and the backend use
 //! it; it uses only the common error type and region descriptions.
@@ -16,11 +18,13 @@
 mod context;
 mod copy;
 pub mod driver;
+mod host;
 #[cfg(test)]
 pub mod testing;
 
 pub use copy::Copier;
 pub use driver::{driver, use_library};
+pub use host::HostBuffer;
 
 use std::ffi::{c_int, c_void};
 

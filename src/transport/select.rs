@@ -6,8 +6,9 @@
 //!   listener always; cross-memory attach under `protocol=auto` and `cma`.
 //! - Per peer ([`Transports::routes`], when its connection info is loaded):
 //!   under `auto` a direct copy for an engine of this process,
-//!   cross-memory attach on the same host when the probe succeeds (else TCP,
-//!   with one log line saying why), TCP otherwise; `tcp`, `cma` and `rdma`
+//!   cross-memory attach on the same host when the probe succeeds, then TCP
+//!   for what it cannot move (GPU memory) (without the probe TCP, with one
+//!   log line saying why), TCP otherwise; `tcp`, `cma` and `rdma`
 //!   force that transport. Routes come in order of preference.
 //! - Per plan ([`choose`], at `prepXfer`): the first route that serves the
 //!   memory kinds on both sides of every segment, or an error naming each
@@ -216,6 +217,9 @@ impl Transports {
         let tcp_route =
             |addr| -> Arc<dyn Route> { Arc::new(self.tcp.route(&name, remote.token, addr)) };
         let same_host = self.info.host.same_host(&remote.host);
+        // One TCP link per peer, shared by cross-memory attach (its control
+        // messages) and by the plans it cannot serve (GPU memory).
+        let link = tcp.map(tcp_route);
         let cma = || -> std::result::Result<CmaRoute, String> {
             if !same_host {
                 return Err(format!(
@@ -230,22 +234,24 @@ impl Transports {
             let probe_addr = remote.cma_probe.ok_or(
                 "it does not accept cross-memory attach (its protocol option excludes it)",
             )?;
-            let control = tcp.ok_or("it publishes no TCP endpoint for control messages")?;
-            cma.route(
-                &name,
-                remote.pid,
-                probe_addr,
-                remote.token,
-                tcp_route(control),
-            )
+            let control = link
+                .clone()
+                .ok_or("it publishes no TCP endpoint for control messages")?;
+            cma.route(&name, remote.pid, probe_addr, remote.token, control)
         };
         let only = |r: Arc<dyn Route>| vec![r];
         match self.protocol {
             Protocol::Auto => match cma() {
-                Ok(route) => Ok(chosen(
-                    only(Arc::new(route)),
-                    "protocol=auto, same host, the cross-memory attach probe succeeded",
-                )),
+                Ok(route) => {
+                    let mut routes: Vec<Arc<dyn Route>> = vec![Arc::new(route)];
+                    // GPU memory: cross-memory attach never touches it.
+                    routes.extend(link.clone());
+                    Ok(chosen(
+                        routes,
+                        "protocol=auto, same host, the cross-memory attach probe succeeded; \
+                         GPU memory over TCP",
+                    ))
+                }
                 Err(why) => {
                     if same_host {
                         log::warn!(
@@ -253,12 +259,11 @@ impl Transports {
                              not possible ({why}); using TCP"
                         );
                     }
-                    let addr = tcp.ok_or_else(no_tcp)?;
                     let why = format!("protocol=auto, no cross-memory attach: {why}");
-                    Ok(chosen(only(tcp_route(addr)), &why))
+                    Ok(chosen(only(link.clone().ok_or_else(no_tcp)?), &why))
                 }
             },
-            Protocol::Tcp => Ok(chosen(only(tcp_route(tcp.ok_or_else(no_tcp)?)), &protocol)),
+            Protocol::Tcp => Ok(chosen(only(link.clone().ok_or_else(no_tcp)?), &protocol)),
             Protocol::Cma => match cma() {
                 Ok(route) => Ok(chosen(only(Arc::new(route)), &protocol)),
                 Err(why) => Err(Error::NotSupported(format!(
@@ -326,7 +331,7 @@ pub fn choose<'a>(
             .join(", ");
         Error::NotSupported(format!(
             "prepXfer: no transport to agent {agent} moves {wanted} (tried: {tried}); \
-             only DRAM to DRAM is supported in this build"
+             GPU memory moves in one process and over TCP, other memory types not at all"
         ))
     })
 }

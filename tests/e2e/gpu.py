@@ -20,11 +20,21 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import subprocess
 import sys
 import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# The target process of the cross-process cases talks to its parent over its
+# stdout: keep that for the channel and send every other output to stderr,
+# before NIXL (or anything) can write to it.
+_CHANNEL_OUT = None
+if len(sys.argv) > 1 and sys.argv[1] == "_xp_gpu_target":
+    sys.stdout.flush()
+    _CHANNEL_OUT = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
 
 import numpy as np  # noqa: E402
 
@@ -369,6 +379,136 @@ def case_nodriver(args) -> None:
     checked("DRAM WRITE without a driver", dst, src)
 
 
+def xp_target(args) -> None:
+    """The target of the cross-process cases: VRAM buffers of its own device
+    memory, registered with NIXL; answers checks over the channel."""
+    chan = S.Channel(sys.stdin, _CHANNEL_OUT)
+    gpu = Gpu()
+    dev = 1 % gpu.devices
+    t = S.new_agent_with("gpu-target", args.protocol)
+    size = args.size
+    bufs = {name: gpu.alloc(dev, size) for name in ("wbuf", "rbuf")}
+    gpu.write(bufs["wbuf"], np.zeros(size, dtype=np.uint8))
+    rdata = S.fast_pattern(size, 60)
+    gpu.write(bufs["rbuf"], rdata)
+    for ptr in bufs.values():
+        register_vram(t, ptr, size, dev)
+    notifs = S.Notifs(t)
+    chan.send(md=S.b64(t.get_agent_metadata()), dev=dev, size=size,
+              wbuf=bufs["wbuf"], rbuf=bufs["rbuf"], rbuf_sha=S.sha256(rdata))
+    while True:
+        msg = chan.recv()
+        if msg["cmd"] == "quit":
+            break
+        try:
+            notifs.expect(msg["sender"], [S.unb64(x) for x in msg["notifs"]], msg["what"])
+            if msg.get("buf"):
+                got = S.sha256(gpu.read(bufs[msg["buf"]], size))
+                assert got == msg["sha"], f"{msg['what']}: the target's VRAM differs"
+            if msg.get("reset"):
+                gpu.write(bufs[msg["reset"]], np.zeros(size, dtype=np.uint8))
+            chan.send(ok=True)
+        except Exception as e:  # noqa: BLE001 - reported to the initiator
+            chan.send(ok=False, error=f"{type(e).__name__}: {e}")
+
+
+def case_xp(args) -> None:
+    """Two processes: this one initiates, a child process is the target; its
+    VRAM is reached over TCP with staging (protocol=tcp, and auto on this
+    host, where cross-memory attach cannot serve device memory)."""
+    gpu = Gpu()
+    size = args.size_mib * MiB
+    cmd = [sys.executable, os.path.abspath(__file__), "_xp_gpu_target",
+           "--protocol", args.protocol, "--size", str(size)]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        chan = S.Channel(child.stdout, child.stdin)
+        hello = chan.recv()
+        a = S.new_agent_with("gpu-initiator", args.protocol)
+        a.add_remote_agent(S.unb64(hello["md"]))
+        tdev = hello["dev"]
+
+        def check(what: str, notifs: list[bytes], buf: str = "", sha: str = "", reset: str = ""):
+            chan.send(cmd="check", what=what, sender="gpu-initiator",
+                      notifs=[S.b64(n) for n in notifs], buf=buf, sha=sha, reset=reset)
+            reply = chan.recv()
+            assert reply["ok"], f"target reports: {reply.get('error')}"
+            log(f"{what}: checked by the target")
+
+        def remote(name: str, off: int = 0, n: int = size):
+            return a.get_xfer_descs([(hello[name] + off, n, tdev)], "VRAM")
+
+        src_data = S.fast_pattern(size, 61)
+        src, dst = gpu.alloc(0, size), gpu.alloc(0, size)
+        gpu.write(src, src_data)
+        gpu.write(dst, np.zeros(size, dtype=np.uint8))
+        register_vram(a, src, size, 0)
+        register_vram(a, dst, size, 0)
+        host_src, host_dst = S.fast_pattern(size, 62), S.filled(size)
+        S.register(a, host_src, host_dst)
+
+        h = a.initialize_xfer("WRITE", vram_descs(a, src, size, 0), remote("wbuf"),
+                              "gpu-target", b"xp-w")
+        log("WRITE VRAM -> remote VRAM:", S.rate(size, S.post(a, h, "WRITE VRAM->VRAM")))
+        check("WRITE VRAM->VRAM", [b"xp-w"], "wbuf", S.sha256(src_data), reset="wbuf")
+        a.release_xfer_handle(h)
+
+        h = a.initialize_xfer("WRITE", S.xfer_descs(a, host_src), remote("wbuf"),
+                              "gpu-target", b"xp-hw")
+        log("WRITE DRAM -> remote VRAM:", S.rate(size, S.post(a, h, "WRITE DRAM->VRAM")))
+        check("WRITE DRAM->VRAM", [b"xp-hw"], "wbuf", S.sha256(host_src))
+        a.release_xfer_handle(h)
+
+        h = a.initialize_xfer("READ", vram_descs(a, dst, size, 0), remote("rbuf"),
+                              "gpu-target", b"xp-r")
+        log("READ remote VRAM -> VRAM:", S.rate(size, S.post(a, h, "READ VRAM<-VRAM")))
+        assert S.sha256(gpu.read(dst, size)) == hello["rbuf_sha"], "READ VRAM<-VRAM: data differs"
+        check("READ VRAM<-VRAM", [b"xp-r"])
+        a.release_xfer_handle(h)
+
+        h = a.initialize_xfer("READ", S.xfer_descs(a, host_dst), remote("rbuf"),
+                              "gpu-target", b"xp-hr")
+        log("READ remote VRAM -> DRAM:", S.rate(size, S.post(a, h, "READ DRAM<-VRAM")))
+        assert S.sha256(host_dst) == hello["rbuf_sha"], "READ DRAM<-VRAM: data differs"
+        check("READ DRAM<-VRAM", [b"xp-hr"])
+        a.release_xfer_handle(h)
+
+        # vLLM's shape: prepped lists, a READ of scattered 4 KiB blocks with one
+        # notification, reposted.
+        block = 4 * KiB
+        total = size // block
+        nsel = min(args.blocks, total)
+        lt = S.desc_table(dst + np.arange(total, dtype=np.uint64) * np.uint64(block), block)
+        rt = S.desc_table(hello["rbuf"] + np.arange(total, dtype=np.uint64) * np.uint64(block),
+                          block)
+        rt[:, 2] = tdev
+        local_h = a.prep_xfer_dlist("NIXL_INIT_AGENT", lt, "VRAM")
+        remote_h = a.prep_xfer_dlist("gpu-target", rt, "VRAM")
+        rng = np.random.default_rng(9)
+        lidx = rng.permutation(total)[:nsel].astype(np.int32)
+        ridx = rng.permutation(total)[:nsel].astype(np.int32)
+        want = S.fast_pattern(size, 60).reshape(total, block)
+        for rnd in range(2):
+            gpu.write(dst, np.zeros(size, dtype=np.uint8))
+            notif = f"xp-req-{rnd}".encode()
+            h = a.make_prepped_xfer("READ", local_h, lidx, remote_h, ridx, notif)
+            log(f"prepped READ of {nsel} VRAM blocks:",
+                S.rate(nsel * block, S.post(a, h, "prepped READ")))
+            got = gpu.read(dst, size).reshape(total, block)
+            assert np.array_equal(got[lidx], want[ridx]), "prepped READ: blocks differ"
+            check(f"prepped READ round {rnd}", [notif])
+            a.release_xfer_handle(h)
+        a.release_dlist_handle(local_h)
+        a.release_dlist_handle(remote_h)
+        chan.send(cmd="quit")
+        rc = child.wait(timeout=S.OP_TIMEOUT)
+        assert rc == 0, f"target process exited with {rc}"
+    finally:
+        if child.poll() is None:
+            child.kill()  # only our own child, on failure
+            child.wait(timeout=S.OP_TIMEOUT)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="case", required=True)
@@ -387,6 +527,15 @@ def main() -> None:
     sub.add_parser("release").set_defaults(fn=case_release)
     sub.add_parser("bad").set_defaults(fn=case_bad)
     sub.add_parser("nodriver").set_defaults(fn=case_nodriver)
+    s = sub.add_parser("xp")
+    s.add_argument("--protocol", choices=["auto", "tcp"], default="tcp")
+    s.add_argument("--size-mib", type=int, default=32)
+    s.add_argument("--blocks", type=int, default=20000)
+    s.set_defaults(fn=case_xp)
+    s = sub.add_parser("_xp_gpu_target")
+    s.add_argument("--protocol", default="tcp")
+    s.add_argument("--size", type=int, required=True)
+    s.set_defaults(fn=xp_target)
     args = p.parse_args()
     args.fn(args)
     print(f"SCENARIO {args.case} OK", flush=True)

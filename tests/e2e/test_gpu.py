@@ -62,6 +62,13 @@ def test_release_and_deregistration_while_device_copies_run(runner, fake_cuda):
     run_case(runner, "release", env=fake_cuda)
 
 
+@pytest.mark.parametrize("protocol", ["tcp", "auto"])
+def test_two_processes_vram_over_tcp_with_staging(runner, fake_cuda, protocol):
+    # protocol=auto on one host: cross-memory attach serves DRAM, never
+    # device memory, so VRAM plans take TCP with staging.
+    run_case(runner, "xp", "--protocol", protocol, env=fake_cuda)
+
+
 def test_registration_mismatches_are_refused(runner, fake_cuda):
     text = run_case(runner, "bad", env=fake_cuda)
     # One log line of ours per refusal, naming the mismatch.

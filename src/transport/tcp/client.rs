@@ -37,7 +37,9 @@ use log::{debug, error, warn};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
 use super::io::{self, Access, RawRange, Waits};
-use crate::common::{AgentName, Completion, Error, Pin, Result, Status};
+use super::staging;
+use crate::common::{AgentName, Completion, Error, MemKind, Pin, Result, Status};
+use crate::cuda::HostBuffer;
 use crate::transport::{Op, Plan, Posted, Route, Transfer};
 use crate::wire::frame::{self, Header, Hello, Kind, Seg};
 
@@ -111,6 +113,8 @@ pub struct TcpPost {
     /// The stream a small post was sent on by the posting thread (see
     /// [`Receiver`]); `NO_STREAM` otherwise.
     inline_stream: AtomicUsize,
+    /// Most data bytes of one frame (the size of its staging buffer).
+    frame_limit: u64,
 }
 
 const NO_STREAM: usize = usize::MAX;
@@ -163,6 +167,7 @@ impl TcpPost {
             completion: Completion::default(),
             notif,
             inline_stream: AtomicUsize::new(NO_STREAM),
+            frame_limit: frame_bytes,
         }
     }
 
@@ -186,6 +191,16 @@ impl TcpPost {
         used.iter()
             .map(|&r| self.plan.local_regions[r as usize].pin())
             .collect()
+    }
+
+    /// The context to stage frame `i` with, when local memory of it is on
+    /// a GPU.
+    fn device_context(&self, i: usize) -> Option<usize> {
+        staging::device_context(
+            self.frame(i)
+                .iter()
+                .map(|p| &*self.plan.local_regions[p.local as usize]),
+        )
     }
 
     fn local_ranges(&self, i: usize) -> Vec<RawRange> {
@@ -331,8 +346,11 @@ struct Outgoing {
     out: Out,
     /// Header and segment table (or header and message).
     head: Vec<u8>,
-    /// The local memory a Write frame carries after `head`.
+    /// The local memory a Write frame carries after `head` (its staging
+    /// buffer once staged, for GPU memory).
     ranges: Vec<RawRange>,
+    /// A Write frame's data, copied from GPU memory before it is sent.
+    staged: Option<HostBuffer>,
     sent: usize,
 }
 
@@ -1136,6 +1154,13 @@ impl Route for PeerLink {
         format!("TCP to {}", self.addr)
     }
 
+    /// Host and GPU memory on either side: GPU memory is staged through
+    /// pinned host buffers on both ends.
+    fn serves(&self, local: MemKind, remote: MemKind) -> bool {
+        let movable = |k| matches!(k, MemKind::Dram | MemKind::Vram { .. });
+        movable(local) && movable(remote)
+    }
+
     fn connect(&self) -> Result<()> {
         self.ensure_connected()
     }
@@ -1237,6 +1262,7 @@ impl Outgoing {
             out,
             head,
             ranges,
+            staged: None,
             sent: 0,
         }
     }
@@ -1247,6 +1273,9 @@ impl Outgoing {
 /// writer thread). A frame of a post that stopped before the frame started
 /// is not sent (nor its notification).
 fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::io::Result<bool> {
+    if o.sent == 0 {
+        stage(o);
+    }
     if o.sent == 0 {
         match &o.out {
             Out::Frame { tag, post, frame } => {
@@ -1283,6 +1312,7 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
         head,
         ranges,
         sent,
+        ..
     } = o;
     let fd = sock.as_raw_fd();
     let done = match out {
@@ -1303,6 +1333,41 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
         post.finish(Ok(()));
     }
     Ok(done)
+}
+
+/// Copies the GPU memory a Write frame carries into a staging buffer
+/// (once, before its first byte is sent), under the post's cancel lock and
+/// pins; the frame then sends the buffer. A device error fails the post,
+/// and the frame is skipped like one of a stopped post.
+fn stage(o: &mut Outgoing) {
+    let Out::Frame { post, frame, .. } = &o.out else {
+        return;
+    };
+    if post.plan.op != Op::Write || o.staged.is_some() {
+        return;
+    }
+    let Some(context) = post.device_context(*frame) else {
+        return;
+    };
+    let staged = match post.access(*frame) {
+        // SAFETY: the frame's ranges lie in regions checked at prep time,
+        // pinned (with the cancel lock) until the device copies were
+        // waited for; the buffer holds a whole frame.
+        Access::Memory(_guard) => {
+            staging::buffer(context, post.frame_limit as usize).and_then(|b| {
+                unsafe { staging::gather(context, &post.local_ranges(*frame), &b) }.map(|()| b)
+            })
+        }
+        // Stopped: the frame is skipped.
+        _ => return,
+    };
+    match staged {
+        Ok(b) => {
+            o.ranges = vec![staging::range_of(&b, post.frame_bytes(*frame) as usize)];
+            o.staged = Some(b);
+        }
+        Err(e) => post.fail(e),
+    }
 }
 
 fn read_loop(conns: &Conns, i: usize) {
@@ -1461,6 +1526,9 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
                 );
                 return Err(protocol_violation(conns, &p.post, &what));
             }
+            if let Some(context) = p.post.device_context(p.frame) {
+                return receive_staged(conns, sock, &p, context, h.body_len);
+            }
             let ranges = p.post.local_ranges(p.frame);
             let mut got = 0;
             let abort = || conns.is_down();
@@ -1500,6 +1568,64 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
         }
     }
     Ok(Got::Frame { body: h.body_len })
+}
+
+/// Receives a READ answer for GPU memory: into a staging buffer, then the
+/// device copies it into place under the post's cancel lock and pins,
+/// waited for, before the frame settles.
+fn receive_staged(
+    conns: &Conns,
+    sock: &TcpStream,
+    p: &Pending,
+    context: usize,
+    body: u32,
+) -> Result<Got> {
+    let lost = |e: std::io::Error| {
+        Error::RemoteDisconnect(format!("connection to agent {} broke: {e}", conns.peer))
+    };
+    let bounce = match staging::buffer(context, p.post.frame_limit as usize) {
+        Ok(b) => b,
+        Err(e) => {
+            io::discard(sock, u64::from(body)).map_err(lost)?;
+            p.post.settle(conns, Err(e));
+            return Ok(Got::Frame { body });
+        }
+    };
+    let abort = || conns.is_down();
+    let waits = Waits {
+        abort: &abort,
+        stall: conns.stall(),
+        deadline: None,
+    };
+    let mut got = 0;
+    // SAFETY: the first `body` bytes (one frame, at most `frame_limit`) of
+    // our own staging buffer, which nothing else uses.
+    let received = unsafe {
+        io::recv_frame(
+            sock.as_raw_fd(),
+            &[staging::range_of(&bounce, body as usize)],
+            &mut got,
+            &mut || Access::Memory(()),
+            waits,
+        )
+    };
+    if let Err(e) = received {
+        let e = lost(e);
+        p.post.settle(conns, Err(e.clone()));
+        return Err(e);
+    }
+    let result = match p.post.access(p.frame) {
+        // SAFETY: the local ranges lie in regions checked at prep time,
+        // pinned (with the cancel lock) until the device copies were waited
+        // for, so nothing lands after a cancel or deregistration returned.
+        Access::Memory(_guard) => unsafe {
+            staging::scatter(context, &bounce, &p.post.local_ranges(p.frame))
+        },
+        // Cancelled or failed: the data is thrown away.
+        _ => Ok(()),
+    };
+    p.post.settle(conns, result);
+    Ok(Got::Frame { body })
 }
 
 /// The peer broke the protocol answering a frame of `post` (already out of

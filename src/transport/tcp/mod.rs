@@ -10,6 +10,7 @@
 mod client;
 mod io;
 mod server;
+mod staging;
 
 use std::any::Any;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

@@ -35,6 +35,7 @@ use parking_lot::Mutex;
 
 use super::client;
 use super::io::{self, Access, RawRange, Waits};
+use super::staging;
 use crate::common::peers::Claim;
 use crate::common::{AgentName, Endpoint, Error, LocalRegion, Pin, Status, fault};
 use crate::wire::frame::{self, Header, Hello, Kind, SEG_LEN, Seg};
@@ -415,29 +416,48 @@ fn serve_one(
                     drop(pins);
                     let regions = regions.as_ref().expect("pinned, so resolved");
                     let ranges = ranges(&segs);
-                    let mut got = 0;
-                    let mut access = || match pin_all_of(regions) {
-                        Some(pins) => Access::Memory(pins),
-                        None => Access::Zeros,
-                    };
-                    // SAFETY: every range was checked to lie inside a region of our
-                    // registry; for each call `access` pins those regions, so no byte
-                    // lands in one after its deregistration returned.
-                    let landed = unsafe {
-                        io::recv_frame(stream.as_raw_fd(), &ranges, &mut got, &mut access, waits)
-                    }
-                    .map_err(|e| e.to_string())?;
-                    if landed {
-                        (Status::Success.code(), Vec::new())
+                    if let Some(context) = staging::device_context(regions.iter().map(|r| &**r)) {
+                        match receive_staged(stream, context, regions, &ranges, waits)? {
+                            Ok(()) => (Status::Success.code(), Vec::new()),
+                            Err(e) => {
+                                warn!(
+                                    "Mooncake: agent {}: cut short a write from agent {peer}: {e}",
+                                    endpoint.name
+                                );
+                                (e.status().code(), e.to_string().into_bytes())
+                            }
+                        }
                     } else {
-                        let e = Error::NotAllowed(
-                            "a target region was deregistered during the transfer".into(),
-                        );
-                        warn!(
-                            "Mooncake: agent {}: cut short a write from agent {peer}: {e}",
-                            endpoint.name
-                        );
-                        (e.status().code(), e.to_string().into_bytes())
+                        let mut got = 0;
+                        let mut access = || match pin_all_of(regions) {
+                            Some(pins) => Access::Memory(pins),
+                            None => Access::Zeros,
+                        };
+                        // SAFETY: every range was checked to lie inside a region of our
+                        // registry; for each call `access` pins those regions, so no byte
+                        // lands in one after its deregistration returned.
+                        let landed = unsafe {
+                            io::recv_frame(
+                                stream.as_raw_fd(),
+                                &ranges,
+                                &mut got,
+                                &mut access,
+                                waits,
+                            )
+                        }
+                        .map_err(|e| e.to_string())?;
+                        if landed {
+                            (Status::Success.code(), Vec::new())
+                        } else {
+                            let e = Error::NotAllowed(
+                                "a target region was deregistered during the transfer".into(),
+                            );
+                            warn!(
+                                "Mooncake: agent {}: cut short a write from agent {peer}: {e}",
+                                endpoint.name
+                            );
+                            (e.status().code(), e.to_string().into_bytes())
+                        }
                     }
                 }
                 Err(e) => {
@@ -467,6 +487,10 @@ fn serve_one(
                 Ok(pins) => {
                     drop(pins);
                     let regions = regions.as_ref().expect("pinned, so resolved");
+                    if let Some(context) = staging::device_context(regions.iter().map(|r| &**r)) {
+                        send_staged(stream, h.tag, context, regions, &ranges(&segs), waits)?;
+                        return Ok(true);
+                    }
                     reply(
                         stream,
                         Kind::ReadResp,
@@ -528,6 +552,135 @@ fn serve_one(
         other => return Err(format!("unexpected {other:?} frame")),
     }
     Ok(true)
+}
+
+/// Receives the data of a WRITE frame into GPU memory through a staging
+/// buffer, a piece at a time: each piece lands in the buffer, then the
+/// device copies it into place under the regions' pins, waited for. The
+/// outcome is what to acknowledge; the stream stays whole either way (data
+/// that may not land is received and thrown away).
+fn receive_staged(
+    stream: &TcpStream,
+    context: usize,
+    regions: &[Arc<LocalRegion>],
+    ranges: &[RawRange],
+    waits: Waits<'_>,
+) -> Result<Result<(), Error>, Close> {
+    let total: usize = ranges.iter().map(|r| r.len).sum();
+    let bounce = match staging::buffer(context, staging::STAGE_BYTES) {
+        Ok(b) => b,
+        Err(e) => {
+            io::discard(stream, total as u64).map_err(|e| e.to_string())?;
+            return Ok(Err(e));
+        }
+    };
+    let mut outcome = Ok(());
+    let mut off = 0;
+    while off < total {
+        let n = (total - off).min(staging::STAGE_BYTES);
+        let mut got = 0;
+        // SAFETY: the first `n` bytes of our own staging buffer, which
+        // nothing else uses.
+        unsafe {
+            io::recv_frame(
+                stream.as_raw_fd(),
+                &[staging::range_of(&bounce, n)],
+                &mut got,
+                &mut || Access::Memory(()),
+                waits,
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        if outcome.is_ok() {
+            outcome = match pin_all_of(regions) {
+                // SAFETY: the window lies inside `regions` (checked by
+                // `resolve`), pinned until the device copies were waited for.
+                Some(_pins) => unsafe {
+                    staging::scatter(context, &bounce, &staging::window(ranges, off, n))
+                },
+                None => Err(Error::NotAllowed(
+                    "a target region was deregistered during the transfer".into(),
+                )),
+            };
+        }
+        off += n;
+    }
+    Ok(outcome)
+}
+
+/// Answers a READ of GPU memory through a staging buffer, a piece at a
+/// time: the device copies each piece into the buffer under the regions'
+/// pins, waited for, then it is sent. A region deregistered meanwhile, or a
+/// device error, ends the connection (the data was announced already).
+fn send_staged(
+    stream: &TcpStream,
+    tag: u64,
+    context: usize,
+    regions: &[Arc<LocalRegion>],
+    ranges: &[RawRange],
+    waits: Waits<'_>,
+) -> Result<(), Close> {
+    let bounce = match staging::buffer(context, staging::STAGE_BYTES) {
+        Ok(b) => b,
+        Err(e) => {
+            let reason = e.to_string();
+            let status = e.status().code();
+            return reply(
+                stream,
+                Kind::ReadResp,
+                tag,
+                status,
+                &[],
+                reason.as_bytes(),
+                None,
+                waits,
+            );
+        }
+    };
+    let total: usize = ranges.iter().map(|r| r.len).sum();
+    let head = Header::new(Kind::ReadResp, total as u32, tag, 0).encode();
+    let fd = stream.as_raw_fd();
+    let mut sent = 0;
+    // SAFETY: only the header, no memory ranges.
+    unsafe {
+        io::send_frame::<()>(
+            fd,
+            &head,
+            &[],
+            &mut sent,
+            &mut || Access::Zeros,
+            Some(waits),
+        )
+    }
+    .map_err(|e| e.to_string())?;
+    let mut off = 0;
+    while off < total {
+        let n = (total - off).min(staging::STAGE_BYTES);
+        match pin_all_of(regions) {
+            // SAFETY: the window lies inside `regions` (checked by
+            // `resolve`), pinned until the device copies were waited for.
+            Some(_pins) => {
+                unsafe { staging::gather(context, &staging::window(ranges, off, n), &bounce) }
+                    .map_err(|e| format!("staging a read of GPU memory failed: {e}"))?
+            }
+            None => return Err("a region it reads was deregistered meanwhile".into()),
+        }
+        let mut sent = 0;
+        // SAFETY: the first `n` bytes of our own staging buffer.
+        unsafe {
+            io::send_frame(
+                fd,
+                &[],
+                &[staging::range_of(&bounce, n)],
+                &mut sent,
+                &mut || Access::Memory(()),
+                Some(waits),
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        off += n;
+    }
+    Ok(())
 }
 
 fn read_segs(

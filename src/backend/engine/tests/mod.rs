@@ -441,15 +441,15 @@ fn restarted_peer_replaces_old_info_and_same_info_is_a_no_op() {
 
 #[test]
 fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds() {
-    // The in-process copy serves GPU memory but not files; TCP and
-    // cross-memory attach serve neither.
+    // The in-process copy and TCP serve GPU memory but not files;
+    // cross-memory attach serves neither.
     for (params, transport, mem_type, kind) in [
         (&[][..], "in-process copy", 4, "memory type 4"),
         (
             &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")][..],
             "tcp",
-            crate::common::memory::VRAM_SEG,
-            "VRAM (device 3)",
+            4,
+            "memory type 4",
         ),
         (
             &[("protocol", "cma"), ("ip_addr", "127.0.0.1")][..],

@@ -7,6 +7,29 @@ use super::*;
 use crate::common::memory::{DRAM_SEG, VRAM_SEG};
 use crate::cuda::testing::{DeviceBuffer, fake};
 
+/// The paths GPU memory takes between two engines of this process: the
+/// in-process copy (device copies), and TCP (staged through pinned host
+/// buffers on both ends).
+const PATHS: [&[(&str, &str)]; 2] = [&[], &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")]];
+
+/// Asserts `got == want` without printing megabytes: names the first
+/// differing byte. Extra arguments format the message.
+macro_rules! same_bytes {
+    ($got:expr, $want:expr, $($what:tt)+) => {{
+        let (got, want): (&[u8], &[u8]) = (&$got[..], &$want[..]);
+        if got != want {
+            let at = got.iter().zip(want).position(|(a, b)| a != b);
+            panic!(
+                "{}: {} bytes, expected {}; first difference at {:?}",
+                format!($($what)+),
+                got.len(),
+                want.len(),
+                at
+            );
+        }
+    }};
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -85,12 +108,18 @@ fn registration_checks_device_memory_device_and_allocation_bounds() {
 }
 
 #[test]
-fn vram_to_vram_and_vram_with_dram_in_one_process_both_directions() {
+fn vram_to_vram_and_vram_with_dram_both_directions() {
+    for path in PATHS {
+        vram_to_vram_and_vram_with_dram_both_directions_on(path);
+    }
+}
+
+fn vram_to_vram_and_vram_with_dram_both_directions_on(path: &[(&str, &str)]) {
     let gpu = fake();
     let _knobs = gpu.exclusive();
     gpu.set_copy_delay_us(0);
-    let a = engine("GA", true);
-    let b = engine("GB", true);
+    let a = engine_with("GA", true, path);
+    let b = engine_with("GB", true, path);
     a.load_remote_conn_info(b"GB", b.conn_info()).unwrap();
     let len = (3 << 20) + 123;
     let src = pattern(len, 1);
@@ -117,7 +146,7 @@ fn vram_to_vram_and_vram_with_dram_in_one_process_both_directions() {
         .unwrap();
     let _ = a.post_xfer(id, Some(b"v2v")).unwrap();
     assert_eq!(wait(&a, id), Ok(Status::Success));
-    assert_eq!(gpu.read(b_gpu.ptr, len), src, "VRAM to VRAM");
+    same_bytes!(gpu.read(b_gpu.ptr, len), src, "VRAM to VRAM");
     assert_eq!(
         notifs_until(&b, 1),
         vec![(AgentName::from("GA"), b"v2v".to_vec())]
@@ -136,7 +165,7 @@ fn vram_to_vram_and_vram_with_dram_in_one_process_both_directions() {
         .unwrap();
     let _ = a.post_xfer(id, None).unwrap();
     assert_eq!(wait(&a, id), Ok(Status::Success));
-    assert_eq!(gpu.read(b_gpu.ptr, len), a_host, "DRAM to VRAM");
+    same_bytes!(gpu.read(b_gpu.ptr, len), a_host, "DRAM to VRAM");
     a.release_req(id).unwrap();
     let id = a
         .prep_xfer(
@@ -149,13 +178,13 @@ fn vram_to_vram_and_vram_with_dram_in_one_process_both_directions() {
     let _ = a.post_xfer(id, None).unwrap();
     assert_eq!(wait(&a, id), Ok(Status::Success));
     let got = gpu.read(a_gpu.ptr, len);
-    assert_eq!(
+    same_bytes!(
         &got[5..len - 5],
         &a_host[3..len - 7],
         "READ VRAM to VRAM at offsets"
     );
-    assert_eq!(&got[..5], &src[..5], "nothing before the range");
-    assert_eq!(&got[len - 5..], &src[len - 5..], "nothing after the range");
+    same_bytes!(&got[..5], &src[..5], "nothing before the range");
+    same_bytes!(&got[len - 5..], &src[len - 5..], "nothing after the range");
     a.release_req(id).unwrap();
 
     // Remote DRAM -> local VRAM (READ), VRAM -> remote DRAM (WRITE).
@@ -169,7 +198,7 @@ fn vram_to_vram_and_vram_with_dram_in_one_process_both_directions() {
         .unwrap();
     let _ = a.post_xfer(id, None).unwrap();
     assert_eq!(wait(&a, id), Ok(Status::Success));
-    assert_eq!(
+    same_bytes!(
         gpu.read(a_gpu.ptr, len),
         vec![0u8; len],
         "DRAM to VRAM by READ"
@@ -186,15 +215,21 @@ fn vram_to_vram_and_vram_with_dram_in_one_process_both_directions() {
         .unwrap();
     let _ = a.post_xfer(id, None).unwrap();
     assert_eq!(wait(&a, id), Ok(Status::Success));
-    assert_eq!(b_host, src, "VRAM to DRAM");
+    same_bytes!(b_host, src, "VRAM to DRAM");
     a.release_req(id).unwrap();
 }
 
 #[test]
 fn a_mixed_plan_of_host_and_device_segments_moves_every_byte() {
+    for path in PATHS {
+        a_mixed_plan_of_host_and_device_segments_moves_every_byte_on(path);
+    }
+}
+
+fn a_mixed_plan_of_host_and_device_segments_moves_every_byte_on(path: &[(&str, &str)]) {
     let gpu = fake();
-    let a = engine("MA", true);
-    let b = engine("MB", true);
+    let a = engine_with("MA", true, path);
+    let b = engine_with("MB", true, path);
     a.load_remote_conn_info(b"MB", b.conn_info()).unwrap();
     let block = 4096 + 17;
     let n = 64;
@@ -253,19 +288,25 @@ fn a_mixed_plan_of_host_and_device_segments_moves_every_byte() {
         } else {
             &gdst[r.clone()]
         };
-        assert_eq!(got, want, "block {i} (kind pair {})", i % 4);
+        same_bytes!(got, want, "block {i} (kind pair {})", i % 4);
     }
 }
 
 #[test]
 fn the_notification_arrives_only_after_the_device_finished_copying() {
+    for path in PATHS {
+        the_notification_arrives_only_after_the_device_finished_copying_on(path);
+    }
+}
+
+fn the_notification_arrives_only_after_the_device_finished_copying_on(path: &[(&str, &str)]) {
     let gpu = fake();
     let _knobs = gpu.exclusive();
     // Every device copy takes 2 ms: a notification sent when the copies
     // were queued (not finished) would arrive before the data.
     gpu.set_copy_delay_us(2000);
-    let a = engine("NA", true);
-    let b = engine("NB", true);
+    let a = engine_with("NA", true, path);
+    let b = engine_with("NB", true, path);
     a.load_remote_conn_info(b"NB", b.conn_info()).unwrap();
     let (block, n) = (64 << 10, 16);
     let len = block * n;
@@ -287,7 +328,7 @@ fn the_notification_arrives_only_after_the_device_finished_copying() {
         // byte must be in place.
         let got = notifs_until(&b, 1);
         assert_eq!(got, vec![(AgentName::from("NA"), vec![round])]);
-        assert_eq!(
+        same_bytes!(
             gpu.read(dst.ptr, len),
             pattern(len, round),
             "round {round}: notified before the data landed"
@@ -301,11 +342,11 @@ fn the_notification_arrives_only_after_the_device_finished_copying() {
 /// queued on the device), then runs `act` on another thread: `act` must
 /// not return while the copy is queued, and after it returned no byte of
 /// the copy may land.
-fn while_a_copy_is_queued(act: impl FnOnce(&Engine, MdId, ReqId) + Send) {
+fn while_a_copy_is_queued(path: &[(&str, &str)], act: impl FnOnce(&Engine, MdId, ReqId) + Send) {
     let gpu = fake();
     let _knobs = gpu.exclusive();
-    let a = engine("QA", true);
-    let b = engine("QB", true);
+    let a = engine_with("QA", true, path);
+    let b = engine_with("QB", true, path);
     a.load_remote_conn_info(b"QB", b.conn_info()).unwrap();
     // More than postXfer moves inline: the progress thread queues it.
     let len = 4 << 20;
@@ -352,7 +393,7 @@ fn while_a_copy_is_queued(act: impl FnOnce(&Engine, MdId, ReqId) + Send) {
     // Whatever ran, ran before the act returned: nothing changes after.
     let bytes = gpu.read(dst.ptr, len);
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(
+    same_bytes!(
         gpu.read(dst.ptr, len),
         bytes,
         "a copy landed after the act returned"
@@ -361,21 +402,31 @@ fn while_a_copy_is_queued(act: impl FnOnce(&Engine, MdId, ReqId) + Send) {
 
 #[test]
 fn deregistration_waits_for_copies_queued_on_the_device() {
-    while_a_copy_is_queued(|a, smd, _| a.deregister_mem(smd).unwrap());
+    for path in PATHS {
+        while_a_copy_is_queued(path, |a, smd, _| a.deregister_mem(smd).unwrap());
+    }
 }
 
 #[test]
 fn release_in_flight_waits_for_copies_queued_on_the_device() {
-    while_a_copy_is_queued(|a, _, id| a.release_req(id).unwrap());
+    for path in PATHS {
+        while_a_copy_is_queued(path, |a, _, id| a.release_req(id).unwrap());
+    }
 }
 
 #[test]
 fn a_prepped_20000_block_read_with_a_notification_reposted() {
+    for path in PATHS {
+        a_prepped_20000_block_read_with_a_notification_reposted_on(path);
+    }
+}
+
+fn a_prepped_20000_block_read_with_a_notification_reposted_on(path: &[(&str, &str)]) {
     // The vLLM shape: the decoder pulls many blocks with one READ and one
     // notification per request, reposting the prepped handle.
     let gpu = fake();
-    let a = engine("DA", true);
-    let b = engine("DB", true);
+    let a = engine_with("DA", true, path);
+    let b = engine_with("DB", true, path);
     a.load_remote_conn_info(b"DB", b.conn_info()).unwrap();
     let (block, n) = (256, 20_000);
     let len = block * n;
@@ -407,7 +458,7 @@ fn a_prepped_20000_block_read_with_a_notification_reposted() {
     }
     let got = gpu.read(ours.ptr, len);
     for (i, &j) in picks.iter().enumerate() {
-        assert_eq!(
+        same_bytes!(
             &got[i * block..(i + 1) * block],
             &remote_data[j * block..(j + 1) * block],
             "block {i}"
