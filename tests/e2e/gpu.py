@@ -393,16 +393,20 @@ def xp_target(args) -> None:
     gpu.write(bufs["rbuf"], rdata)
     for ptr in bufs.values():
         register_vram(t, ptr, size, dev)
+    host = S.filled(size)  # DRAM, for the reference figure
+    S.register(t, host)
     notifs = S.Notifs(t)
     chan.send(md=S.b64(t.get_agent_metadata()), dev=dev, size=size,
-              wbuf=bufs["wbuf"], rbuf=bufs["rbuf"], rbuf_sha=S.sha256(rdata))
+              wbuf=bufs["wbuf"], rbuf=bufs["rbuf"], rbuf_sha=S.sha256(rdata), hbuf=S.addr(host))
     while True:
         msg = chan.recv()
         if msg["cmd"] == "quit":
             break
         try:
             notifs.expect(msg["sender"], [S.unb64(x) for x in msg["notifs"]], msg["what"])
-            if msg.get("buf"):
+            if msg.get("buf") == "hbuf":
+                assert S.sha256(host) == msg["sha"], f"{msg['what']}: the target's DRAM differs"
+            elif msg.get("buf"):
                 got = S.sha256(gpu.read(bufs[msg["buf"]], size))
                 assert got == msg["sha"], f"{msg['what']}: the target's VRAM differs"
             if msg.get("reset"):
@@ -446,6 +450,16 @@ def case_xp(args) -> None:
         register_vram(a, dst, size, 0)
         host_src, host_dst = S.fast_pattern(size, 62), S.filled(size)
         S.register(a, host_src, host_dst)
+
+        # The reference: DRAM to DRAM over the same path (protocol=auto on one
+        # host: cross-memory attach).
+        h = a.initialize_xfer("WRITE", S.xfer_descs(a, host_src),
+                              a.get_xfer_descs([(hello["hbuf"], size, 0)], "DRAM"),
+                              "gpu-target", b"xp-ref")
+        log("WRITE DRAM -> remote DRAM (reference):",
+            S.rate(size, S.post(a, h, "WRITE DRAM->DRAM")))
+        check("WRITE DRAM->DRAM", [b"xp-ref"], "hbuf", S.sha256(host_src))
+        a.release_xfer_handle(h)
 
         h = a.initialize_xfer("WRITE", vram_descs(a, src, size, 0), remote("wbuf"),
                               "gpu-target", b"xp-w")
