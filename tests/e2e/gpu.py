@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -523,6 +524,82 @@ def case_xp(args) -> None:
             child.wait(timeout=S.OP_TIMEOUT)
 
 
+def spawn_target(protocol: str, size: int, env: Optional[dict] = None):
+    cmd = [sys.executable, os.path.abspath(__file__), "_xp_gpu_target",
+           "--protocol", protocol, "--size", str(size)]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})})
+    return child, S.Channel(child.stdout, child.stdin)
+
+
+def case_xp_kill(args) -> None:
+    """SIGKILL of the target while a VRAM READ from it is in flight: the
+    request fails (never DONE, never a hang), then a new target works."""
+    gpu = Gpu()
+    size = 64 * MiB
+    # The target's device copies take 20 ms each: the READ is in flight for
+    # a second or more when the target dies.
+    child, chan = spawn_target(args.protocol, size, {"FAKE_CUDA_COPY_DELAY_US": "20000"})
+    try:
+        hello = chan.recv()
+        a = S.new_agent_with("gpu-initiator", args.protocol)
+        a.add_remote_agent(S.unb64(hello["md"]))
+        dst = gpu.alloc(0, size)
+        gpu.write(dst, np.zeros(size, dtype=np.uint8))
+        register_vram(a, dst, size, 0)
+        h = a.initialize_xfer("READ", vram_descs(a, dst, size, 0),
+                              a.get_xfer_descs([(hello["rbuf"], size, hello["dev"])], "VRAM"),
+                              "gpu-target", b"never")
+        state = a.transfer(h)
+        assert state == "PROC", f"the READ finished before the kill ({state})"
+        t0 = time.monotonic()
+        child.kill()
+        child.wait(timeout=S.OP_TIMEOUT)
+        outcome = None
+        while outcome is None:
+            try:
+                st = a.check_xfer_state(h)
+                if st != "PROC":
+                    outcome = st
+            except Exception as e:  # the expected end: a NIXL error
+                assert S.is_nixl_error(e), repr(e)
+                outcome = type(e).__name__
+            assert time.monotonic() - t0 < 30, "the READ neither failed nor finished within 30 s"
+            time.sleep(1e-3)
+        log(f"after SIGKILL of the target the READ ended as {outcome} in "
+            f"{(time.monotonic() - t0) * 1e3:.0f} ms")
+        assert outcome != "DONE", "a READ from a killed target reported DONE"
+        try:
+            a.release_xfer_handle(h)
+        except Exception as e:
+            assert S.is_nixl_error(e), repr(e)
+        a.remove_remote_agent("gpu-target")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=S.OP_TIMEOUT)
+    # A new target (same name) works.
+    child, chan = spawn_target(args.protocol, size)
+    try:
+        hello = chan.recv()
+        a.add_remote_agent(S.unb64(hello["md"]))
+        h = a.initialize_xfer("READ", vram_descs(a, dst, size, 0),
+                              a.get_xfer_descs([(hello["rbuf"], size, hello["dev"])], "VRAM"),
+                              "gpu-target", b"again")
+        S.post(a, h, "READ from the new target")
+        assert S.sha256(gpu.read(dst, size)) == hello["rbuf_sha"], "READ from the new target differs"
+        chan.send(cmd="check", what="the new target's notification", sender="gpu-initiator",
+                  notifs=[S.b64(b"again")], buf="", sha="", reset="")
+        assert chan.recv()["ok"]
+        log("a new target works: 64 MiB READ verified")
+        chan.send(cmd="quit")
+        assert child.wait(timeout=S.OP_TIMEOUT) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=S.OP_TIMEOUT)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="case", required=True)
@@ -546,6 +623,9 @@ def main() -> None:
     s.add_argument("--size-mib", type=int, default=32)
     s.add_argument("--blocks", type=int, default=20000)
     s.set_defaults(fn=case_xp)
+    s = sub.add_parser("xp_kill")
+    s.add_argument("--protocol", choices=["auto", "tcp"], default="tcp")
+    s.set_defaults(fn=case_xp_kill)
     s = sub.add_parser("_xp_gpu_target")
     s.add_argument("--protocol", default="tcp")
     s.add_argument("--size", type=int, required=True)

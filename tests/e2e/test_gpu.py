@@ -69,6 +69,12 @@ def test_two_processes_vram_over_tcp_with_staging(runner, fake_cuda, protocol):
     run_case(runner, "xp", "--protocol", protocol, env=fake_cuda)
 
 
+@pytest.mark.parametrize("protocol", ["tcp", "auto"])
+def test_sigkill_of_the_target_during_a_vram_read_then_a_new_target(runner, fake_cuda, protocol):
+    text = run_case(runner, "xp_kill", "--protocol", protocol, env=fake_cuda)
+    assert "after SIGKILL of the target the READ ended as nixl" in text, text
+
+
 def test_registration_mismatches_are_refused(runner, fake_cuda):
     text = run_case(runner, "bad", env=fake_cuda)
     # One log line of ours per refusal, naming the mismatch.
