@@ -24,15 +24,6 @@ import pytest
 SCRIPT = Path(__file__).with_name("faults.py")
 STRICT = os.environ.get("FAULTS_STRICT") == "1"
 
-STALE_WRITE_BUG = (
-    "PLUGIN BUG (TCP, target side): frames of a WRITE that already failed with "
-    "NIXL_ERR_REMOTE_DISCONNECT (timeout_ms) are still applied by the target when they "
-    "arrive late on the dead link's connection, after a newer WRITE to the same range "
-    "completed and was notified: the newer data is overwritten. The target keeps serving "
-    "an old connection of a peer that has reconnected; nothing fences it off."
-)
-
-
 def bug(reason: str):
     return [] if STRICT else [pytest.mark.xfail(reason=reason, strict=True)]
 
@@ -47,7 +38,7 @@ CASES = [
     pytest.param("truncate", id="truncate"),
     pytest.param("half_close", id="half_close"),
     pytest.param("notif_cut", id="notif_cut"),
-    pytest.param("stall_late", id="stall_late", marks=bug(STALE_WRITE_BUG)),
+    pytest.param("stall_late", id="stall_late"),
 ]
 
 

@@ -119,6 +119,10 @@ pub struct TcpPost {
 
 const NO_STREAM: usize = usize::MAX;
 
+/// Generations of connection sets ([`Hello::link`]), increasing across the
+/// process (so across every link and every reconnection of one).
+static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
+
 impl TcpPost {
     fn new(
         plan: Arc<Plan>,
@@ -749,6 +753,7 @@ pub(super) fn instance_alive(
         target_token: token,
         sender_token: my_token,
         name: me.as_bytes().to_vec(),
+        link: 0, // a probe: no frames, fences nothing
     }
     .encode();
     let head = Header::new(Kind::Hello, hello.len() as u32, 0, 0).encode();
@@ -961,6 +966,9 @@ impl PeerLink {
                 target_token: self.peer_token,
                 sender_token: self.my_token,
                 name: self.me.as_bytes().to_vec(),
+                // A new generation for each connection set: the target
+                // fences off the connections of the sets before it.
+                link: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
             }
             .encode(),
             stall: (!self.config.stall_timeout.is_zero()).then_some(self.config.stall_timeout),

@@ -25,13 +25,13 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use super::client;
 use super::io::{self, Access, RawRange, Waits};
@@ -57,6 +57,37 @@ struct Served {
     peer: Option<AgentName>,
 }
 
+/// One served connection's standing among the connections of its sender:
+/// made stale once a connection of a newer connection set of the same
+/// sender said hello (the sender reconnected, so it gave up on this one).
+/// Frames that arrive late on a stale connection are not applied.
+struct Fence {
+    stale: AtomicBool,
+    /// Held shared for each system call or device copy that puts a frame's
+    /// data into registered memory; exclusively by the fencing, so that
+    /// none lands after the newer connection was admitted.
+    io: RwLock<()>,
+    /// A handle to the connection, to close it once fenced off.
+    stream: Option<TcpStream>,
+}
+
+impl Fence {
+    fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+}
+
+/// The connections of one sender engine, by generation ([`Hello::link`]).
+#[derive(Default)]
+struct Links {
+    newest: u64,
+    conns: Vec<(u64, Weak<Fence>)>,
+}
+
+/// Senders whose links are remembered before the table is pruned of
+/// senders without a live connection.
+const MAX_SENDERS: usize = 4096;
+
 /// A listening TCP endpoint of one engine.
 pub struct TcpServer {
     addr: SocketAddr,
@@ -77,6 +108,8 @@ pub struct TcpServer {
     spin: Duration,
     /// Connections polling right now (at most one).
     spinners: AtomicUsize,
+    /// Served connections by sender engine token, for fencing.
+    links: Mutex<HashMap<u128, Links>>,
     accept: Mutex<Option<JoinHandle<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -105,6 +138,7 @@ impl TcpServer {
             stall,
             spin,
             spinners: AtomicUsize::new(0),
+            links: Mutex::new(HashMap::new()),
             accept: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
         });
@@ -244,6 +278,58 @@ impl TcpServer {
 
     /// Waits as a frame's I/O does: until the server stops, and no longer
     /// than the stall timeout without a byte (`deadline`: for the frame).
+    /// Enters a connection of generation `link` from engine `sender`: a
+    /// newer generation than any before fences off the sender's older
+    /// connections (waiting for a system call or device copy of theirs in
+    /// progress, then closing them) before it is served.
+    ///
+    /// # Errors
+    /// When a connection of a newer generation of the sender was admitted
+    /// already: this one is a late connection of a set the sender gave up.
+    fn join_link(&self, sender: u128, link: u64, stream: &TcpStream) -> Result<Arc<Fence>, Close> {
+        let fence = Arc::new(Fence {
+            stale: AtomicBool::new(false),
+            io: RwLock::new(()),
+            stream: stream.try_clone().ok(),
+        });
+        if link == 0 {
+            return Ok(fence); // a client without generations: nothing to fence
+        }
+        let stale: Vec<Arc<Fence>> = {
+            let mut links = self.links.lock();
+            if links.len() > MAX_SENDERS {
+                links.retain(|_, l| l.conns.iter().any(|(_, c)| c.strong_count() > 0));
+            }
+            let l = links.entry(sender).or_default();
+            l.conns.retain(|(_, c)| c.strong_count() > 0);
+            if link < l.newest {
+                return Err(format!(
+                    "a connection of generation {link} arrived after one of generation {} \
+                     (the peer reconnected since)",
+                    l.newest
+                ));
+            }
+            l.newest = link;
+            let older = l
+                .conns
+                .iter()
+                .filter(|(g, _)| *g < link)
+                .filter_map(|(_, c)| c.upgrade())
+                .collect();
+            l.conns.retain(|(g, _)| *g >= link);
+            l.conns.push((link, Arc::downgrade(&fence)));
+            older
+        };
+        for old in stale {
+            old.stale.store(true, Ordering::Release);
+            drop(old.io.write());
+            if let Some(s) = &old.stream {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        Ok(fence)
+    }
+
     fn waits<'a>(&self, abort: &'a dyn Fn() -> bool, deadline: Option<Instant>) -> Waits<'a> {
         Waits {
             abort,
@@ -265,10 +351,11 @@ fn serve(stream: &TcpStream, id: u64, from: SocketAddr, endpoint: &Endpoint, ser
     let stall = server.stall;
     fault::point("tcp.server.serving", server.token);
     let _ = stream.set_nodelay(true);
-    let greeted = handshake(stream, endpoint);
+    let greeted = handshake(stream, endpoint)
+        .and_then(|(peer, sender, link)| Ok((peer, server.join_link(sender, link, stream)?)));
     server.handshaking.fetch_sub(1, Ordering::AcqRel);
-    let peer = match greeted {
-        Ok(peer) => peer,
+    let (peer, fence) = match greeted {
+        Ok(joined) => joined,
         Err(why) => {
             warn!(
                 "Mooncake: agent {}: refused connection from {from}: {why}",
@@ -291,7 +378,7 @@ fn serve(stream: &TcpStream, id: u64, from: SocketAddr, endpoint: &Endpoint, ser
     let _ = io::keep_alive(stream, stall);
     let mut scratch = Vec::new();
     loop {
-        match serve_one(stream, endpoint, &peer, server, &mut scratch) {
+        match serve_one(stream, endpoint, &peer, server, &fence, &mut scratch) {
             Ok(true) => linger(stream, server.spin, &server.spinners),
             Ok(false) if server.stopping.load(Ordering::Acquire) => return,
             Ok(false) => {
@@ -329,7 +416,9 @@ fn linger(stream: &TcpStream, spin: Duration, spinners: &AtomicUsize) {
     spinners.store(0, Ordering::Release);
 }
 
-fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<AgentName, Close> {
+/// Reads and checks the client's hello: its agent name, engine token and
+/// connection-set generation.
+fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<(AgentName, u128, u64), Close> {
     // One deadline for the whole handshake: a client trickling bytes cannot
     // hold this thread longer.
     let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
@@ -351,7 +440,7 @@ fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<AgentName, Close
     admit(endpoint, &name, hello.sender_token)?;
     io::send_bytes(stream, &[&Header::new(Kind::HelloOk, 0, 0, 0).encode()])
         .map_err(|e| e.to_string())?;
-    Ok(name)
+    Ok((name, hello.sender_token, hello.link))
 }
 
 /// Checks a peer's claim to be agent `name` (engine `token`) against the
@@ -394,6 +483,7 @@ fn serve_one(
     endpoint: &Endpoint,
     peer: &AgentName,
     server: &TcpServer,
+    fence: &Fence,
     scratch: &mut Vec<u8>,
 ) -> Result<bool, Close> {
     let mut raw = [0u8; frame::HEADER_LEN];
@@ -405,7 +495,9 @@ fn serve_one(
     let deadline = server.frame_deadline();
     let stopping = || server.stopping.load(Ordering::Acquire);
     let waits = server.waits(&stopping, deadline);
+    let fenced = || "the peer reconnected: a frame on its old connection is not applied".to_owned();
     match h.kind {
+        Kind::Write | Kind::ReadReq if fence.is_stale() => return Err(fenced()),
         Kind::Write => {
             let table_len = h.aux as usize * SEG_LEN;
             let data_len = (h.body_len as usize - table_len) as u64;
@@ -417,7 +509,7 @@ fn serve_one(
                     let regions = regions.as_ref().expect("pinned, so resolved");
                     let ranges = ranges(&segs);
                     if let Some(context) = staging::device_context(regions.iter().map(|r| &**r)) {
-                        match receive_staged(stream, context, regions, &ranges, waits)? {
+                        match receive_staged(stream, context, regions, &ranges, fence, waits)? {
                             Ok(()) => (Status::Success.code(), Vec::new()),
                             Err(e) => {
                                 warn!(
@@ -429,9 +521,15 @@ fn serve_one(
                         }
                     } else {
                         let mut got = 0;
-                        let mut access = || match pin_all_of(regions) {
-                            Some(pins) => Access::Memory(pins),
-                            None => Access::Zeros,
+                        let mut access = || {
+                            let moving = fence.io.read();
+                            if fence.is_stale() {
+                                return Access::Zeros;
+                            }
+                            match pin_all_of(regions) {
+                                Some(pins) => Access::Memory((moving, pins)),
+                                None => Access::Zeros,
+                            }
                         };
                         // SAFETY: every range was checked to lie inside a region of our
                         // registry; for each call `access` pins those regions, so no byte
@@ -446,6 +544,9 @@ fn serve_one(
                             )
                         }
                         .map_err(|e| e.to_string())?;
+                        if fence.is_stale() {
+                            return Err(fenced());
+                        }
                         if landed {
                             (Status::Success.code(), Vec::new())
                         } else {
@@ -564,6 +665,7 @@ fn receive_staged(
     context: usize,
     regions: &[Arc<LocalRegion>],
     ranges: &[RawRange],
+    fence: &Fence,
     waits: Waits<'_>,
 ) -> Result<Result<(), Error>, Close> {
     let total: usize = ranges.iter().map(|r| r.len).sum();
@@ -591,6 +693,12 @@ fn receive_staged(
             )
         }
         .map_err(|e| e.to_string())?;
+        let _moving = fence.io.read();
+        if fence.is_stale() {
+            return Err(
+                "the peer reconnected: a frame on its old connection is not applied".into(),
+            );
+        }
         if outcome.is_ok() {
             outcome = match pin_all_of(regions) {
                 // SAFETY: the window lies inside `regions` (checked by
@@ -777,6 +885,59 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::sync::mpsc;
+
+    #[test]
+    fn a_newer_connection_set_fences_off_the_older_ones_of_its_sender() {
+        let endpoint = Arc::new(Endpoint {
+            name: AgentName::from("T"),
+            token: 1,
+            registry: Default::default(),
+            inbox: Default::default(),
+            peers: Default::default(),
+        });
+        let server = TcpServer::start(
+            endpoint,
+            "127.0.0.1:0".parse().unwrap(),
+            Duration::ZERO,
+            Duration::ZERO,
+        )
+        .unwrap();
+        let (_c1, s1) = socket_pair();
+        let (_c2, s2) = socket_pair();
+        let (_c3, s3) = socket_pair();
+        let (_c4, s4) = socket_pair();
+        let gen1a = server.join_link(7, 1, &s1).unwrap();
+        let gen1b = server.join_link(7, 1, &s2).unwrap();
+        let other = server.join_link(8, 1, &s3).unwrap();
+        let probe = server.join_link(7, 0, &s4).unwrap();
+        assert!(
+            !gen1a.is_stale() && !gen1b.is_stale(),
+            "one set, several streams"
+        );
+        // The sender reconnects: its older set is fenced off, waiting for a
+        // data copy in progress on it.
+        let copying = gen1a.io.read();
+        std::thread::scope(|t| {
+            let joining = t.spawn(|| server.join_link(7, 2, &s4).unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!joining.is_finished(), "fenced while a copy was landing");
+            drop(copying);
+            let gen2 = joining.join().unwrap();
+            assert!(!gen2.is_stale());
+        });
+        assert!(
+            gen1a.is_stale() && gen1b.is_stale(),
+            "the old set is fenced"
+        );
+        assert!(!other.is_stale(), "another sender's connections are not");
+        assert!(
+            !probe.is_stale(),
+            "a connection without generation is never fenced"
+        );
+        // A late connection of the old set is refused.
+        assert!(server.join_link(7, 1, &s1).is_err());
+        server.shutdown();
+    }
 
     fn socket_pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
