@@ -85,6 +85,7 @@ fn wire(c: &mut Criterion) {
         len: 64 << 20,
         mem_type: 0,
         dev_id: 0,
+        ipc: None,
     };
     let region_blob = region.encode();
     assert_eq!(RegionPublic::decode(&region_blob).unwrap(), region);

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use super::status::{Error, Result};
-use crate::wire::region::{RegionPublic, range_within};
+use crate::wire::region::{IpcExport, RegionPublic, range_within};
 
 /// `nixl_mem_t::DRAM_SEG`.
 pub const DRAM_SEG: u32 = 0;
@@ -112,6 +112,9 @@ pub struct DeviceAlloc {
     /// The allocations the region covers, in address order (one, or
     /// several adjacent VMM chunks).
     pub pieces: Vec<DevicePiece>,
+    /// How a process on this host can map it (one `cuMemAlloc` allocation
+    /// whose IPC handle the driver gave), published with the region.
+    pub ipc: Option<IpcExport>,
 }
 
 /// One registered local region. Address, length and key never change.
@@ -176,6 +179,7 @@ impl LocalRegion {
             len: self.len,
             mem_type: self.mem_type,
             dev_id: self.dev_id,
+            ipc: self.device.as_ref().and_then(|d| d.ipc),
         }
     }
 }
@@ -467,6 +471,7 @@ mod tests {
             ordinal: 1,
             context: 0,
             pieces: vec![],
+            ipc: None,
         };
         let r = reg.register_device(0x1000, 1, gpu.clone()).unwrap();
         assert_eq!(r.kind(), MemKind::Vram { device: 1 });

@@ -123,11 +123,90 @@ entry_points! {
     mem_free_host = "cuMemFreeHost"(*mut c_void);
 }
 
+/// `cuIpcGetMemHandle`.
+type IpcGet = unsafe extern "C" fn(*mut IpcHandle, CuDevicePtr) -> CuResult;
+/// `cuIpcOpenMemHandle_v2`.
+type IpcOpen = unsafe extern "C" fn(*mut CuDevicePtr, IpcHandle, c_uint) -> CuResult;
+/// `cuIpcCloseMemHandle`.
+type IpcClose = unsafe extern "C" fn(CuDevicePtr) -> CuResult;
+
+/// `CUipcMemHandle`: 64 opaque bytes, passed by value.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpcHandle {
+    /// The handle's bytes.
+    pub reserved: [u8; 64],
+}
+
+/// `CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS`.
+pub const IPC_MEM_LAZY_ENABLE_PEER_ACCESS: c_uint = 1;
+
+/// The CUDA IPC entry points: optional (a driver without them, or with
+/// IPC disabled, still serves GPU memory, only not across processes by IPC).
+pub struct Ipc {
+    /// `cuIpcGetMemHandle`.
+    pub get_mem_handle: IpcGet,
+    /// `cuIpcOpenMemHandle` (`_v2`).
+    pub open_mem_handle: IpcOpen,
+    /// `cuIpcCloseMemHandle`.
+    pub close_mem_handle: IpcClose,
+}
+
+/// The CUDA version whose entry points `cuGetProcAddress` is asked for.
+const PROC_VERSION: c_int = 12000;
+
+/// `cuGetProcAddress_v2`.
+type GetProcAddress =
+    unsafe extern "C" fn(*const c_char, *mut *mut c_void, c_int, u64, *mut c_int) -> CuResult;
+
+/// Looks up optional entry point `name` (its base name, without version
+/// suffix): through `cuGetProcAddress_v2` when the driver has it (which
+/// picks the version for CUDA 12), else by the versioned exported symbol
+/// `exported`. `None` when neither has it.
+fn optional(lib: &libloading::Library, name: &str, exported: &str) -> Option<*mut c_void> {
+    // SAFETY: the type is the signature of `cuGetProcAddress_v2` (CUDA 12).
+    let gpa = unsafe { lib.get::<GetProcAddress>(b"cuGetProcAddress_v2\0") };
+    if let Ok(gpa) = gpa {
+        let cname = std::ffi::CString::new(name).ok()?;
+        let (mut p, mut status): (*mut c_void, c_int) = (std::ptr::null_mut(), 0);
+        // SAFETY: a NUL-terminated name and live out-pointers; the driver
+        // only writes them.
+        let rc = unsafe { gpa(cname.as_ptr(), &mut p, PROC_VERSION, 0, &mut status) };
+        if rc == SUCCESS && status == 0 && !p.is_null() {
+            return Some(p);
+        }
+    }
+    let sym = format!("{exported}\0");
+    // SAFETY: only the address is taken; the caller gives it its type.
+    let f = unsafe { lib.get::<*mut c_void>(sym.as_bytes()) }.ok()?;
+    let p = *f;
+    (!p.is_null()).then_some(p)
+}
+
+impl Ipc {
+    fn load(lib: &libloading::Library) -> Option<Ipc> {
+        let get = optional(lib, "cuIpcGetMemHandle", "cuIpcGetMemHandle")?;
+        let open = optional(lib, "cuIpcOpenMemHandle", "cuIpcOpenMemHandle_v2")?;
+        let close = optional(lib, "cuIpcCloseMemHandle", "cuIpcCloseMemHandle")?;
+        // SAFETY: the pointers are the driver's entry points of these names
+        // for CUDA 12, whose signatures the field types declare.
+        unsafe {
+            Some(Ipc {
+                get_mem_handle: std::mem::transmute::<*mut c_void, IpcGet>(get),
+                open_mem_handle: std::mem::transmute::<*mut c_void, IpcOpen>(open),
+                close_mem_handle: std::mem::transmute::<*mut c_void, IpcClose>(close),
+            })
+        }
+    }
+}
+
 /// The loaded driver: the library (kept loaded for the life of the
 /// process) and its entry points.
 pub struct Driver {
     /// The entry points.
     pub api: Api,
+    /// The IPC entry points, when the driver has them.
+    pub ipc: Option<Ipc>,
     /// Number of devices `cuDeviceGetCount` reported.
     pub devices: i32,
     /// The file that was loaded.
@@ -176,8 +255,10 @@ fn load() -> std::result::Result<Driver, String> {
     let lib = unsafe { libloading::Library::new(&path) }
         .map_err(|e| format!("the CUDA driver library {path} cannot be loaded ({e})"))?;
     let api = Api::load(&lib).map_err(|e| format!("{path} is not a usable CUDA driver: {e}"))?;
+    let ipc = Ipc::load(&lib);
     let mut driver = Driver {
         api,
+        ipc,
         devices: 0,
         path,
         _lib: lib,

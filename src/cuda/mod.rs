@@ -30,7 +30,13 @@ use std::ffi::{c_int, c_void};
 
 use crate::common::memory::{DeviceAlloc, DevicePiece};
 use crate::common::{Error, Result};
+use crate::wire::region::IpcExport;
 use driver::{Driver, Handle, attr};
+
+/// `NIXL_MOONCAKE_CUDA_IPC=0` publishes no CUDA IPC handle with our GPU
+/// regions: same-host peers then stage them through TCP (for containers
+/// whose processes may not share GPU memory, say).
+pub const IPC_ENV: &str = "NIXL_MOONCAKE_CUDA_IPC";
 
 /// Most allocations one registration may span (adjacent VMM chunks).
 const MAX_PIECES: usize = 1 << 16;
@@ -177,9 +183,127 @@ pub fn inspect(addr: u64, len: u64, dev_id: u64) -> Result<DeviceAlloc> {
     if context == 0 {
         context = context::primary(driver, ordinal)?;
     }
+    let ipc = match pieces.as_slice() {
+        [one] if one.legacy_ipc => export(driver, context, one),
+        _ => None,
+    };
     Ok(DeviceAlloc {
         ordinal,
         context,
         pieces,
+        ipc,
     })
+}
+
+/// The IPC handle of allocation `piece`, or `None` (with a line saying
+/// why) when the driver gives none: peers then stage through TCP.
+fn export(driver: &Driver, context: usize, piece: &DevicePiece) -> Option<IpcExport> {
+    if std::env::var(IPC_ENV).is_ok_and(|v| v == "0") {
+        log::info!(
+            "GPU allocation {:#x}+{}: CUDA IPC disabled ({IPC_ENV}=0); peers on this host will \
+             stage it through TCP",
+            piece.base,
+            piece.size
+        );
+        return None;
+    }
+    let ipc = driver.ipc.as_ref()?;
+    let _current = context::Current::enter(driver, context).ok()?;
+    let mut h = driver::IpcHandle { reserved: [0; 64] };
+    // SAFETY: the out-pointer is a live local; `piece.base` is the start of
+    // a live allocation the driver just described.
+    let rc = unsafe { (ipc.get_mem_handle)(&mut h, piece.base) };
+    if rc != driver::SUCCESS {
+        log::info!(
+            "GPU allocation {:#x}+{} cannot be shared by CUDA IPC ({}); peers on this host \
+             will stage it through TCP",
+            piece.base,
+            piece.size,
+            driver.describe(rc)
+        );
+        return None;
+    }
+    let mut handle = [0u64; 8];
+    for (w, b) in handle.iter_mut().zip(h.reserved.chunks_exact(8)) {
+        *w = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    }
+    Some(IpcExport {
+        base: piece.base,
+        size: piece.size,
+        buffer_id: piece.buffer_id,
+        handle,
+    })
+}
+
+/// Another process's GPU allocation mapped into ours by CUDA IPC; the
+/// mapping is closed when this is dropped.
+pub struct Imported {
+    driver: &'static Driver,
+    context: usize,
+    /// Where the allocation's first byte is mapped here.
+    pub ptr: u64,
+}
+
+impl Imported {
+    /// Maps the allocation `ipc` describes, with `context` current.
+    ///
+    /// # Errors
+    /// [`Error::NotSupported`] without a driver or IPC,
+    /// [`Error::RemoteDisconnect`] when the driver cannot open the handle
+    /// (its owner exited, or no right to its memory).
+    pub fn open(context: usize, ipc: &IpcExport) -> Result<Imported> {
+        let driver = driver()?;
+        let api = driver
+            .ipc
+            .as_ref()
+            .ok_or_else(|| Error::NotSupported("the CUDA driver has no IPC entry points".into()))?;
+        let _current = context::Current::enter(driver, context)?;
+        let mut h = driver::IpcHandle { reserved: [0; 64] };
+        for (b, w) in h.reserved.chunks_exact_mut(8).zip(ipc.handle) {
+            b.copy_from_slice(&w.to_le_bytes());
+        }
+        let mut ptr = 0;
+        // SAFETY: the out-pointer is a live local; the handle is passed by
+        // value (the driver validates it).
+        let rc =
+            unsafe { (api.open_mem_handle)(&mut ptr, h, driver::IPC_MEM_LAZY_ENABLE_PEER_ACCESS) };
+        if rc != driver::SUCCESS {
+            return Err(Error::RemoteDisconnect(format!(
+                "cannot map the peer's GPU allocation {:#x}+{} by CUDA IPC: {}",
+                ipc.base,
+                ipc.size,
+                driver.describe(rc)
+            )));
+        }
+        Ok(Imported {
+            driver,
+            context,
+            ptr,
+        })
+    }
+}
+
+impl Drop for Imported {
+    fn drop(&mut self) {
+        let Some(api) = self.driver.ipc.as_ref() else {
+            return;
+        };
+        let Ok(_current) = context::Current::enter(self.driver, self.context) else {
+            return;
+        };
+        // SAFETY: our own mapping, closed once; no copy of ours uses it any
+        // more (every copy is waited for before its lane is released).
+        let rc = unsafe { (api.close_mem_handle)(self.ptr) };
+        if rc != driver::SUCCESS {
+            log::warn!("cuIpcCloseMemHandle failed: {}", self.driver.describe(rc));
+        }
+    }
+}
+
+/// The primary context of device `ordinal` (retained on first use).
+///
+/// # Errors
+/// No driver, or no such device.
+pub fn primary_context(ordinal: i32) -> Result<usize> {
+    context::primary(driver()?, ordinal)
 }

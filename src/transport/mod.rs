@@ -51,6 +51,7 @@
 //! attach do): it supplies only a [`job::Mover`].
 
 pub mod cma;
+pub mod cuda_ipc;
 pub mod inproc;
 pub mod job;
 pub mod select;

@@ -6,9 +6,10 @@
 //!   listener always; cross-memory attach under `protocol=auto` and `cma`.
 //! - Per peer ([`Transports::routes`], when its connection info is loaded):
 //!   under `auto` a direct copy for an engine of this process,
-//!   cross-memory attach on the same host when the probe succeeds, then TCP
-//!   for what it cannot move (GPU memory) (without the probe TCP, with one
-//!   log line saying why), TCP otherwise; `tcp`, `cma` and `rdma`
+//!   cross-memory attach on the same host when the probe succeeds, then CUDA
+//!   IPC for the peer's GPU memory, then TCP for the rest (GPU memory
+//!   without IPC, our GPU memory to its host memory) (without the probe TCP,
+//!   with one log line saying why), TCP otherwise; `tcp`, `cma` and `rdma`
 //!   force that transport. Routes come in order of preference.
 //! - Per plan ([`choose`], at `prepXfer`): the first route that serves the
 //!   memory kinds on both sides of every segment, or an error naming each
@@ -22,6 +23,7 @@ use crate::common::{AgentName, Endpoint, Error, MemKind, Result};
 use crate::wire::conn_info::{self, ConnInfo, HostIdentity};
 
 use super::cma::{CmaRoute, CmaTransport};
+use super::cuda_ipc::IpcRoute;
 use super::inproc::InProcTransport;
 use super::tcp::{TcpConfig, TcpTransport};
 use super::{Plan, Route, Transport};
@@ -240,16 +242,24 @@ impl Transports {
             cma.route(&name, remote.pid, probe_addr, remote.token, control)
         };
         let only = |r: Arc<dyn Route>| vec![r];
+        // Cross-memory attach for host memory, then CUDA IPC (riding on the
+        // same probe and control page) for the peer's GPU memory.
+        let stage = self.protocol == Protocol::Auto;
+        let with_ipc = |cma: CmaRoute| -> Vec<Arc<dyn Route>> {
+            let ipc = IpcRoute::new(cma.peer().clone(), cma.control().clone(), stage);
+            vec![Arc::new(cma), Arc::new(ipc)]
+        };
         match self.protocol {
             Protocol::Auto => match cma() {
                 Ok(route) => {
-                    let mut routes: Vec<Arc<dyn Route>> = vec![Arc::new(route)];
-                    // GPU memory: cross-memory attach never touches it.
+                    // GPU memory: CUDA IPC (cross-memory attach never
+                    // touches it), else staged over TCP.
+                    let mut routes = with_ipc(route);
                     routes.extend(link.clone());
                     Ok(chosen(
                         routes,
                         "protocol=auto, same host, the cross-memory attach probe succeeded; \
-                         GPU memory over TCP",
+                         GPU memory by CUDA IPC or over TCP",
                     ))
                 }
                 Err(why) => {
@@ -265,7 +275,7 @@ impl Transports {
             },
             Protocol::Tcp => Ok(chosen(only(link.clone().ok_or_else(no_tcp)?), &protocol)),
             Protocol::Cma => match cma() {
-                Ok(route) => Ok(chosen(only(Arc::new(route)), &protocol)),
+                Ok(route) => Ok(chosen(with_ipc(route), &protocol)),
                 Err(why) => Err(Error::NotSupported(format!(
                     "protocol=cma: agent {agent:?} cannot be reached with cross-memory attach: {why}"
                 ))),

@@ -11,6 +11,29 @@ const ENVELOPE: Envelope = Envelope {
     kind: "region public data",
 };
 
+/// Version 2: the fields of version 1, then an [`IpcExport`]. Written only
+/// for GPU memory that can be shared with CUDA IPC; everything else is
+/// written (and read by older builds) as version 1.
+const ENVELOPE_IPC: Envelope = Envelope {
+    magic: b"MCrg",
+    version: 2,
+    kind: "region public data",
+};
+
+/// How a process on the same host can map a GPU region of ours: the CUDA
+/// IPC handle of the allocation the region lies in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcExport {
+    /// Start of the allocation (device address in the owner's process).
+    pub base: u64,
+    /// Its size.
+    pub size: u64,
+    /// The driver's id of the allocation.
+    pub buffer_id: u64,
+    /// The 64-byte `CUipcMemHandle` of the allocation.
+    pub handle: [u64; 8],
+}
+
 /// What a peer needs to address one of our registered regions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionPublic {
@@ -26,12 +49,18 @@ pub struct RegionPublic {
     pub mem_type: u32,
     /// Device id (GPU index for VRAM, 0 for DRAM).
     pub dev_id: u64,
+    /// For GPU memory shareable on this host: the allocation's IPC handle.
+    #[serde(skip)]
+    pub ipc: Option<IpcExport>,
 }
 
 impl RegionPublic {
     /// Encodes into the blob NIXL carries.
     pub fn encode(&self) -> Vec<u8> {
-        ENVELOPE.encode(self)
+        match &self.ipc {
+            None => ENVELOPE.encode(self),
+            Some(ipc) => ENVELOPE_IPC.encode(&(self, ipc)),
+        }
     }
 
     /// Decodes a peer's blob.
@@ -39,7 +68,27 @@ impl RegionPublic {
     /// # Errors
     /// A [`WireError`] when the blob is not region data of this version.
     pub fn decode(blob: &[u8]) -> Result<RegionPublic, WireError> {
-        let region: RegionPublic = ENVELOPE.decode(blob)?;
+        let region = match blob.get(4) {
+            Some(&v) if v == ENVELOPE_IPC.version => {
+                let (region, ipc): (RegionPublic, IpcExport) = ENVELOPE_IPC.decode(blob)?;
+                let inside = ipc.base.checked_add(ipc.size).is_some()
+                    && range_within(ipc.base, ipc.size, region.addr, region.len);
+                if !inside {
+                    return Err(WireError::Body {
+                        kind: ENVELOPE.kind,
+                        why: format!(
+                            "region {:#x}+{} lies outside its IPC allocation {:#x}+{}",
+                            region.addr, region.len, ipc.base, ipc.size
+                        ),
+                    });
+                }
+                RegionPublic {
+                    ipc: Some(ipc),
+                    ..region
+                }
+            }
+            _ => ENVELOPE.decode(blob)?,
+        };
         if region.addr.checked_add(region.len).is_none() {
             return Err(WireError::Body {
                 kind: ENVELOPE.kind,
@@ -74,15 +123,54 @@ mod tests {
         len: 1 << 20,
         mem_type: 0,
         dev_id: 0,
+        ipc: None,
     };
 
     #[test]
     fn round_trips_and_rejects_truncation() {
-        let blob = SAMPLE.encode();
-        assert_eq!(RegionPublic::decode(&blob).unwrap(), SAMPLE);
-        for cut in 0..blob.len() {
-            assert!(RegionPublic::decode(&blob[..cut]).is_err());
+        let gpu = RegionPublic {
+            mem_type: 1,
+            dev_id: 1,
+            ipc: Some(IpcExport {
+                base: SAMPLE.addr - 4096,
+                size: SAMPLE.len + 8192,
+                buffer_id: 9,
+                handle: [1, 2, 3, 4, 5, 6, 7, u64::MAX],
+            }),
+            ..SAMPLE
+        };
+        for region in [SAMPLE, gpu] {
+            let blob = region.encode();
+            assert_eq!(RegionPublic::decode(&blob).unwrap(), region);
+            for cut in 0..blob.len() {
+                assert!(RegionPublic::decode(&blob[..cut]).is_err());
+            }
         }
+        assert_eq!(
+            SAMPLE.encode()[4],
+            1,
+            "without IPC: version 1, as older builds read"
+        );
+        assert_eq!(gpu.encode()[4], 2);
+    }
+
+    #[test]
+    fn an_ipc_allocation_that_does_not_contain_the_region_is_refused() {
+        let mut region = SAMPLE;
+        region.ipc = Some(IpcExport {
+            base: SAMPLE.addr + 1,
+            size: SAMPLE.len,
+            buffer_id: 1,
+            handle: [0; 8],
+        });
+        assert!(RegionPublic::decode(&region.encode()).is_err());
+        region.ipc = Some(IpcExport {
+            base: u64::MAX - 1,
+            size: 10,
+            buffer_id: 1,
+            handle: [0; 8],
+        });
+        assert!(RegionPublic::decode(&region.encode()).is_err());
     }
 
     #[test]

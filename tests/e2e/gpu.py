@@ -102,6 +102,10 @@ class Gpu:
                                               ctypes.c_size_t(nbytes)), "cuMemcpyDtoH_v2")
         return out
 
+    def ipc_imports(self) -> Optional[int]:
+        """Live CUDA IPC mappings in this process (fake only; None on a real driver)."""
+        return int(self.lib.fake_cuda_live_ipc_imports()) if self.fake else None
+
     def set_copy_delay_us(self, us: int) -> None:
         """Make each asynchronous copy take `us` longer (fake only)."""
         if self.fake:
@@ -392,8 +396,7 @@ def xp_target(args) -> None:
     gpu.write(bufs["wbuf"], np.zeros(size, dtype=np.uint8))
     rdata = S.fast_pattern(size, 60)
     gpu.write(bufs["rbuf"], rdata)
-    for ptr in bufs.values():
-        register_vram(t, ptr, size, dev)
+    regs = {name: register_vram(t, ptr, size, dev) for name, ptr in bufs.items()}
     host = S.filled(size)  # DRAM, for the reference figure
     S.register(t, host)
     notifs = S.Notifs(t)
@@ -403,6 +406,10 @@ def xp_target(args) -> None:
         msg = chan.recv()
         if msg["cmd"] == "quit":
             break
+        if msg["cmd"] == "dereg":
+            t.deregister_memory(regs.pop(msg["buf"]))
+            chan.send(ok=True, sha=S.sha256(gpu.read(bufs[msg["buf"]], size)))
+            continue
         try:
             notifs.expect(msg["sender"], [S.unb64(x) for x in msg["notifs"]], msg["what"])
             if msg.get("buf") == "hbuf":
@@ -425,7 +432,11 @@ def case_xp(args) -> None:
     size = args.size_mib * MiB
     cmd = [sys.executable, os.path.abspath(__file__), "_xp_gpu_target",
            "--protocol", args.protocol, "--size", str(size)]
-    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if args.no_ipc:
+        env["NIXL_MOONCAKE_CUDA_IPC"] = "0"  # the target publishes no IPC handle
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env=env)
     try:
         chan = S.Channel(child.stdout, child.stdin)
         hello = chan.recv()
@@ -515,6 +526,33 @@ def case_xp(args) -> None:
             a.release_xfer_handle(h)
         a.release_dlist_handle(local_h)
         a.release_dlist_handle(remote_h)
+        # The target deregisters a region (and keeps the memory): no later
+        # WRITE or READ of ours may touch it, on any path.
+        chan.send(cmd="dereg", buf="wbuf")
+        before = chan.recv()["sha"]
+        for op, local in (("WRITE", src), ("READ", dst)):
+            h = a.initialize_xfer(op, vram_descs(a, local, size, 0), remote("wbuf"),
+                                  "gpu-target", b"never")
+            try:
+                state = a.transfer(h)
+                while state == "PROC":
+                    state = a.check_xfer_state(h)
+            except Exception as e:
+                assert S.is_nixl_error(e), repr(e)
+                state = type(e).__name__
+            assert state != "DONE", f"{op} of a deregistered region reported DONE"
+            log(f"{op} of a region the target deregistered: {state}")
+            try:
+                a.release_xfer_handle(h)
+            except Exception as e:
+                assert S.is_nixl_error(e), repr(e)
+        check("after the deregistration", [], "wbuf", before)
+        imports = gpu.ipc_imports()
+        log(f"CUDA IPC mappings of the target's memory in this process: {imports}")
+        if imports is not None:
+            # auto on one host maps the target's GPU memory (CUDA IPC);
+            # tcp never does (staging).
+            assert (imports > 0) == (args.protocol == "auto" and not args.no_ipc), imports
         chan.send(cmd="quit")
         rc = child.wait(timeout=S.OP_TIMEOUT)
         assert rc == 0, f"target process exited with {rc}"
@@ -537,9 +575,11 @@ def case_xp_kill(args) -> None:
     request fails (never DONE, never a hang), then a new target works."""
     gpu = Gpu()
     size = 64 * MiB
-    # The target's device copies take 20 ms each: the READ is in flight for
-    # a second or more when the target dies.
+    # Device copies take 20 ms each, on the target (staging, tcp) and here
+    # (CUDA IPC, auto): the READ is in flight for a second or more when the
+    # target dies.
     child, chan = spawn_target(args.protocol, size, {"FAKE_CUDA_COPY_DELAY_US": "20000"})
+    gpu.set_copy_delay_us(20000)
     try:
         hello = chan.recv()
         a = S.new_agent_with("gpu-initiator", args.protocol)
@@ -547,9 +587,12 @@ def case_xp_kill(args) -> None:
         dst = gpu.alloc(0, size)
         gpu.write(dst, np.zeros(size, dtype=np.uint8))
         register_vram(a, dst, size, 0)
-        h = a.initialize_xfer("READ", vram_descs(a, dst, size, 0),
-                              a.get_xfer_descs([(hello["rbuf"], size, hello["dev"])], "VRAM"),
-                              "gpu-target", b"never")
+        # 64 descriptors of 1 MiB: 64 device copies.
+        h = a.initialize_xfer(
+            "READ", a.get_xfer_descs([(dst + k * MiB, MiB, 0) for k in range(64)], "VRAM"),
+            a.get_xfer_descs([(hello["rbuf"] + k * MiB, MiB, hello["dev"]) for k in range(64)],
+                             "VRAM"),
+            "gpu-target", b"never")
         state = a.transfer(h)
         assert state == "PROC", f"the READ finished before the kill ({state})"
         t0 = time.monotonic()
@@ -566,6 +609,7 @@ def case_xp_kill(args) -> None:
                 outcome = type(e).__name__
             assert time.monotonic() - t0 < 30, "the READ neither failed nor finished within 30 s"
             time.sleep(1e-3)
+        gpu.set_copy_delay_us(0)
         log(f"after SIGKILL of the target the READ ended as {outcome} in "
             f"{(time.monotonic() - t0) * 1e3:.0f} ms")
         assert outcome != "DONE", "a READ from a killed target reported DONE"
@@ -622,6 +666,8 @@ def main() -> None:
     s.add_argument("--protocol", choices=["auto", "tcp"], default="tcp")
     s.add_argument("--size-mib", type=int, default=32)
     s.add_argument("--blocks", type=int, default=20000)
+    s.add_argument("--no-ipc", action="store_true",
+                   help="the target publishes no CUDA IPC handle (NIXL_MOONCAKE_CUDA_IPC=0)")
     s.set_defaults(fn=case_xp)
     s = sub.add_parser("xp_kill")
     s.add_argument("--protocol", choices=["auto", "tcp"], default="tcp")

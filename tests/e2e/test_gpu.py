@@ -63,10 +63,17 @@ def test_release_and_deregistration_while_device_copies_run(runner, fake_cuda):
 
 
 @pytest.mark.parametrize("protocol", ["tcp", "auto"])
-def test_two_processes_vram_over_tcp_with_staging(runner, fake_cuda, protocol):
-    # protocol=auto on one host: cross-memory attach serves DRAM, never
-    # device memory, so VRAM plans take TCP with staging.
+def test_two_processes_vram(runner, fake_cuda, protocol):
+    # protocol=tcp: staged through pinned buffers; auto on one host: CUDA IPC
+    # (the initiator maps the target's allocations; the case checks the
+    # fake's count of mappings), cross-memory attach for DRAM. Both: a region
+    # the target deregistered is refused afterwards, its bytes untouched.
     run_case(runner, "xp", "--protocol", protocol, env=fake_cuda)
+
+
+def test_two_processes_vram_without_ipc_handles_is_staged_over_tcp(runner, fake_cuda):
+    text = run_case(runner, "xp", "--protocol", "auto", "--no-ipc", env=fake_cuda)
+    assert "staging it through TCP instead" in text, text
 
 
 @pytest.mark.parametrize("protocol", ["tcp", "auto"])

@@ -137,6 +137,11 @@ impl CmaRoute {
     pub fn control(&self) -> &Arc<dyn Route> {
         &self.control
     }
+
+    /// The peer process, as probed.
+    pub fn peer(&self) -> &Arc<CmaPeer> {
+        &self.peer
+    }
 }
 
 impl Route for CmaRoute {
@@ -286,6 +291,30 @@ impl CmaPeer {
     /// The peer's process id.
     pub fn pid(&self) -> u32 {
         self.pid as u32
+    }
+
+    /// The peer's agent name.
+    pub fn name(&self) -> &AgentName {
+        &self.name
+    }
+
+    /// Enters the peer's control page for one access to the regions with
+    /// access keys `keys`: hold the lane while the access runs, so that the
+    /// peer's deregistration of one of them waits for it.
+    ///
+    /// # Errors
+    /// [`Error::RemoteDisconnect`] when the peer's engine was destroyed,
+    /// [`Error::NotAllowed`] when it deregistered one of the regions.
+    pub fn enter(&self, keys: &[u64]) -> Result<control::Lane<'_>> {
+        let name = &self.name;
+        self.page.enter(keys).map_err(|refused| match refused {
+            Refused::EngineGone => {
+                Error::RemoteDisconnect(format!("agent {name}'s engine was destroyed"))
+            }
+            Refused::Revoked(key) => Error::NotAllowed(format!(
+                "agent {name} refused the transfer: it deregistered region {key:#x}"
+            )),
+        })
     }
 
     /// False once the probed process exited (its pid may then be reused by
@@ -442,19 +471,7 @@ impl Mover for CmaCopy {
                 "peer process {pid} exited"
             )));
         }
-        let name = &self.peer.name;
-        let _lane = self
-            .peer
-            .page
-            .enter(&keys)
-            .map_err(|refused| match refused {
-                Refused::EngineGone => {
-                    Error::RemoteDisconnect(format!("agent {name}'s engine was destroyed"))
-                }
-                Refused::Revoked(key) => Error::NotAllowed(format!(
-                    "agent {name} refused the transfer: it deregistered region {key:#x}"
-                )),
-            })?;
+        let _lane = self.peer.enter(&keys)?;
         let call = match plan.op {
             Op::Write => libc::process_vm_writev,
             Op::Read => libc::process_vm_readv,

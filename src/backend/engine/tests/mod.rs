@@ -441,8 +441,8 @@ fn restarted_peer_replaces_old_info_and_same_info_is_a_no_op() {
 
 #[test]
 fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds() {
-    // The in-process copy and TCP serve GPU memory but not files;
-    // cross-memory attach serves neither.
+    // Every transport serves GPU memory one way or another (same-host peers
+    // by CUDA IPC beside cross-memory attach), none serves files.
     for (params, transport, mem_type, kind) in [
         (&[][..], "in-process copy", 4, "memory type 4"),
         (
@@ -454,8 +454,8 @@ fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds()
         (
             &[("protocol", "cma"), ("ip_addr", "127.0.0.1")][..],
             "cma",
-            crate::common::memory::VRAM_SEG,
-            "VRAM (device 3)",
+            4,
+            "memory type 4",
         ),
     ] {
         let p = pair_with(4096, false, params);
@@ -469,6 +469,7 @@ fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds()
             len: 1 << 20,
             mem_type,
             dev_id: 3,
+            ipc: None,
         };
         let vmd =
             p.a.load_remote_md(vram.addr, vram.len, vram.mem_type, &vram.encode(), b"B")

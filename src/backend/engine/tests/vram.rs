@@ -473,3 +473,45 @@ fn a_prepped_20000_block_read_with_a_notification_reposted_on(path: &[(&str, &st
         "streams are pooled, not made per post"
     );
 }
+
+#[test]
+fn gpu_memory_without_an_ipc_handle_is_refused_under_protocol_cma() {
+    // Under protocol=cma a same-host peer's GPU memory goes by CUDA IPC
+    // only; without a handle (VMM memory, IPC disabled) nothing is staged
+    // over TCP. (Two engines of this process: the probe succeeds on our own
+    // pid, and the driver could not open our own handle anyway.)
+    let gpu = fake();
+    let params = [("protocol", "cma"), ("ip_addr", "127.0.0.1")];
+    let a = engine_with("HA", true, &params);
+    let b = engine_with("HB", true, &params);
+    a.load_remote_conn_info(b"HB", b.conn_info()).unwrap();
+    let len = 1 << 20;
+    let theirs = gpu.alloc(1, len);
+    let md = b.register_mem(theirs.ptr, len as u64, VRAM_SEG, 1).unwrap();
+    let mut public = RegionPublic::decode(&b.public_data(md).unwrap()).unwrap();
+    assert!(
+        public.ipc.is_some(),
+        "cuMemAlloc memory is published with its IPC handle"
+    );
+    public.ipc = None;
+    let remote = a
+        .load_remote_md(theirs.ptr, len as u64, VRAM_SEG, &public.encode(), b"HB")
+        .unwrap();
+    let ours = vec![7u8; len];
+    let local = a
+        .register_mem(ours.as_ptr() as u64, len as u64, DRAM_SEG, 0)
+        .unwrap();
+    let id = a
+        .prep_xfer(
+            Op::Write,
+            &[desc(ours.as_ptr() as u64, len, local)],
+            &[desc(theirs.ptr, len, remote)],
+            b"HB",
+        )
+        .unwrap();
+    match a.post_xfer(id, None).and_then(|_| wait(&a, id)) {
+        Err(Error::NotSupported(m)) => assert!(m.contains("protocol=cma"), "{m}"),
+        other => panic!("cma without an IPC handle: {other:?}"),
+    }
+    same_bytes!(gpu.read(theirs.ptr, len), vec![0u8; len], "nothing moved");
+}

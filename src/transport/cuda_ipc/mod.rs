@@ -1,0 +1,276 @@
+//! Same host, GPU memory: CUDA IPC. The peer's GPU allocation is mapped
+//! into this process (`cuIpcOpenMemHandle`, from the handle its region's
+//! public data carries) and bytes move with device copies on our streams,
+//! as in one process.
+//!
+//! It rides on cross-memory attach's standing with the peer: the same probe
+//! proved we may reach the peer's memory (the driver needs the same right to
+//! take the peer's allocation), and every step enters the peer's control
+//! page for the regions it touches and holds the lane until the device
+//! finished, so a deregistration on the peer waits for copies in flight and
+//! none starts after it. Notifications ride the peer's TCP link, sent after
+//! the last device copy completed.
+//!
+//! A plan whose remote GPU memory has no IPC handle (VMM memory, a driver
+//! without IPC) goes to the TCP link instead, staged, with one log line.
+//! Mappings are cached per allocation and closed when the route goes (the
+//! peer removed or disconnected).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use parking_lot::Mutex;
+
+use super::cma::CmaPeer;
+use super::job::{Mover, SegmentJob};
+use super::{Op, Plan, Posted, Route, Segment};
+use crate::common::{Error, MemKind, Pin, Result};
+use crate::cuda::{self, Copier, Imported};
+
+/// Most bytes one step queues before waiting for the device.
+const STEP_BYTES: u64 = 64 << 20;
+/// Most copies one step queues before waiting for the device.
+const STEP_COPIES: usize = 4096;
+
+/// A route to a same-host peer's GPU memory by CUDA IPC.
+pub struct IpcRoute {
+    peer: Arc<CmaPeer>,
+    /// The peer's TCP link: notifications, and plans IPC cannot serve.
+    control: Arc<dyn Route>,
+    /// Mappings of the peer's allocations, by (buffer id, our context).
+    imports: Mutex<HashMap<(u64, usize), Arc<Imported>>>,
+    /// Whether plans IPC cannot serve may be staged through `control`
+    /// (not under `protocol=cma`, which asks for same-host paths only).
+    stage: bool,
+    /// Whether the fallback to TCP was logged already.
+    fell_back: AtomicBool,
+}
+
+impl IpcRoute {
+    /// A route to `peer` (probed by cross-memory attach), with `control`
+    /// its TCP link; with `stage`, plans IPC cannot serve go over `control`.
+    pub fn new(peer: Arc<CmaPeer>, control: Arc<dyn Route>, stage: bool) -> IpcRoute {
+        IpcRoute {
+            peer,
+            control,
+            imports: Mutex::new(HashMap::new()),
+            stage,
+            fell_back: AtomicBool::new(false),
+        }
+    }
+
+    /// The context our copies of `plan` run in: the first local GPU
+    /// region's, else the primary context of the remote device's ordinal
+    /// (or device 0 when we have no such device).
+    fn context(plan: &Plan) -> Result<usize> {
+        if let Some(d) = plan.local_regions.iter().find_map(|r| r.device.as_ref()) {
+            return Ok(d.context);
+        }
+        let ordinal = plan
+            .remote_regions
+            .iter()
+            .find(|r| r.ipc.is_some())
+            .map_or(0, |r| i32::try_from(r.dev_id).unwrap_or(0));
+        cuda::primary_context(ordinal).or_else(|_| cuda::primary_context(0))
+    }
+
+    /// The mappings of every remote region of `plan` (index-aligned), or
+    /// `None` when one has no IPC handle.
+    fn imports(&self, plan: &Plan, context: usize) -> Result<Option<Vec<Option<Arc<Imported>>>>> {
+        let mut out = Vec::with_capacity(plan.remote_regions.len());
+        for r in &plan.remote_regions {
+            if MemKind::from_nixl(r.mem_type, r.dev_id) == MemKind::Dram {
+                out.push(None); // only the local side of such a segment is a GPU's
+                continue;
+            }
+            let Some(ipc) = r.ipc else {
+                return Ok(None);
+            };
+            let mut imports = self.imports.lock();
+            let mapped = match imports.get(&(ipc.buffer_id, context)) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = Arc::new(Imported::open(context, &ipc)?);
+                    imports.insert((ipc.buffer_id, context), m.clone());
+                    m
+                }
+            };
+            out.push(Some(mapped));
+        }
+        Ok(Some(out))
+    }
+}
+
+impl Route for IpcRoute {
+    fn transport(&self) -> &'static str {
+        "cuda-ipc"
+    }
+
+    fn describe(&self) -> String {
+        format!("CUDA IPC (pid {} on this host)", self.peer.pid())
+    }
+
+    /// The peer's GPU memory, with our host or GPU memory.
+    fn serves(&self, local: MemKind, remote: MemKind) -> bool {
+        matches!(remote, MemKind::Vram { .. })
+            && matches!(local, MemKind::Dram | MemKind::Vram { .. })
+    }
+
+    fn connect(&self) -> Result<()> {
+        self.control.connect()
+    }
+
+    fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
+        let context = Self::context(plan)?;
+        let Some(imports) = self.imports(plan, context)? else {
+            if !self.stage {
+                return Err(Error::NotSupported(format!(
+                    "GPU memory of agent {} cannot be mapped by CUDA IPC (no handle: VMM \
+                     memory, or a driver without IPC), and protocol=cma stages nothing over TCP",
+                    self.peer.name()
+                )));
+            }
+            if !self.fell_back.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "Mooncake: GPU memory of agent {} cannot be mapped by CUDA IPC (no handle: \
+                     VMM memory, or a driver without IPC); staging it through TCP instead",
+                    self.peer.name()
+                );
+            }
+            return self.control.post(plan, notif);
+        };
+        Ok(Posted::stepped(Arc::new(SegmentJob::new(
+            plan.clone(),
+            IpcCopy {
+                peer: self.peer.clone(),
+                control: self.control.clone(),
+                notif: notif.map(<[u8]>::to_vec),
+                imports,
+                context,
+            },
+        ))))
+    }
+
+    fn notify(&self, msg: &[u8]) -> Result<()> {
+        self.control.notify(msg)
+    }
+
+    fn is_down(&self) -> bool {
+        !self.peer.alive() || self.control.is_down()
+    }
+
+    fn close(&self) {
+        self.control.close();
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Moves a plan's bytes between our memory and a peer's mapped GPU memory.
+pub struct IpcCopy {
+    peer: Arc<CmaPeer>,
+    control: Arc<dyn Route>,
+    notif: Option<Vec<u8>>,
+    /// Mappings, index-aligned with the plan's remote regions.
+    imports: Vec<Option<Arc<Imported>>>,
+    context: usize,
+}
+
+impl IpcCopy {
+    /// Where remote address `addr` of segment `s` is mapped here.
+    fn mapped(&self, plan: &Plan, s: &Segment, addr: u64) -> Result<u64> {
+        let region = &plan.remote_regions[s.remote as usize];
+        match (&self.imports[s.remote as usize], region.ipc) {
+            (Some(m), Some(ipc)) => Ok(m.ptr + (addr - ipc.base)),
+            _ => Err(Error::NotSupported(format!(
+                "CUDA IPC cannot reach agent {}'s host memory at {addr:#x}",
+                self.peer.name()
+            ))),
+        }
+    }
+}
+
+impl Mover for IpcCopy {
+    /// Queues the copies of many segments on one stream, then waits for
+    /// the device, holding the local pins and the peer's control-page lane
+    /// for the regions they touch until it is done.
+    fn move_bytes(&self, plan: &Plan, segment: usize, offset: u64, _budget: u64) -> Result<u64> {
+        let segments = &plan.segments;
+        let mut pins: Vec<Pin<'_>> = Vec::new();
+        let mut pinned: Vec<u32> = Vec::new();
+        let mut keys: Vec<u64> = Vec::new();
+        // Addresses first: the lane is held only around the device work.
+        let mut copies: Vec<(u64, u64, u64)> = Vec::new();
+        let (mut i, mut offset, mut moved) = (segment, offset, 0u64);
+        while i < segments.len() && moved < STEP_BYTES && copies.len() < STEP_COPIES {
+            let s = &segments[i];
+            let key = plan.remote_regions[s.remote as usize].key;
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+            if !pinned.contains(&s.local) {
+                let region = &plan.local_regions[s.local as usize];
+                pins.push(region.pin().ok_or_else(|| {
+                    Error::InvalidParam(format!(
+                        "local region {:#x}+{} was deregistered during the transfer",
+                        region.addr, region.len
+                    ))
+                })?);
+                pinned.push(s.local);
+            }
+            let len = (s.len - offset).min(STEP_BYTES - moved);
+            if len > 0 {
+                let l = s.local_addr + offset;
+                let r = self.mapped(plan, s, s.remote_addr + offset)?;
+                copies.push(match plan.op {
+                    Op::Write => (r, l, len),
+                    Op::Read => (l, r, len),
+                });
+            }
+            moved += len;
+            offset += len;
+            if offset == s.len {
+                i += 1;
+                offset = 0;
+            }
+        }
+        if !self.peer.alive() {
+            return Err(Error::RemoteDisconnect(format!(
+                "peer process {} exited",
+                self.peer.pid()
+            )));
+        }
+        let _lane = self.peer.enter(&keys)?;
+        let mut copier = Copier::new(cuda::driver()?, self.context)?;
+        for &(dst, src, len) in &copies {
+            // SAFETY: local ranges lie in our registrations, pinned above;
+            // remote ones in the peer's published registrations (checked at
+            // prep time) inside allocations we mapped, which its control
+            // page says are still registered (the lane, held until the
+            // device finished, makes a deregistration wait). The copier
+            // waits before the lane and pins are dropped.
+            unsafe { copier.copy(dst, src, len) }?;
+        }
+        copier.wait()?;
+        // The mapping outlives its owner: a peer that died meanwhile would
+        // never see the notification, so the transfer fails.
+        if !self.peer.alive() {
+            return Err(Error::RemoteDisconnect(format!(
+                "peer process {} exited during the transfer",
+                self.peer.pid()
+            )));
+        }
+        Ok(moved)
+    }
+
+    fn finished(&self) -> Result<()> {
+        match &self.notif {
+            Some(msg) => self.control.notify(msg),
+            None => Ok(()),
+        }
+    }
+}
