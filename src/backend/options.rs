@@ -31,8 +31,8 @@ pub const OPTION_SPECS: &[OptionSpec] = &[
         name: "protocol",
         default: "auto",
         help: "transport to use: auto picks per peer (same process: direct copy, \
-               same host: cross-memory attach, else TCP); tcp, cma or rdma force that \
-               transport for every peer",
+               same host: cross-memory attach and CUDA IPC for GPU memory, else TCP); \
+               tcp, cma (with CUDA IPC) or rdma force that transport for every peer",
     },
     OptionSpec {
         name: "ip_addr",
