@@ -10,6 +10,10 @@
 // notification ("Agent1", "test") per notifying iteration. Extra passes: loopback (Agent1 -> Agent1 through
 // loadLocalMD), the reverse direction (Agent2 -> Agent1) with binary and empty payloads, and agent-style
 // teardown (deregisterMem, unloadMD remote, unloadMD loopback, destroy_engine, nixl_plugin_fini).
+// With NIXL_MOONCAKE_CUDA_LIB naming the fake CUDA driver of tests/fakes/cuda, a third pass runs the same
+// sequence over VRAM: regions allocated with cuMemAlloc_v2 on the fake's device 0 (Agent1) and 1 (Agent2),
+// registered as VRAM_SEG with their devId, filled and checked through the fake's CPU view of device memory
+// (fake_cuda_shadow). Without it that pass is skipped with a line saying so.
 // Prints one line per phase and "mooncake_backend_test: PASS" at the end; exits 1 on the first failure.
 
 #include "nixl_plugin_abi.h"
@@ -24,6 +28,7 @@
 #include <cstring>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -328,26 +333,93 @@ void expectNotif(const std::pair<std::string, std::string> &n, const std::string
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// GPU memory on the fake CUDA driver (the VRAM pass).
+
+struct FakeGpu {
+    using CUresult = int;
+    CUresult (*init)(unsigned) = nullptr;
+    CUresult (*deviceGet)(int *, int) = nullptr;
+    CUresult (*primaryCtxRetain)(void **, int) = nullptr;
+    CUresult (*ctxSetCurrent)(void *) = nullptr;
+    CUresult (*memAlloc)(unsigned long long *, size_t) = nullptr;
+    CUresult (*memFree)(unsigned long long) = nullptr;
+    void *(*shadow)(unsigned long long) = nullptr;
+};
+
+// The fake driver named by NIXL_MOONCAKE_CUDA_LIB (the same library the plugin loads), or null.
+const FakeGpu *fakeGpu() {
+    static FakeGpu gpu;
+    static bool tried = false, ok = false;
+    if (tried) return ok ? &gpu : nullptr;
+    tried = true;
+    const char *path = std::getenv("NIXL_MOONCAKE_CUDA_LIB");
+    void *lib = path ? dlopen(path, RTLD_NOW | RTLD_LOCAL) : nullptr;
+    if (!lib || !dlsym(lib, "fake_cuda_shadow")) return nullptr;
+    auto sym = [&](auto &fn, const char *name) { fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name)); };
+    sym(gpu.init, "cuInit");
+    sym(gpu.deviceGet, "cuDeviceGet");
+    sym(gpu.primaryCtxRetain, "cuDevicePrimaryCtxRetain");
+    sym(gpu.ctxSetCurrent, "cuCtxSetCurrent");
+    sym(gpu.memAlloc, "cuMemAlloc_v2");
+    sym(gpu.memFree, "cuMemFree_v2");
+    sym(gpu.shadow, "fake_cuda_shadow");
+    ok = gpu.init && gpu.init(0) == 0;
+    return ok ? &gpu : nullptr;
+}
+
+// The memory type of the pass that runs (DRAM, or VRAM on the fake driver).
+nixl_mem_t g_mem = DRAM_SEG;
+
+// ---------------------------------------------------------------------------------------------------------------
 // Regions and transfers.
 
 struct Region {
-    char *buf = nullptr;
+    char *buf = nullptr;  // the address NIXL sees (a device pointer for VRAM)
+    char *view = nullptr; // where this harness reads and writes it (the fake's CPU view for VRAM)
+    uint64_t dev = 0;     // devId
     size_t len = 0;
     nixlBackendMD *md = nullptr;     // from registerMem
     nixlBackendMD *loopMd = nullptr; // from loadLocalMD
     std::string publicData;          // from getPublicData
 };
 
-// Registers `n` malloc'd regions the way the agent does: registerMem, loadLocalMD, getPublicData.
-std::vector<Region> registerRegions(nixlBackendEngine *engine, int n, size_t len) {
+// Allocates a region's memory: malloc'd host memory, or (VRAM pass) device memory of device `dev`.
+void allocRegion(Region &r, size_t len, uint64_t dev) {
+    r.len = len;
+    if (g_mem == DRAM_SEG) {
+        r.buf = r.view = static_cast<char *>(std::malloc(len));
+        CHECK(r.buf != nullptr, "malloc failed");
+    } else {
+        const FakeGpu *gpu = fakeGpu();
+        int d = 0;
+        void *ctx = nullptr;
+        unsigned long long ptr = 0;
+        CHECK(gpu->deviceGet(&d, static_cast<int>(dev)) == 0 && gpu->primaryCtxRetain(&ctx, d) == 0 &&
+                  gpu->ctxSetCurrent(ctx) == 0 && gpu->memAlloc(&ptr, len) == 0,
+              "cuMemAlloc_v2 on the fake driver failed");
+        r.buf = reinterpret_cast<char *>(static_cast<uintptr_t>(ptr));
+        r.view = static_cast<char *>(gpu->shadow(ptr));
+        r.dev = dev;
+        CHECK(r.view != nullptr, "the fake driver has no view of its own allocation");
+    }
+    std::memset(r.view, 0, len);
+}
+
+void freeRegion(Region &r) {
+    if (g_mem == DRAM_SEG)
+        std::free(r.buf);
+    else
+        CHECK(fakeGpu()->memFree(reinterpret_cast<uintptr_t>(r.buf)) == 0, "cuMemFree_v2 failed");
+}
+
+// Registers `n` regions (on device `dev` in the VRAM pass) the way the agent does: registerMem, loadLocalMD,
+// getPublicData.
+std::vector<Region> registerRegions(nixlBackendEngine *engine, int n, size_t len, uint64_t dev) {
     std::vector<Region> regions(static_cast<size_t>(n));
     for (Region &r : regions) {
-        r.buf = static_cast<char *>(std::malloc(len));
-        CHECK(r.buf != nullptr, "malloc failed");
-        std::memset(r.buf, 0, len);
-        r.len = len;
-        const nixlBlobDesc desc(reinterpret_cast<uintptr_t>(r.buf), len, 0, "");
-        CHECK_OK(engine->registerMem(desc, DRAM_SEG, r.md));
+        allocRegion(r, len, dev);
+        const nixlBlobDesc desc(reinterpret_cast<uintptr_t>(r.buf), len, r.dev, "");
+        CHECK_OK(engine->registerMem(desc, g_mem, r.md));
         CHECK(r.md != nullptr, "registerMem returned a null metadata object");
         CHECK_OK(engine->loadLocalMD(r.md, r.loopMd));
         CHECK(r.loopMd != nullptr, "loadLocalMD returned a null metadata object");
@@ -362,9 +434,9 @@ std::vector<nixlBackendMD *> loadRemoteRegions(nixlBackendEngine *engine, const 
                                                const std::string &remoteAgent) {
     std::vector<nixlBackendMD *> mds;
     for (const Region &r : remote) {
-        const nixlBlobDesc desc(reinterpret_cast<uintptr_t>(r.buf), r.len, 0, r.publicData);
+        const nixlBlobDesc desc(reinterpret_cast<uintptr_t>(r.buf), r.len, r.dev, r.publicData);
         nixlBackendMD *md = nullptr;
-        CHECK_OK(engine->loadRemoteMD(desc, DRAM_SEG, remoteAgent, md));
+        CHECK_OK(engine->loadRemoteMD(desc, g_mem, remoteAgent, md));
         CHECK(md != nullptr, "loadRemoteMD returned a null metadata object");
         mds.push_back(md);
     }
@@ -373,7 +445,9 @@ std::vector<nixlBackendMD *> loadRemoteRegions(nixlBackendEngine *engine, const 
 
 // One side of a transfer: the buffers and the metadata objects that describe them to the initiator.
 struct Side {
-    std::vector<char *> bufs;
+    std::vector<char *> bufs;  // addresses in the descriptors
+    std::vector<char *> views; // where the harness fills and checks them
+    std::vector<uint64_t> devs;
     std::vector<size_t> lens;
     std::vector<nixlBackendMD *> mds;
 };
@@ -383,6 +457,8 @@ Side makeSide(const std::vector<Region> &regions, size_t from, size_t to, bool l
     Side s;
     for (size_t i = from; i < to; ++i) {
         s.bufs.push_back(regions[i].buf);
+        s.views.push_back(regions[i].view);
+        s.devs.push_back(regions[i].dev);
         s.lens.push_back(regions[i].len);
         s.mds.push_back(remoteMds ? (*remoteMds)[i] : loopback ? regions[i].loopMd : regions[i].md);
     }
@@ -391,7 +467,8 @@ Side makeSide(const std::vector<Region> &regions, size_t from, size_t to, bool l
 
 void fillList(nixl_meta_dlist_t &list, const Side &side) {
     for (size_t i = 0; i < side.bufs.size(); ++i)
-        list.addDesc(nixlMetaDesc(reinterpret_cast<uintptr_t>(side.bufs[i]), side.lens[i], 0, side.mds[i]));
+        list.addDesc(
+            nixlMetaDesc(reinterpret_cast<uintptr_t>(side.bufs[i]), side.lens[i], side.devs[i], side.mds[i]));
 }
 
 // Where the first difference between dst and src lies, or "" when all buffers are identical.
@@ -426,7 +503,7 @@ struct Matrix {
 uint64_t g_patternSeed = 1;
 
 void runMatrix(const Matrix &m) {
-    nixl_meta_dlist_t localList(DRAM_SEG), remoteList(DRAM_SEG);
+    nixl_meta_dlist_t localList(g_mem), remoteList(g_mem);
     fillList(localList, *m.local);
     fillList(remoteList, *m.remote);
     CHECK(localList.descCount() == remoteList.descCount() && !localList.isEmpty(), "bad descriptor lists");
@@ -454,8 +531,8 @@ void runMatrix(const Matrix &m) {
                 for (int iter = 0; iter < m.iterations; ++iter) {
                     const std::string it = what + " iteration " + std::to_string(iter);
                     for (size_t i = 0; i < src.bufs.size(); ++i) {
-                        fillPattern(src.bufs[i], src.lens[i], g_patternSeed++);
-                        std::memset(dst.bufs[i], 0, dst.lens[i]);
+                        fillPattern(src.views[i], src.lens[i], g_patternSeed++);
+                        std::memset(dst.views[i], 0, dst.lens[i]);
                     }
                     if (!reuse) prep();
 
@@ -475,14 +552,14 @@ void runMatrix(const Matrix &m) {
                             pollNotifs(m.notifReceiver, notifs);
                             if (!notifs.empty()) {
                                 // The notification must follow the data.
-                                const std::string diff = compareBuffers(dst.bufs, src.bufs, dst.lens);
+                                const std::string diff = compareBuffers(dst.views, src.views, dst.lens);
                                 CHECK(diff.empty(), it + ": notification arrived before the data: " + diff);
                             }
                         }
                         if (Clock::now() > deadline) fail(it + ": transfer still in progress after 30 s");
                         pollPause();
                     }
-                    const std::string diff = compareBuffers(dst.bufs, src.bufs, dst.lens);
+                    const std::string diff = compareBuffers(dst.views, src.views, dst.lens);
                     CHECK(diff.empty(), it + ": data mismatch after completion: " + diff);
 
                     if (withNotif) {
@@ -519,7 +596,8 @@ void runMatrix(const Matrix &m) {
 // One full pass: two engines, the NIXL test sequence, extras, teardown.
 
 void runPass(const Plugin &p, bool progTh) {
-    std::printf("== pass enableProgTh=%s ==\n", progTh ? "true" : "false");
+    std::printf("== pass enableProgTh=%s, memory %s ==\n", progTh ? "true" : "false",
+                g_mem == DRAM_SEG ? "DRAM" : "VRAM (fake CUDA driver)");
 
     std::string conn1, conn2;
     nixlBackendEngine *e1 = createEngine(p, kAgent1, progTh, conn1);
@@ -543,8 +621,8 @@ void runPass(const Plugin &p, bool progTh) {
     std::printf("genNotif: Agent1 -> Agent2 OK\n");
 
     // 64 x 1 MiB per side, registered like the agent does.
-    std::vector<Region> r1 = registerRegions(e1, kNumRegions, kRegionLen);
-    std::vector<Region> r2 = registerRegions(e2, kNumRegions, kRegionLen);
+    std::vector<Region> r1 = registerRegions(e1, kNumRegions, kRegionLen, 0);
+    std::vector<Region> r2 = registerRegions(e2, kNumRegions, kRegionLen, g_mem == VRAM_SEG ? 1 : 0);
     std::vector<nixlBackendMD *> remoteOn1 = loadRemoteRegions(e1, r2, kAgent2);
     std::printf("memory: %d x %zu bytes registered per engine, %zu remote MDs loaded on %s\n", kNumRegions,
                 kRegionLen, remoteOn1.size(), kAgent1.c_str());
@@ -556,9 +634,9 @@ void runPass(const Plugin &p, bool progTh) {
         std::string viaE1;
         CHECK_OK(e1->getPublicData(r2[0].md, viaE1));
         CHECK(viaE1 == r2[0].publicData, "engine 1 answered getPublicData of engine 2's handle with other data");
-        const nixlBlobDesc desc(reinterpret_cast<uintptr_t>(r2[0].buf), r2[0].len, 0, viaE1);
+        const nixlBlobDesc desc(reinterpret_cast<uintptr_t>(r2[0].buf), r2[0].len, r2[0].dev, viaE1);
         nixlBackendMD *md = nullptr;
-        CHECK_OK(e1->loadRemoteMD(desc, DRAM_SEG, kAgent2, md));
+        CHECK_OK(e1->loadRemoteMD(desc, g_mem, kAgent2, md));
         CHECK_OK(e1->unloadMD(md));
         CHECK_STATUS(e1->deregisterMem(r2[0].md), NIXL_ERR_NOT_FOUND);
         CHECK_STATUS(e2->unloadMD(remoteOn1[0]), NIXL_ERR_NOT_FOUND);
@@ -613,8 +691,8 @@ void runPass(const Plugin &p, bool progTh) {
     for (const Region &r : r2) CHECK_OK(e2->unloadMD(r.loopMd));
     p.table->destroy_engine(e1);
     p.table->destroy_engine(e2);
-    for (Region &r : r1) std::free(r.buf);
-    for (Region &r : r2) std::free(r.buf);
+    for (Region &r : r1) freeRegion(r);
+    for (Region &r : r2) freeRegion(r);
     std::printf("teardown: deregistered, unloaded, engines destroyed\n");
 }
 
@@ -635,6 +713,13 @@ int main(int argc, char **argv) {
     checkPluginTable(plugin);
 
     for (bool progTh : {false, true}) runPass(plugin, progTh);
+    if (fakeGpu()) {
+        g_mem = VRAM_SEG;
+        runPass(plugin, true);
+        g_mem = DRAM_SEG;
+    } else {
+        std::printf("== pass memory VRAM: skipped (NIXL_MOONCAKE_CUDA_LIB does not name the fake CUDA driver) ==\n");
+    }
 
     if (plugin.fini) plugin.fini();
     dlclose(plugin.lib); // RTLD_NODELETE: stays mapped, as in NIXL

@@ -6,7 +6,8 @@
 //! of the plugin built for this test run. It loads the plugin like NIXL does, creates two engines ("Agent1",
 //! "Agent2") with and without a progress thread, and runs the original test's sequence (conn info exchange,
 //! `genNotif` round trip, 64 x 1 MiB regions per side, READ and WRITE, with and without notification and handle
-//! reuse, 10 iterations each) plus loopback, reverse-direction and agent-style teardown passes.
+//! reuse, 10 iterations each) plus loopback, reverse-direction and agent-style teardown passes; then the whole
+//! sequence again over VRAM on the fake CUDA driver (`scripts/build-fakes.sh`), regions on its devices 0 and 1.
 //!
 //! Environment: `MOONCAKE_PLUGIN_PATH` overrides the plugin path; `MOONCAKE_TEST_CXX` overrides the compiler
 //! (default `g++`).
@@ -23,7 +24,9 @@ fn mooncake_backend_test() {
     let plugin = common::plugin_path();
     let program = common::build_cxx_program("mooncake_backend_test");
     println!("running: {} {}", program.display(), plugin.display());
-    let (status, output) = common::run_with_timeout(&program, &[&plugin], RUN_TIMEOUT);
+    // The fake CUDA driver: the program adds a pass over VRAM with it.
+    let fakes = common::fakes();
+    let (status, output) = common::run_with_timeout_env(&program, &[&plugin], &fakes, RUN_TIMEOUT);
     print!("{output}");
     match status {
         None => panic!("mooncake_backend_test timed out after {RUN_TIMEOUT:?} (output above)"),
@@ -35,5 +38,9 @@ fn mooncake_backend_test() {
     assert!(
         output.contains("mooncake_backend_test: PASS"),
         "the program did not reach its end"
+    );
+    assert!(
+        output.contains("memory VRAM (fake CUDA driver)"),
+        "the VRAM pass did not run"
     );
 }

@@ -90,6 +90,16 @@ pub fn run_with_timeout(
     args: &[&Path],
     timeout: Duration,
 ) -> (Option<ExitStatus>, String) {
+    run_with_timeout_env(program, args, &[], timeout)
+}
+
+/// [`run_with_timeout`] with `env` added to the program's environment.
+pub fn run_with_timeout_env(
+    program: &Path,
+    args: &[&Path],
+    env: &[(String, String)],
+    timeout: Duration,
+) -> (Option<ExitStatus>, String) {
     // One log file for both streams: no pipe to drain while waiting.
     let name = program.file_name().unwrap_or_default().to_string_lossy();
     let log_path = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
@@ -97,6 +107,7 @@ pub fn run_with_timeout(
     let log = File::create(&log_path).expect("cannot create the log file");
     let mut child = Command::new(program)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(
             log.try_clone().expect("cannot clone the log file handle"),
@@ -119,4 +130,24 @@ pub fn run_with_timeout(
     let output = std::fs::read(&log_path).unwrap_or_default();
     let _ = std::fs::remove_file(&log_path);
     (status, String::from_utf8_lossy(&output).into_owned())
+}
+
+/// The `NAME=/abs/path` lines `scripts/build-fakes.sh` prints (it builds the
+/// fakes of hardware libraries when they are out of date).
+#[allow(dead_code)] // not every test binary uses the fakes
+pub fn fakes() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/build-fakes.sh"))
+        .output()
+        .expect("scripts/build-fakes.sh runs");
+    assert!(
+        out.status.success(),
+        "scripts/build-fakes.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
