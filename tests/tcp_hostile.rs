@@ -74,7 +74,6 @@ fn hello(s: &mut TcpStream, token: u128) {
         target_token: token,
         sender_token: 1,
         name: b"raw".to_vec(),
-        link: 0,
     }
     .encode();
     s.write_all(&Header::new(Kind::Hello, body.len() as u32, 0, 0).encode())

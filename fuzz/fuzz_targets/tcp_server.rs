@@ -166,7 +166,6 @@ fuzz_target!(|data: &[u8]| {
             target_token: w.endpoint.token,
             sender_token: 7,
             name: b"fuzz-peer".to_vec(),
-            link: 0,
         }
         .encode();
         input.extend_from_slice(&Header::new(Kind::Hello, hello.len() as u32, 0, 0).encode());

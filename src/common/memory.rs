@@ -106,8 +106,8 @@ pub struct DeviceAlloc {
     /// The device ordinal (equal to the registration's `devId`).
     pub ordinal: i32,
     /// The `CUcontext` our threads make current before touching the
-    /// memory (the allocation's own context, else the device's primary
-    /// context), as an opaque value.
+    /// memory (the device's primary context, retained by us for the life of
+    /// the process), as an opaque value.
     pub context: usize,
     /// The allocations the region covers, in address order (one, or
     /// several adjacent VMM chunks).

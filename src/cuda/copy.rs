@@ -34,8 +34,11 @@ pub struct Copier<'d> {
     driver: &'d Driver,
     context: usize,
     lane: Lane,
-    /// Copies queued since the last wait.
+    /// Copies queued since the last successful wait.
     queued: usize,
+    /// Set when the driver reported an error on this lane: it is not
+    /// pooled again.
+    broken: bool,
     _current: Current<'d>,
 }
 
@@ -57,6 +60,7 @@ impl<'d> Copier<'d> {
             context,
             lane,
             queued: 0,
+            broken: false,
             _current: current,
         })
     }
@@ -78,9 +82,9 @@ impl<'d> Copier<'d> {
         let rc = unsafe {
             (self.driver.api.memcpy_async)(dst, src, len as usize, self.lane.stream as Handle)
         };
-        self.driver.check(rc, "cuMemcpyAsync")?;
+        // Counted first: a failed call may still have queued work.
         self.queued += 1;
-        Ok(())
+        self.fails(rc, "cuMemcpyAsync")
     }
 
     /// Waits until every copy queued so far has finished on the device.
@@ -92,29 +96,43 @@ impl<'d> Copier<'d> {
         if self.queued == 0 {
             return Ok(());
         }
-        self.queued = 0;
         let (stream, event) = (self.lane.stream as Handle, self.lane.event as Handle);
         // SAFETY: the event and stream are ours, of the current context.
         let rc = unsafe { (self.driver.api.event_record)(event, stream) };
-        self.driver.check(rc, "cuEventRecord")?;
+        self.fails(rc, "cuEventRecord")?;
         // SAFETY: as above.
         let rc = unsafe { (self.driver.api.event_synchronize)(event) };
-        self.driver.check(rc, "cuEventSynchronize")
+        self.fails(rc, "cuEventSynchronize")?;
+        self.queued = 0;
+        Ok(())
+    }
+
+    /// [`Driver::check`], marking the lane broken on an error.
+    fn fails(&mut self, rc: driver::CuResult, what: &str) -> Result<()> {
+        let checked = self.driver.check(rc, what);
+        self.broken |= checked.is_err();
+        checked
     }
 }
 
 impl Drop for Copier<'_> {
-    /// Waits for what is still queued (an error path), then gives the lane
-    /// back, or destroys it when the device reported an error.
+    /// Waits for what is still queued (an error path: with the event, else
+    /// for the whole stream), then gives the lane back, or destroys it when
+    /// the driver reported an error on it.
     fn drop(&mut self) {
-        let healthy = match self.wait() {
-            Ok(()) => true,
-            Err(e) => {
-                log::warn!("device copies ended with an error: {e}");
-                false
+        if let Err(e) = self.wait() {
+            log::warn!("device copies ended with an error: {e}");
+        }
+        if self.queued > 0 {
+            // The event failed: wait for the stream itself before the
+            // memory of its copies may go.
+            // SAFETY: the stream is ours, of the current context.
+            let rc = unsafe { (self.driver.api.stream_synchronize)(self.lane.stream as Handle) };
+            if rc != driver::SUCCESS {
+                log::warn!("cuStreamSynchronize failed: {}", self.driver.describe(rc));
             }
-        };
-        if healthy {
+        }
+        if !self.broken {
             let mut lanes = LANES.lock();
             let idle = lanes.entry(self.context).or_default();
             if idle.len() < IDLE_LANES {

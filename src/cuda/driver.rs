@@ -50,8 +50,7 @@ pub const EVENT_DISABLE_TIMING: c_uint = 2;
 
 /// `CU_POINTER_ATTRIBUTE_*` values we query.
 pub mod attr {
-    /// `CU_POINTER_ATTRIBUTE_CONTEXT` (a `CUcontext`; null for VMM memory).
-    pub const CONTEXT: i32 = 1;
+
     /// `CU_POINTER_ATTRIBUTE_MEMORY_TYPE` (a `CUmemorytype`, 4 bytes).
     pub const MEMORY_TYPE: i32 = 2;
     /// `CU_POINTER_ATTRIBUTE_BUFFER_ID` (8 bytes, unique per allocation).
@@ -114,6 +113,7 @@ entry_points! {
     pointer_get_attributes = "cuPointerGetAttributes"(c_uint, *mut c_int, *mut *mut c_void, CuDevicePtr);
     stream_create = "cuStreamCreate"(*mut Handle, c_uint);
     stream_destroy = "cuStreamDestroy_v2"(Handle);
+    stream_synchronize = "cuStreamSynchronize"(Handle);
     memcpy_async = "cuMemcpyAsync"(CuDevicePtr, CuDevicePtr, usize, Handle);
     event_create = "cuEventCreate"(*mut Handle, c_uint);
     event_record = "cuEventRecord"(Handle, Handle);

@@ -16,27 +16,38 @@ use crate::common::Result;
 /// Idle buffers kept per size; more are freed when given back.
 const IDLE_PER_SIZE: usize = 32;
 
-/// Idle pinned buffers, by size (addresses as opaque values).
-static IDLE: LazyLock<Mutex<HashMap<usize, Vec<usize>>>> = LazyLock::new(Default::default);
+/// Addresses of idle pinned buffers, by (context, size).
+type Pool = HashMap<(usize, usize), Vec<usize>>;
+
+/// Idle pinned buffers.
+static IDLE: LazyLock<Mutex<Pool>> = LazyLock::new(Default::default);
 
 /// A pinned host buffer of a fixed size, back to the pool when dropped.
 pub struct HostBuffer {
     driver: &'static Driver,
+    /// The (retained primary) context it was allocated in.
+    context: usize,
     addr: usize,
     len: usize,
 }
 
 impl HostBuffer {
     /// A buffer of `len` bytes (from the pool, or allocated with
-    /// `context` current).
+    /// `context` current); `context` must be one we retain for the life of
+    /// the process (a device's primary context).
     ///
     /// # Errors
     /// [`Error::Backend`](crate::common::Error::Backend) when the driver
     /// cannot allocate it.
     pub fn take(driver: &'static Driver, context: usize, len: usize) -> Result<HostBuffer> {
         let len = len.max(1);
-        if let Some(addr) = IDLE.lock().get_mut(&len).and_then(Vec::pop) {
-            return Ok(HostBuffer { driver, addr, len });
+        if let Some(addr) = IDLE.lock().get_mut(&(context, len)).and_then(Vec::pop) {
+            return Ok(HostBuffer {
+                driver,
+                context,
+                addr,
+                len,
+            });
         }
         let _current = Current::enter(driver, context)?;
         let mut p: *mut c_void = std::ptr::null_mut();
@@ -45,6 +56,7 @@ impl HostBuffer {
         driver.check(rc, &format!("cuMemHostAlloc({len})"))?;
         Ok(HostBuffer {
             driver,
+            context,
             addr: p as usize,
             len,
         })
@@ -69,14 +81,18 @@ impl HostBuffer {
 impl Drop for HostBuffer {
     fn drop(&mut self) {
         let mut idle = IDLE.lock();
-        let list = idle.entry(self.len).or_default();
+        let list = idle.entry((self.context, self.len)).or_default();
         if list.len() < IDLE_PER_SIZE {
             list.push(self.addr);
             return;
         }
         drop(idle);
-        // SAFETY: our own pinned allocation, not used any more; frees need
-        // no current context.
+        let Ok(_current) = Current::enter(self.driver, self.context) else {
+            log::warn!("cannot free a pinned staging buffer: its context cannot be made current");
+            return;
+        };
+        // SAFETY: our own pinned allocation, not used any more, freed with
+        // the context it was allocated in current.
         let rc = unsafe { (self.driver.api.mem_free_host)(self.addr as *mut c_void) };
         if rc != 0 {
             log::warn!("cuMemFreeHost failed: {}", self.driver.describe(rc));

@@ -31,7 +31,7 @@ use std::ffi::{c_int, c_void};
 use crate::common::memory::{DeviceAlloc, DevicePiece};
 use crate::common::{Error, Result};
 use crate::wire::region::IpcExport;
-use driver::{Driver, Handle, attr};
+use driver::{Driver, attr};
 
 /// `NIXL_MOONCAKE_CUDA_IPC=0` publishes no CUDA IPC handle with our GPU
 /// regions: same-host peers then stage them through TCP (for containers
@@ -45,7 +45,6 @@ const MAX_PIECES: usize = 1 << 16;
 struct Attributes {
     memory_type: u32,
     ordinal: i32,
-    context: usize,
     buffer_id: u64,
     legacy_ipc: bool,
     start: u64,
@@ -54,21 +53,18 @@ struct Attributes {
 
 fn attributes(driver: &Driver, ptr: u64) -> Result<Attributes> {
     let (mut memory_type, mut ordinal, mut legacy) = (0u32, 0i32, 0i32);
-    let (mut context, mut buffer_id, mut start, mut size): (Handle, u64, u64, u64) =
-        (std::ptr::null_mut(), 0, 0, 0);
-    let mut which: [c_int; 7] = [
+    let (mut buffer_id, mut start, mut size) = (0u64, 0u64, 0u64);
+    let mut which: [c_int; 6] = [
         attr::MEMORY_TYPE,
         attr::DEVICE_ORDINAL,
-        attr::CONTEXT,
         attr::BUFFER_ID,
         attr::IS_LEGACY_IPC_CAPABLE,
         attr::RANGE_START,
         attr::RANGE_SIZE,
     ];
-    let mut data: [*mut c_void; 7] = [
+    let mut data: [*mut c_void; 6] = [
         (&raw mut memory_type).cast(),
         (&raw mut ordinal).cast(),
-        (&raw mut context).cast(),
         (&raw mut buffer_id).cast(),
         (&raw mut legacy).cast(),
         (&raw mut start).cast(),
@@ -89,7 +85,6 @@ fn attributes(driver: &Driver, ptr: u64) -> Result<Attributes> {
     Ok(Attributes {
         memory_type,
         ordinal,
-        context: context as usize,
         buffer_id,
         legacy_ipc: legacy != 0,
         start,
@@ -118,7 +113,7 @@ pub fn inspect(addr: u64, len: u64, dev_id: u64) -> Result<DeviceAlloc> {
             "registerMem(VRAM): devId {dev_id} is not a device ordinal"
         ))
     })?;
-    let mut context = 0;
+
     let mut at = addr;
     loop {
         let a = attributes(driver, at)?;
@@ -161,9 +156,7 @@ pub fn inspect(addr: u64, len: u64, dev_id: u64) -> Result<DeviceAlloc> {
                 last.base, last.size
             )));
         }
-        if context == 0 {
-            context = a.context;
-        }
+
         pieces.push(DevicePiece {
             base: a.start,
             size: a.size,
@@ -180,9 +173,11 @@ pub fn inspect(addr: u64, len: u64, dev_id: u64) -> Result<DeviceAlloc> {
         }
         at = piece_end;
     }
-    if context == 0 {
-        context = context::primary(driver, ordinal)?;
-    }
+    // Our copies, streams and staging buffers live in the device's primary
+    // context, which we retain for the life of the process: never in a
+    // context the application may destroy (unified addressing lets that
+    // context reach memory of any context of the device).
+    let context = context::primary(driver, ordinal)?;
     let ipc = match pieces.as_slice() {
         [one] if one.legacy_ipc => export(driver, context, one),
         _ => None,
@@ -242,15 +237,17 @@ pub struct Imported {
     context: usize,
     /// Where the allocation's first byte is mapped here.
     pub ptr: u64,
+    /// What was mapped.
+    pub export: IpcExport,
 }
 
 impl Imported {
     /// Maps the allocation `ipc` describes, with `context` current.
     ///
     /// # Errors
-    /// [`Error::NotSupported`] without a driver or IPC,
-    /// [`Error::RemoteDisconnect`] when the driver cannot open the handle
-    /// (its owner exited, or no right to its memory).
+    /// [`Error::NotSupported`] without a driver or IPC, or when the driver
+    /// cannot open the handle (its owner exited, no right to its memory,
+    /// no peer access between the devices).
     pub fn open(context: usize, ipc: &IpcExport) -> Result<Imported> {
         let driver = driver()?;
         let api = driver
@@ -268,7 +265,7 @@ impl Imported {
         let rc =
             unsafe { (api.open_mem_handle)(&mut ptr, h, driver::IPC_MEM_LAZY_ENABLE_PEER_ACCESS) };
         if rc != driver::SUCCESS {
-            return Err(Error::RemoteDisconnect(format!(
+            return Err(Error::NotSupported(format!(
                 "cannot map the peer's GPU allocation {:#x}+{} by CUDA IPC: {}",
                 ipc.base,
                 ipc.size,
@@ -279,6 +276,7 @@ impl Imported {
             driver,
             context,
             ptr,
+            export: *ipc,
         })
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! header: magic "MC" | version u8 | kind u8 | body_len u32 | tag u64 | aux u64   (little endian)
-//! Hello     body: target token u128 | sender token u128 | name_len u16 | name
+//! Hello     aux = the generation of the sender's connection set (0: none; older clients send 0);
+//!           body: target token u128 | sender token u128 | name_len u16 | name
 //! HelloOk   body: empty
 //! Write     aux = segment count; body: count x Seg | data (sum of segment lengths)
 //! WriteAck  aux = status (i64); body: empty, or the reason of a refusal (text)
@@ -262,24 +263,17 @@ pub struct Hello {
     pub sender_token: u128,
     /// The client agent's name.
     pub name: Vec<u8>,
-    /// The generation of the client's connection set to this target,
-    /// increasing each time the client reconnects: once a connection of a
-    /// newer set said hello, the target stops applying frames that arrive
-    /// late on older ones of the same sender. 0: none (a probe, or a client
-    /// that sends no generation).
-    pub link: u64,
 }
 
 impl Hello {
     /// Encodes the body.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(42 + self.name.len());
+        let mut out = Vec::with_capacity(34 + self.name.len());
         out.extend_from_slice(&self.target_token.to_le_bytes());
         out.extend_from_slice(&self.sender_token.to_le_bytes());
-        let name = &self.name[..self.name.len().min(MAX_HELLO as usize - 42)];
+        let name = &self.name[..self.name.len().min(MAX_HELLO as usize - 34)];
         out.extend_from_slice(&(name.len() as u16).to_le_bytes());
         out.extend_from_slice(name);
-        out.extend_from_slice(&self.link.to_le_bytes());
         out
     }
 
@@ -292,18 +286,13 @@ impl Hello {
             return Err(FrameError::Malformed("hello"));
         }
         let name_len = u16::from_le_bytes([b[32], b[33]]) as usize;
-        let end = 34 + name_len;
-        // Without the generation (an older client), or with it.
-        let link = match b.len().checked_sub(end) {
-            Some(0) => 0,
-            Some(8) => u64::from_le_bytes(b[end..].try_into().expect("8 bytes")),
-            _ => return Err(FrameError::Malformed("hello")),
-        };
+        if b.len() != 34 + name_len {
+            return Err(FrameError::Malformed("hello"));
+        }
         Ok(Hello {
             target_token: u128::from_le_bytes(b[0..16].try_into().expect("16 bytes")),
             sender_token: u128::from_le_bytes(b[16..32].try_into().expect("16 bytes")),
-            name: b[34..end].to_vec(),
-            link,
+            name: b[34..].to_vec(),
         })
     }
 }
@@ -401,22 +390,9 @@ mod tests {
             target_token: 1 << 100,
             sender_token: 5,
             name: b"A\0gent".to_vec(),
-            link: 77,
         };
-        assert_eq!(Hello::decode(&h.encode()), Ok(h.clone()));
+        assert_eq!(Hello::decode(&h.encode()), Ok(h));
         assert!(Hello::decode(&[0; 33]).is_err());
-        // An older client's hello, without the generation.
-        let old = &h.encode()[..34 + 6];
-        assert_eq!(
-            Hello::decode(old),
-            Ok(Hello {
-                link: 0,
-                ..h.clone()
-            })
-        );
-        let mut odd = h.encode();
-        odd.push(0);
-        assert!(Hello::decode(&odd).is_err(), "neither form");
     }
 
     proptest! {

@@ -14,7 +14,8 @@
 //! A plan whose remote GPU memory has no IPC handle (VMM memory, a driver
 //! without IPC) goes to the TCP link instead, staged, with one log line.
 //! Mappings are cached per allocation and closed when the route goes (the
-//! peer removed or disconnected).
+//! peer removed or disconnected) or the peer is seen dead (a job in flight
+//! keeps the mappings it uses until it ends).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -30,9 +31,12 @@ use crate::common::{Error, MemKind, Pin, Result};
 use crate::cuda::{self, Copier, Imported};
 
 /// Most bytes one step queues before waiting for the device.
-const STEP_BYTES: u64 = 64 << 20;
+const STEP_BYTES: u64 = 16 << 20;
 /// Most copies one step queues before waiting for the device.
 const STEP_COPIES: usize = 4096;
+
+/// Mappings of a peer's allocations, by (buffer id, our context).
+type Imports = Arc<Mutex<HashMap<(u64, usize), Arc<Imported>>>>;
 
 /// A route to a same-host peer's GPU memory by CUDA IPC.
 pub struct IpcRoute {
@@ -40,7 +44,7 @@ pub struct IpcRoute {
     /// The peer's TCP link: notifications, and plans IPC cannot serve.
     control: Arc<dyn Route>,
     /// Mappings of the peer's allocations, by (buffer id, our context).
-    imports: Mutex<HashMap<(u64, usize), Arc<Imported>>>,
+    imports: Imports,
     /// Whether plans IPC cannot serve may be staged through `control`
     /// (not under `protocol=cma`, which asks for same-host paths only).
     stage: bool,
@@ -55,7 +59,7 @@ impl IpcRoute {
         IpcRoute {
             peer,
             control,
-            imports: Mutex::new(HashMap::new()),
+            imports: Arc::default(),
             stage,
             fell_back: AtomicBool::new(false),
         }
@@ -89,8 +93,14 @@ impl IpcRoute {
                 return Ok(None);
             };
             let mut imports = self.imports.lock();
-            let mapped = match imports.get(&(ipc.buffer_id, context)) {
-                Some(m) => m.clone(),
+            // The same allocation as mapped before (a buffer id reused with
+            // another handle is mapped anew).
+            let cached = imports
+                .get(&(ipc.buffer_id, context))
+                .filter(|m| m.export == ipc)
+                .cloned();
+            let mapped = match cached {
+                Some(m) => m,
                 None => {
                     let m = Arc::new(Imported::open(context, &ipc)?);
                     imports.insert((ipc.buffer_id, context), m.clone());
@@ -100,6 +110,28 @@ impl IpcRoute {
             out.push(Some(mapped));
         }
         Ok(Some(out))
+    }
+}
+
+impl IpcRoute {
+    /// A plan whose remote GPU memory has no IPC handle: staged over TCP
+    /// under `auto` (one warning), refused under `cma`.
+    fn no_handle(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
+        if !self.stage {
+            return Err(Error::NotSupported(format!(
+                "GPU memory of agent {} cannot be mapped by CUDA IPC (no handle: VMM \
+                 memory, or a driver without IPC), and protocol=cma stages nothing over TCP",
+                self.peer.name()
+            )));
+        }
+        if !self.fell_back.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "Mooncake: GPU memory of agent {} cannot be mapped by CUDA IPC (no handle: \
+                 VMM memory, or a driver without IPC); staging it through TCP instead",
+                self.peer.name()
+            );
+        }
+        self.control.post(plan, notif)
     }
 }
 
@@ -123,23 +155,29 @@ impl Route for IpcRoute {
     }
 
     fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
-        let context = Self::context(plan)?;
-        let Some(imports) = self.imports(plan, context)? else {
-            if !self.stage {
-                return Err(Error::NotSupported(format!(
-                    "GPU memory of agent {} cannot be mapped by CUDA IPC (no handle: VMM \
-                     memory, or a driver without IPC), and protocol=cma stages nothing over TCP",
-                    self.peer.name()
-                )));
+        if !self.peer.alive() {
+            self.imports.lock().clear(); // its memory is freed once nobody maps it
+            return Err(Error::RemoteDisconnect(format!(
+                "agent {} (pid {}) is gone",
+                self.peer.name(),
+                self.peer.pid()
+            )));
+        }
+        let mapped = Self::context(plan).and_then(|c| Ok((c, self.imports(plan, c)?)));
+        let (context, imports) = match mapped {
+            Ok((context, Some(imports))) => (context, imports),
+            Err(e) if self.stage => {
+                if !self.fell_back.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "Mooncake: GPU memory of agent {} cannot be reached by CUDA IPC ({e}); \
+                         staging it through TCP instead",
+                        self.peer.name()
+                    );
+                }
+                return self.control.post(plan, notif);
             }
-            if !self.fell_back.swap(true, Ordering::Relaxed) {
-                log::warn!(
-                    "Mooncake: GPU memory of agent {} cannot be mapped by CUDA IPC (no handle: \
-                     VMM memory, or a driver without IPC); staging it through TCP instead",
-                    self.peer.name()
-                );
-            }
-            return self.control.post(plan, notif);
+            Err(e) => return Err(e),
+            Ok((_, None)) => return self.no_handle(plan, notif),
         };
         Ok(Posted::stepped(Arc::new(SegmentJob::new(
             plan.clone(),
@@ -148,6 +186,7 @@ impl Route for IpcRoute {
                 control: self.control.clone(),
                 notif: notif.map(<[u8]>::to_vec),
                 imports,
+                cache: self.imports.clone(),
                 context,
             },
         ))))
@@ -156,9 +195,14 @@ impl Route for IpcRoute {
     fn notify(&self, msg: &[u8]) -> Result<()> {
         self.control.notify(msg)
     }
-
+    /// Also closes the mappings of a peer that exited: its memory is freed
+    /// only once no other process maps it.
     fn is_down(&self) -> bool {
-        !self.peer.alive() || self.control.is_down()
+        if !self.peer.alive() {
+            self.imports.lock().clear();
+            return true;
+        }
+        self.control.is_down()
     }
 
     fn close(&self) {
@@ -177,6 +221,9 @@ pub struct IpcCopy {
     notif: Option<Vec<u8>>,
     /// Mappings, index-aligned with the plan's remote regions.
     imports: Vec<Option<Arc<Imported>>>,
+    /// The route's cache of mappings: the ones of regions the peer revoked
+    /// are dropped from it.
+    cache: Imports,
     context: usize,
 }
 
@@ -244,7 +291,16 @@ impl Mover for IpcCopy {
                 self.peer.pid()
             )));
         }
-        let _lane = self.peer.enter(&keys)?;
+        let _lane = self.peer.enter(&keys).inspect_err(|e| {
+            if matches!(e, Error::NotAllowed(_)) {
+                // Deregistered by the peer: forget the mappings of the
+                // regions this plan names (mapped anew if still valid).
+                let mut cache = self.cache.lock();
+                for m in self.imports.iter().flatten() {
+                    cache.retain(|_, c| !Arc::ptr_eq(c, m));
+                }
+            }
+        })?;
         let mut copier = Copier::new(cuda::driver()?, self.context)?;
         for &(dst, src, len) in &copies {
             // SAFETY: local ranges lie in our registrations, pinned above;

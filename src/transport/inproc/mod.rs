@@ -244,8 +244,10 @@ impl InProcCopy {
     }
 }
 
-/// Most bytes one step queues on a device stream before waiting for them.
-const DEVICE_STEP_BYTES: u64 = 64 << 20;
+/// Most bytes one step queues on a device stream before waiting for them
+/// (a step holds the job's cursor: a cancel or a helping caller waits for
+/// it).
+const DEVICE_STEP_BYTES: u64 = 16 << 20;
 /// Most copies one step queues on a device stream before waiting for them.
 const DEVICE_STEP_COPIES: usize = 4096;
 
@@ -307,6 +309,14 @@ impl InProcCopy {
                     Op::Write => (l, r),
                     Op::Read => (r, l),
                 };
+                if src < dst + len && dst < src + len {
+                    // A loopback transfer onto itself: device copies are
+                    // undefined for overlapping ranges.
+                    return Err(Error::InvalidParam(format!(
+                        "the source {src:#x}+{len} and destination {dst:#x}+{len} of a GPU memory \
+                         copy overlap"
+                    )));
+                }
                 // SAFETY: both ranges lie inside live registrations
                 // (checked at prep and post time) pinned in `pins`, which
                 // are dropped only after the copier waited for the device.

@@ -119,8 +119,9 @@ pub struct TcpPost {
 
 const NO_STREAM: usize = usize::MAX;
 
-/// Generations of connection sets ([`Hello::link`]), increasing across the
-/// process (so across every link and every reconnection of one).
+/// Generations of connection sets (sent in the Hello header's `aux`),
+/// increasing across the process (so across every link and every
+/// reconnection of one).
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
 impl TcpPost {
@@ -753,7 +754,6 @@ pub(super) fn instance_alive(
         target_token: token,
         sender_token: my_token,
         name: me.as_bytes().to_vec(),
-        link: 0, // a probe: no frames, fences nothing
     }
     .encode();
     let head = Header::new(Kind::Hello, hello.len() as u32, 0, 0).encode();
@@ -770,6 +770,10 @@ struct Dial {
     addr: SocketAddr,
     /// The encoded Hello body.
     hello: Vec<u8>,
+    /// The generation of the connection set, sent in the Hello header's
+    /// `aux` (which targets before generations ignore): the target fences
+    /// off the connections of the sets before it.
+    link: u64,
     stall: Option<Duration>,
 }
 
@@ -791,7 +795,7 @@ impl Dial {
         io::send_bytes(
             &s,
             &[
-                &Header::new(Kind::Hello, self.hello.len() as u32, 0, 0).encode(),
+                &Header::new(Kind::Hello, self.hello.len() as u32, 0, self.link).encode(),
                 &self.hello,
             ],
         )
@@ -966,11 +970,10 @@ impl PeerLink {
                 target_token: self.peer_token,
                 sender_token: self.my_token,
                 name: self.me.as_bytes().to_vec(),
-                // A new generation for each connection set: the target
-                // fences off the connections of the sets before it.
-                link: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
             }
             .encode(),
+            // A new generation for each connection set.
+            link: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
             stall: (!self.config.stall_timeout.is_zero()).then_some(self.config.stall_timeout),
         });
         for i in 0..n {

@@ -77,7 +77,8 @@ impl Fence {
     }
 }
 
-/// The connections of one sender engine, by generation ([`Hello::link`]).
+/// The connections of one sender engine, by generation (the Hello
+/// header's `aux`).
 #[derive(Default)]
 struct Links {
     newest: u64,
@@ -295,13 +296,21 @@ impl TcpServer {
         if link == 0 {
             return Ok(fence); // a client without generations: nothing to fence
         }
-        let stale: Vec<Arc<Fence>> = {
+        // Every connection of the newest set waits for the older sets'
+        // copies in progress, not only the first to arrive: a second stream
+        // of the new set may not serve while an old one still writes.
+        let older: Vec<Arc<Fence>> = {
             let mut links = self.links.lock();
             if links.len() > MAX_SENDERS {
                 links.retain(|_, l| l.conns.iter().any(|(_, c)| c.strong_count() > 0));
             }
             let l = links.entry(sender).or_default();
             l.conns.retain(|(_, c)| c.strong_count() > 0);
+            if l.conns.is_empty() {
+                // Nothing of the sender is served: a claimed generation
+                // cannot lock its later connections out for good.
+                l.newest = 0;
+            }
             if link < l.newest {
                 return Err(format!(
                     "a connection of generation {link} arrived after one of generation {} \
@@ -310,18 +319,21 @@ impl TcpServer {
                 ));
             }
             l.newest = link;
-            let older = l
+            let older: Vec<Arc<Fence>> = l
                 .conns
                 .iter()
                 .filter(|(g, _)| *g < link)
                 .filter_map(|(_, c)| c.upgrade())
                 .collect();
-            l.conns.retain(|(g, _)| *g >= link);
+            // Marked under the lock: no frame of theirs starts applying
+            // once a newer connection was admitted.
+            for old in &older {
+                old.stale.store(true, Ordering::Release);
+            }
             l.conns.push((link, Arc::downgrade(&fence)));
             older
         };
-        for old in stale {
-            old.stale.store(true, Ordering::Release);
+        for old in older {
             drop(old.io.write());
             if let Some(s) = &old.stream {
                 let _ = s.shutdown(std::net::Shutdown::Both);
@@ -351,8 +363,7 @@ fn serve(stream: &TcpStream, id: u64, from: SocketAddr, endpoint: &Endpoint, ser
     let stall = server.stall;
     fault::point("tcp.server.serving", server.token);
     let _ = stream.set_nodelay(true);
-    let greeted = handshake(stream, endpoint)
-        .and_then(|(peer, sender, link)| Ok((peer, server.join_link(sender, link, stream)?)));
+    let greeted = handshake(stream, endpoint, server);
     server.handshaking.fetch_sub(1, Ordering::AcqRel);
     let (peer, fence) = match greeted {
         Ok(joined) => joined,
@@ -416,9 +427,14 @@ fn linger(stream: &TcpStream, spin: Duration, spinners: &AtomicUsize) {
     spinners.store(0, Ordering::Release);
 }
 
-/// Reads and checks the client's hello: its agent name, engine token and
-/// connection-set generation.
-fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<(AgentName, u128, u64), Close> {
+/// Reads and checks the client's hello, enters its connection set's
+/// generation ([`TcpServer::join_link`]) and answers HelloOk: the agent name
+/// and the connection's fence.
+fn handshake(
+    stream: &TcpStream,
+    endpoint: &Endpoint,
+    server: &TcpServer,
+) -> Result<(AgentName, Arc<Fence>), Close> {
     // One deadline for the whole handshake: a client trickling bytes cannot
     // hold this thread longer.
     let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
@@ -438,9 +454,11 @@ fn handshake(stream: &TcpStream, endpoint: &Endpoint) -> Result<(AgentName, u128
     }
     let name = AgentName::from(hello.name.as_slice());
     admit(endpoint, &name, hello.sender_token)?;
+    // Fenced (or refused) before the client hears HelloOk and sends frames.
+    let fence = server.join_link(hello.sender_token, header.aux, stream)?;
     io::send_bytes(stream, &[&Header::new(Kind::HelloOk, 0, 0, 0).encode()])
         .map_err(|e| e.to_string())?;
-    Ok((name, hello.sender_token, hello.link))
+    Ok((name, fence))
 }
 
 /// Checks a peer's claim to be agent `name` (engine `token`) against the
@@ -917,13 +935,25 @@ mod tests {
         // The sender reconnects: its older set is fenced off, waiting for a
         // data copy in progress on it.
         let copying = gen1a.io.read();
+        let (_c5, s5) = socket_pair();
         std::thread::scope(|t| {
-            let joining = t.spawn(|| server.join_link(7, 2, &s4).unwrap());
+            let first = t.spawn(|| server.join_link(7, 2, &s4).unwrap());
+            // The second stream of the new set waits too, whether or not
+            // the first one already marked the old set.
+            let second = t.spawn(|| server.join_link(7, 2, &s5).unwrap());
             std::thread::sleep(Duration::from_millis(20));
-            assert!(!joining.is_finished(), "fenced while a copy was landing");
+            assert!(
+                !first.is_finished(),
+                "admitted while an old copy was landing"
+            );
+            assert!(
+                !second.is_finished(),
+                "a second stream admitted while an old copy was landing"
+            );
+            assert!(gen1a.is_stale(), "marked before the wait");
             drop(copying);
-            let gen2 = joining.join().unwrap();
-            assert!(!gen2.is_stale());
+            assert!(!first.join().unwrap().is_stale());
+            assert!(!second.join().unwrap().is_stale());
         });
         assert!(
             gen1a.is_stale() && gen1b.is_stale(),
@@ -934,8 +964,12 @@ mod tests {
             !probe.is_stale(),
             "a connection without generation is never fenced"
         );
-        // A late connection of the old set is refused.
+        // A late connection of the old set is refused while the sender has
+        // connections here...
         assert!(server.join_link(7, 1, &s1).is_err());
+        // ...but once none is left, no claimed generation locks it out.
+        drop((gen1a, gen1b));
+        assert!(server.join_link(7, 1, &s1).is_ok());
         server.shutdown();
     }
 

@@ -81,7 +81,6 @@ fn hello(e: &Engine, name: &str) -> TcpStream {
         target_token: e.endpoint.token,
         sender_token: 1,
         name: name.as_bytes().to_vec(),
-        link: 0,
     }
     .encode();
     s.write_all(&Header::new(Kind::Hello, body.len() as u32, 0, 0).encode())
@@ -433,7 +432,6 @@ fn d4_an_initiator_that_vanishes_without_fin_or_rst_is_reaped() {
             target_token: token,
             sender_token: 1,
             name: b"V".to_vec(),
-            link: 0,
         }
         .encode();
         s.write_all(&Header::new(Kind::Hello, body.len() as u32, 0, 0).encode())
@@ -632,7 +630,6 @@ fn d6_shutdown_closes_a_connection_accepted_just_before_it() {
         target_token: b.endpoint.token,
         sender_token: 1,
         name: b"late".to_vec(),
-        link: 0,
     }
     .encode();
     let _ = client.write_all(&Header::new(Kind::Hello, body.len() as u32, 0, 0).encode());
