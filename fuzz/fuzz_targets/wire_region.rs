@@ -1,6 +1,7 @@
 //! A region's public data from a peer's metadata (`loadRemoteMD`): any blob
-//! decodes to a region that does not wrap, or is an error; a decoded region
-//! encodes back to the same region.
+//! decodes to a region that does not wrap (and, for GPU memory with a CUDA
+//! IPC handle, lies inside the allocation it names), or is an error; a
+//! decoded region encodes back to the same region.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -12,6 +13,14 @@ fuzz_target!(|blob: &[u8]| {
             r.addr.checked_add(r.len).is_some(),
             "a wrapping region decoded"
         );
+        if let Some(ipc) = r.ipc {
+            assert!(
+                r.addr >= ipc.base
+                    && ipc.base.checked_add(ipc.size).is_some()
+                    && r.addr + r.len <= ipc.base + ipc.size,
+                "a region outside its IPC allocation decoded"
+            );
+        }
         assert_eq!(RegionPublic::decode(&r.encode()), Ok(r));
     }
 });
