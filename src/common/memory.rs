@@ -49,6 +49,14 @@ impl MemKind {
     }
 }
 
+impl MemKind {
+    /// Host or GPU memory (what our transports can move), not a file,
+    /// block or object.
+    pub fn is_memory(self) -> bool {
+        matches!(self, MemKind::Dram | MemKind::Vram { .. })
+    }
+}
+
 impl std::fmt::Display for MemKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

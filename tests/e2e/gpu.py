@@ -424,21 +424,24 @@ def xp_target(args) -> None:
             chan.send(ok=False, error=f"{type(e).__name__}: {e}")
 
 
+def spawn_target(protocol: str, size: int, env: Optional[dict] = None):
+    cmd = [sys.executable, os.path.abspath(__file__), "_xp_gpu_target",
+           "--protocol", protocol, "--size", str(size)]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})})
+    return child, S.Channel(child.stdout, child.stdin)
+
+
 def case_xp(args) -> None:
     """Two processes: this one initiates, a child process is the target; its
     VRAM is reached over TCP with staging (protocol=tcp, and auto on this
     host, where cross-memory attach cannot serve device memory)."""
     gpu = Gpu()
     size = args.size_mib * MiB
-    cmd = [sys.executable, os.path.abspath(__file__), "_xp_gpu_target",
-           "--protocol", args.protocol, "--size", str(size)]
-    env = dict(os.environ)
-    if args.no_ipc:
-        env["NIXL_MOONCAKE_CUDA_IPC"] = "0"  # the target publishes no IPC handle
-    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env=env)
+    # With --no-ipc the target publishes no IPC handle.
+    child, chan = spawn_target(args.protocol, size,
+                               {"NIXL_MOONCAKE_CUDA_IPC": "0"} if args.no_ipc else None)
     try:
-        chan = S.Channel(child.stdout, child.stdin)
         hello = chan.recv()
         a = S.new_agent_with("gpu-initiator", args.protocol)
         a.add_remote_agent(S.unb64(hello["md"]))
@@ -560,14 +563,6 @@ def case_xp(args) -> None:
         if child.poll() is None:
             child.kill()  # only our own child, on failure
             child.wait(timeout=S.OP_TIMEOUT)
-
-
-def spawn_target(protocol: str, size: int, env: Optional[dict] = None):
-    cmd = [sys.executable, os.path.abspath(__file__), "_xp_gpu_target",
-           "--protocol", protocol, "--size", str(size)]
-    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, **(env or {})})
-    return child, S.Channel(child.stdout, child.stdin)
 
 
 def case_xp_kill(args) -> None:

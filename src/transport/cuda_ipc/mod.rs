@@ -146,8 +146,7 @@ impl Route for IpcRoute {
 
     /// The peer's GPU memory, with our host or GPU memory.
     fn serves(&self, local: MemKind, remote: MemKind) -> bool {
-        matches!(remote, MemKind::Vram { .. })
-            && matches!(local, MemKind::Dram | MemKind::Vram { .. })
+        matches!(remote, MemKind::Vram { .. }) && local.is_memory()
     }
 
     fn connect(&self) -> Result<()> {

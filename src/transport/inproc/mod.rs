@@ -147,8 +147,7 @@ impl Route for InProcRoute {
     /// Host and GPU memory on either side: device copies move whatever
     /// touches a GPU.
     fn serves(&self, local: MemKind, remote: MemKind) -> bool {
-        let movable = |k| matches!(k, MemKind::Dram | MemKind::Vram { .. });
-        movable(local) && movable(remote)
+        local.is_memory() && remote.is_memory()
     }
 
     fn connect(&self) -> Result<()> {

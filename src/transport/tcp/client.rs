@@ -1168,8 +1168,7 @@ impl Route for PeerLink {
     /// Host and GPU memory on either side: GPU memory is staged through
     /// pinned host buffers on both ends.
     fn serves(&self, local: MemKind, remote: MemKind) -> bool {
-        let movable = |k| matches!(k, MemKind::Dram | MemKind::Vram { .. });
-        movable(local) && movable(remote)
+        local.is_memory() && remote.is_memory()
     }
 
     fn connect(&self) -> Result<()> {
