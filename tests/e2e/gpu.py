@@ -406,6 +406,18 @@ def xp_target(args) -> None:
         msg = chan.recv()
         if msg["cmd"] == "quit":
             break
+        if msg["cmd"] == "watch":
+            # Snapshot the buffer the moment the notification shows.
+            payload = S.unb64(msg["payload"])
+            S.wait_until(lambda: (notifs.poll(), payload in notifs.got[msg["sender"]])[1],
+                         f"notification {payload!r}")
+            notifs.got.clear()
+            chan.send(ok=True, sha=S.sha256(gpu.read(bufs[msg["buf"]], size)))
+            continue
+        if msg["cmd"] == "delay":
+            gpu.set_copy_delay_us(msg["us"])
+            chan.send(ok=True)
+            continue
         if msg["cmd"] == "dereg":
             t.deregister_memory(regs.pop(msg["buf"]))
             chan.send(ok=True, sha=S.sha256(gpu.read(bufs[msg["buf"]], size)))
@@ -476,11 +488,27 @@ def case_xp(args) -> None:
         check("WRITE DRAM->DRAM", [b"xp-ref"], "hbuf", S.sha256(host_src))
         a.release_xfer_handle(h)
 
+        # Every device copy takes 2 ms, here (CUDA IPC, the initiator's
+        # staging) and on the target (its staging), and the target snapshots
+        # its memory the moment the notification shows: one sent before the
+        # last copy finished is caught.
+        chan.send(cmd="delay", us=2000)
+        assert chan.recv()["ok"]
+        gpu.set_copy_delay_us(2000)
+        chan.send(cmd="watch", sender="gpu-initiator", payload=S.b64(b"xp-w"), buf="wbuf")
         h = a.initialize_xfer("WRITE", vram_descs(a, src, size, 0), remote("wbuf"),
                               "gpu-target", b"xp-w")
         log("WRITE VRAM -> remote VRAM:", S.rate(size, S.post(a, h, "WRITE VRAM->VRAM")))
-        check("WRITE VRAM->VRAM", [b"xp-w"], "wbuf", S.sha256(src_data), reset="wbuf")
+        assert chan.recv()["sha"] == S.sha256(src_data), \
+            "WRITE VRAM->VRAM: the notification arrived before the data"
+        log("WRITE VRAM->VRAM: the data was in place when the notification arrived")
         a.release_xfer_handle(h)
+        gpu.set_copy_delay_us(0)
+        chan.send(cmd="delay", us=0)
+        assert chan.recv()["ok"]
+        chan.send(cmd="check", what="reset", sender="gpu-initiator", notifs=[], buf="", sha="",
+                  reset="wbuf")
+        assert chan.recv()["ok"]
 
         h = a.initialize_xfer("WRITE", S.xfer_descs(a, host_src), remote("wbuf"),
                               "gpu-target", b"xp-hw")
