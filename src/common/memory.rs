@@ -163,6 +163,19 @@ impl LocalRegion {
         (!self.dying.load(Ordering::Acquire)).then_some(guard)
     }
 
+    /// [`LocalRegion::pin`] for one access of a transfer of ours.
+    ///
+    /// # Errors
+    /// [`Error::InvalidParam`] once the region's deregistration started.
+    pub fn pin_local(&self) -> Result<Pin<'_>> {
+        self.pin().ok_or_else(|| {
+            Error::InvalidParam(format!(
+                "local region {:#x}+{} was deregistered during the transfer",
+                self.addr, self.len
+            ))
+        })
+    }
+
     /// The region's slot (see [`SLOT_BITS`]).
     pub fn slot(&self) -> u32 {
         slot_of(self.key)

@@ -437,13 +437,7 @@ impl Mover for CmaCopy {
                 }
             }
             if !pinned.contains(&s.local) {
-                let region = &plan.local_regions[s.local as usize];
-                pins.push(region.pin().ok_or_else(|| {
-                    Error::InvalidParam(format!(
-                        "local region {:#x}+{} was deregistered during the transfer",
-                        region.addr, region.len
-                    ))
-                })?);
+                pins.push(plan.local_regions[s.local as usize].pin_local()?);
                 pinned.push(s.local);
             }
             let len = (s.len - offset).min(budget - total);

@@ -253,13 +253,7 @@ const DEVICE_STEP_COPIES: usize = 4096;
 impl InProcCopy {
     /// Pins the local and the target region of segment `s` of `plan`.
     fn pin<'a>(&'a self, plan: &'a Plan, s: &Segment) -> Result<(Pin<'a>, Pin<'a>)> {
-        let local = &plan.local_regions[s.local as usize];
-        let local_pin = local.pin().ok_or_else(|| {
-            Error::InvalidParam(format!(
-                "local region {:#x}+{} was deregistered during the transfer",
-                local.addr, local.len
-            ))
-        })?;
+        let local_pin = plan.local_regions[s.local as usize].pin_local()?;
         let remote_pin = self.targets[s.remote as usize].pin().ok_or_else(|| {
             Error::RemoteDisconnect(format!(
                 "agent {} deregistered the target region during the transfer",

@@ -30,6 +30,14 @@ macro_rules! same_bytes {
     }};
 }
 
+/// Engines `a` and `b` with progress threads on `path`, `a` knowing `b`.
+fn connected(a: &str, b: &str, path: &[(&str, &str)]) -> (Engine, Engine) {
+    let (ea, eb) = (engine_with(a, true, path), engine_with(b, true, path));
+    ea.load_remote_conn_info(b.as_bytes(), eb.conn_info())
+        .unwrap();
+    (ea, eb)
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -118,9 +126,7 @@ fn vram_to_vram_and_vram_with_dram_both_directions_on(path: &[(&str, &str)]) {
     let gpu = fake();
     let _knobs = gpu.exclusive();
     gpu.set_copy_delay_us(0);
-    let a = engine_with("GA", true, path);
-    let b = engine_with("GB", true, path);
-    a.load_remote_conn_info(b"GB", b.conn_info()).unwrap();
+    let (a, b) = connected("GA", "GB", path);
     let len = (3 << 20) + 123;
     let src = pattern(len, 1);
     // A's VRAM (device 0) and DRAM; B's VRAM (device 1) and DRAM.
@@ -228,9 +234,7 @@ fn a_mixed_plan_of_host_and_device_segments_moves_every_byte() {
 
 fn a_mixed_plan_of_host_and_device_segments_moves_every_byte_on(path: &[(&str, &str)]) {
     let gpu = fake();
-    let a = engine_with("MA", true, path);
-    let b = engine_with("MB", true, path);
-    a.load_remote_conn_info(b"MB", b.conn_info()).unwrap();
+    let (a, b) = connected("MA", "MB", path);
     let block = 4096 + 17;
     let n = 64;
     let len = block * n;
@@ -305,9 +309,7 @@ fn the_notification_arrives_only_after_the_device_finished_copying_on(path: &[(&
     // Every device copy takes 2 ms: a notification sent when the copies
     // were queued (not finished) would arrive before the data.
     gpu.set_copy_delay_us(2000);
-    let a = engine_with("NA", true, path);
-    let b = engine_with("NB", true, path);
-    a.load_remote_conn_info(b"NB", b.conn_info()).unwrap();
+    let (a, b) = connected("NA", "NB", path);
     let (block, n) = (64 << 10, 16);
     let len = block * n;
     let src = device_with(0, &pattern(len, 3));
@@ -345,9 +347,7 @@ fn the_notification_arrives_only_after_the_device_finished_copying_on(path: &[(&
 fn while_a_copy_is_queued(path: &[(&str, &str)], act: impl FnOnce(&Engine, MdId, ReqId) + Send) {
     let gpu = fake();
     let _knobs = gpu.exclusive();
-    let a = engine_with("QA", true, path);
-    let b = engine_with("QB", true, path);
-    a.load_remote_conn_info(b"QB", b.conn_info()).unwrap();
+    let (a, b) = connected("QA", "QB", path);
     // More than postXfer moves inline: the progress thread queues it.
     let len = 4 << 20;
     let src = device_with(0, &pattern(len, 7));
@@ -425,9 +425,7 @@ fn a_prepped_20000_block_read_with_a_notification_reposted_on(path: &[(&str, &st
     // The vLLM shape: the decoder pulls many blocks with one READ and one
     // notification per request, reposting the prepped handle.
     let gpu = fake();
-    let a = engine_with("DA", true, path);
-    let b = engine_with("DB", true, path);
-    a.load_remote_conn_info(b"DB", b.conn_info()).unwrap();
+    let (a, b) = connected("DA", "DB", path);
     let (block, n) = (256, 20_000);
     let len = block * n;
     let remote_data = pattern(len, 4);
@@ -482,9 +480,7 @@ fn gpu_memory_without_an_ipc_handle_is_refused_under_protocol_cma() {
     // pid, and the driver could not open our own handle anyway.)
     let gpu = fake();
     let params = [("protocol", "cma"), ("ip_addr", "127.0.0.1")];
-    let a = engine_with("HA", true, &params);
-    let b = engine_with("HB", true, &params);
-    a.load_remote_conn_info(b"HB", b.conn_info()).unwrap();
+    let (a, b) = connected("HA", "HB", &params);
     let len = 1 << 20;
     let theirs = gpu.alloc(1, len);
     let md = b.register_mem(theirs.ptr, len as u64, VRAM_SEG, 1).unwrap();
