@@ -2,7 +2,8 @@
 # Builds the test fakes of hardware libraries into target/fakes/, for tests
 # on machines without the hardware:
 #
-#   libfakecuda.so   fake CUDA driver (libcuda.so.1), tests/fakes/cuda/fake_cuda.c
+#   libfakecuda.so      fake CUDA driver (libcuda.so.1), tests/fakes/cuda/fake_cuda.c
+#   libfakeibverbs.so   fake RDMA verbs (libibverbs.so.1), tests/fakes/ibverbs/fake_ibverbs.c
 #
 #   scripts/build-fakes.sh           build (only what is out of date)
 #   scripts/build-fakes.sh --check   build, then build and run each fake's own
@@ -22,7 +23,7 @@ check=0
 for arg in "$@"; do
     case "$arg" in
         --check) check=1 ;;
-        -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" >&2; exit 0 ;;
+        -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" >&2; exit 0 ;;
         *) echo "build-fakes.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -86,4 +87,17 @@ if [ "$check" = 1 ]; then
 fi
 echo "NIXL_MOONCAKE_CUDA_LIB=$cuda_lib"
 
-# --- fake RDMA verbs (to come): one more block like the one above -----------
+# --- fake RDMA verbs --------------------------------------------------------
+ibverbs_src=tests/fakes/ibverbs/fake_ibverbs.c
+ibverbs_lib="$out/libfakeibverbs.so"
+build_if_stale "$ibverbs_lib" "$ibverbs_src" -- \
+    "$CC" "${cflags[@]}" -fPIC -shared -o {out} "$ibverbs_src"
+if [ "$check" = 1 ]; then
+    ibverbs_check_src=tests/fakes/ibverbs/check_fake_ibverbs.c
+    ibverbs_check="$out/check_fake_ibverbs"
+    build_if_stale "$ibverbs_check" "$ibverbs_check_src" "$ibverbs_lib" -- \
+        "$CC" "${cflags[@]}" -o {out} "$ibverbs_check_src" \
+        -L"$out" -l:libfakeibverbs.so -Wl,-rpath,"$out"
+    run_check check_fake_ibverbs "$ibverbs_check"
+fi
+echo "NIXL_MOONCAKE_IBVERBS_LIB=$ibverbs_lib"
