@@ -86,6 +86,7 @@ fn wire(c: &mut Criterion) {
         mem_type: 0,
         dev_id: 0,
         ipc: None,
+        rdma: None,
     };
     let region_blob = region.encode();
     assert_eq!(RegionPublic::decode(&region_blob).unwrap(), region);

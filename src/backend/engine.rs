@@ -658,7 +658,7 @@ impl Engine {
                 )));
             }
             let ri = remotes.index(r.md, || match mds.get(&r.md) {
-                Some(Md::Remote { agent: a, region }) if a == agent => Ok(*region),
+                Some(Md::Remote { agent: a, region }) if a == agent => Ok(region.clone()),
                 Some(Md::Remote { agent: a, .. }) => Err(Error::InvalidParam(format!(
                     "prepXfer: remote descriptor {i} belongs to agent {a}, not {agent}"
                 ))),

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use super::status::{Error, Result};
-use crate::wire::region::{IpcExport, RegionPublic, range_within};
+use crate::wire::region::{IpcExport, RdmaKeys, RegionPublic, range_within};
 
 /// `nixl_mem_t::DRAM_SEG`.
 pub const DRAM_SEG: u32 = 0;
@@ -85,7 +85,11 @@ pub fn slot_of(key: u64) -> u32 {
 /// (a transport that must revoke peers' access on its own terms).
 pub trait RegionWatch: Send + Sync {
     /// `region` was registered; called before `registerMem` returns.
-    fn registered(&self, region: &LocalRegion);
+    ///
+    /// # Errors
+    /// Why this watcher's transport cannot serve the region: the
+    /// registration then fails with this error (and is undone).
+    fn registered(&self, region: &LocalRegion) -> Result<()>;
     /// `region` is being deregistered: after return, no peer may access it
     /// through this watcher's transport, and an access in progress has
     /// finished. Called before `deregisterMem` returns, after the region's
@@ -140,6 +144,9 @@ pub struct LocalRegion {
     pub dev_id: u64,
     /// For GPU memory: where it lives, as the driver said at registration.
     pub device: Option<DeviceAlloc>,
+    /// Its keys on our RDMA NICs, set by the RDMA transport when it
+    /// registered the region there (published to peers).
+    pub rdma: std::sync::OnceLock<Arc<RdmaKeys>>,
     /// Read-held by every pin; write-taken once by the deregistration, to
     /// wait for the pins taken before it started.
     pins: RwLock<()>,
@@ -201,6 +208,7 @@ impl LocalRegion {
             mem_type: self.mem_type,
             dev_id: self.dev_id,
             ipc: self.device.as_ref().and_then(|d| d.ipc),
+            rdma: self.rdma.get().cloned(),
         }
     }
 }
@@ -325,14 +333,27 @@ impl Registry {
             mem_type,
             dev_id,
             device,
+            rdma: Default::default(),
             pins: RwLock::new(()),
             dying: AtomicBool::new(false),
         });
         map.insert(key, region.clone());
         drop(map);
-        for w in self.watchers.read().iter() {
-            w.registered(&region);
+        let watchers = self.watchers.read();
+        for (i, w) in watchers.iter().enumerate() {
+            if let Err(e) = w.registered(&region) {
+                // Undone as a deregistration would, for the watchers told.
+                self.by_key.write().remove(&key);
+                region.dying.store(true, Ordering::Release);
+                drop(region.pins.write());
+                for told in &watchers[..i] {
+                    told.revoke(&region);
+                }
+                self.slots.lock().give_back(region.slot());
+                return Err(e);
+            }
         }
+        drop(watchers);
         Ok(region)
     }
 
@@ -359,7 +380,9 @@ impl Registry {
     pub fn watch(&self, watcher: Arc<dyn RegionWatch>) {
         let mut watchers = self.watchers.write();
         for region in self.by_key.read().values() {
-            watcher.registered(region);
+            if let Err(e) = watcher.registered(region) {
+                log::warn!("Mooncake: region {:#x}+{}: {e}", region.addr, region.len);
+            }
         }
         watchers.push(watcher);
     }
@@ -452,8 +475,9 @@ mod tests {
         #[derive(Default)]
         struct Log(Mutex<Vec<(bool, u64)>>);
         impl RegionWatch for Log {
-            fn registered(&self, r: &LocalRegion) {
+            fn registered(&self, r: &LocalRegion) -> Result<()> {
                 self.0.lock().push((true, r.key));
+                Ok(())
             }
             fn revoke(&self, r: &LocalRegion) {
                 assert!(r.pin().is_none(), "revoked after pins stop");

@@ -15,6 +15,34 @@ const ENVELOPE: Envelope = Envelope {
     kind: "connection info",
 };
 
+/// Version 2: the fields of version 1, then the engine's RDMA NICs.
+/// Written only by an engine that serves RDMA; everything else is written
+/// (and read by older builds) as version 1.
+const ENVELOPE_RDMA: Envelope = Envelope {
+    magic: b"MCci",
+    version: 2,
+    kind: "connection info",
+};
+
+/// Most RDMA NICs an engine publishes.
+pub const MAX_RDMA_NICS: usize = 64;
+
+/// One RDMA port an engine serves on, as peers address it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaNic {
+    /// InfiniBand (true: addressed by LID, within one subnet) or RoCE.
+    pub infiniband: bool,
+    /// The port's LID (InfiniBand).
+    pub lid: u16,
+    /// The port's GID (RoCE: the chosen one; InfiniBand: its subnet
+    /// prefix and GUID).
+    pub gid: [u8; 16],
+    /// The port's active MTU (`enum ibv_mtu`, 1..=5).
+    pub mtu: i32,
+    /// The NIC's NUMA node, -1 when unknown.
+    pub numa: i32,
+}
+
 /// Identity of the host and PID namespace a process runs in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostIdentity {
@@ -78,12 +106,20 @@ pub struct ConnInfo {
     /// Address of the cookie a same-host peer reads to probe cross-memory
     /// attach (it holds `token`); `None` when this engine does not accept it.
     pub cma_probe: Option<u64>,
+    /// The RDMA ports this engine serves on (empty: none; written in
+    /// version 2 of the envelope only when not empty).
+    #[serde(skip)]
+    pub rdma: Vec<RdmaNic>,
 }
 
 impl ConnInfo {
     /// Encodes into the blob NIXL carries.
     pub fn encode(&self) -> Vec<u8> {
-        ENVELOPE.encode(self)
+        if self.rdma.is_empty() {
+            ENVELOPE.encode(self)
+        } else {
+            ENVELOPE_RDMA.encode(&(self, &self.rdma))
+        }
     }
 
     /// Decodes a peer's blob.
@@ -91,7 +127,24 @@ impl ConnInfo {
     /// # Errors
     /// A [`WireError`] when the blob is not a connection info of this version.
     pub fn decode(blob: &[u8]) -> Result<ConnInfo, WireError> {
-        ENVELOPE.decode(blob)
+        if blob.get(4) != Some(&ENVELOPE_RDMA.version) {
+            return ENVELOPE.decode(blob);
+        }
+        let (info, rdma): (ConnInfo, Vec<RdmaNic>) = ENVELOPE_RDMA.decode(blob)?;
+        let bad = |why: String| WireError::Body {
+            kind: ENVELOPE.kind,
+            why,
+        };
+        if rdma.is_empty() || rdma.len() > MAX_RDMA_NICS {
+            return Err(bad(format!(
+                "{} RDMA NICs (1..={MAX_RDMA_NICS})",
+                rdma.len()
+            )));
+        }
+        if let Some(n) = rdma.iter().find(|n| !(1..=5).contains(&n.mtu)) {
+            return Err(bad(format!("RDMA MTU code {} (1..=5)", n.mtu)));
+        }
+        Ok(ConnInfo { rdma, ..info })
     }
 
     /// True when `other` is an engine in this very process.
@@ -112,13 +165,51 @@ mod tests {
             pid: std::process::id(),
             endpoints: vec![Endpoint::Tcp("127.0.0.1:5555".parse().unwrap())],
             cma_probe: Some(0x7f00_0000_0040),
+            rdma: Vec::new(),
+        }
+    }
+
+    fn nic(mtu: i32) -> RdmaNic {
+        RdmaNic {
+            infiniband: false,
+            lid: 0,
+            gid: "::ffff:10.0.0.1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            mtu,
+            numa: 1,
         }
     }
 
     #[test]
     fn round_trips() {
         let info = sample();
+        assert_eq!(
+            info.encode()[4],
+            1,
+            "no RDMA: version 1, as older builds read"
+        );
         assert_eq!(ConnInfo::decode(&info.encode()).unwrap(), info);
+        let rdma = ConnInfo {
+            rdma: vec![nic(5), nic(3)],
+            ..sample()
+        };
+        assert_eq!(rdma.encode()[4], 2);
+        assert_eq!(ConnInfo::decode(&rdma.encode()).unwrap(), rdma);
+    }
+
+    #[test]
+    fn rejects_bad_rdma_nics() {
+        let bad_mtu = ConnInfo {
+            rdma: vec![nic(9)],
+            ..sample()
+        };
+        assert!(ConnInfo::decode(&bad_mtu.encode()).is_err());
+        let mut empty = ENVELOPE_RDMA.encode(&(&sample(), &Vec::<RdmaNic>::new()));
+        assert!(ConnInfo::decode(&empty).is_err());
+        empty.truncate(empty.len() - 1);
+        assert!(ConnInfo::decode(&empty).is_err());
     }
 
     #[test]
@@ -150,10 +241,10 @@ mod tests {
     #[test]
     fn rejects_wrong_magic_and_version() {
         let mut blob = sample().encode();
-        blob[4] = 2;
+        blob[4] = 3;
         assert!(matches!(
             ConnInfo::decode(&blob),
-            Err(WireError::Version { found: 2, .. })
+            Err(WireError::Version { found: 3, .. })
         ));
         blob[0] = b'X';
         assert!(matches!(

@@ -12,6 +12,8 @@
 //! ReadResp  aux = status (i64); body: the data of every segment, or the reason
 //! Notif     body: the message bytes
 //! NotifRefused  aux = the refused message's length; body: the reason (text)
+//! Control   aux = the service (1: RDMA connection setup); body: the service's request
+//! ControlResp   aux = status (i64, 0 = done); body: the service's answer, or the reason
 //! Seg: key u64 | addr u64 | len u32   (20 bytes)
 //! ```
 //!
@@ -37,6 +39,8 @@ pub const MAX_HELLO: u32 = 4096;
 pub const MAX_NOTIF: u32 = 16 << 20;
 /// Largest refusal reason.
 pub const MAX_REASON: u32 = 4096;
+/// Largest Control or ControlResp body.
+pub const MAX_CONTROL: u32 = 64 << 10;
 
 /// What a frame is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +62,11 @@ pub enum Kind {
     Notif = 7,
     /// Server to client: a notification was not accepted (no room for it).
     NotifRefused = 8,
+    /// Client to server: a request to one of the server's control services
+    /// (on a connection of its own, answered once).
+    Control = 9,
+    /// Server to client: the answer to a Control.
+    ControlResp = 10,
 }
 
 impl Kind {
@@ -71,6 +80,8 @@ impl Kind {
             6 => Kind::ReadResp,
             7 => Kind::Notif,
             8 => Kind::NotifRefused,
+            9 => Kind::Control,
+            10 => Kind::ControlResp,
             _ => return None,
         })
     }
@@ -169,6 +180,7 @@ impl Header {
             Kind::Notif => limit(MAX_NOTIF, "notification")?,
             Kind::WriteAck => limit(MAX_REASON, "write-ack")?,
             Kind::NotifRefused => limit(MAX_REASON, "notification refusal")?,
+            Kind::Control | Kind::ControlResp => limit(MAX_CONTROL, "control")?,
             Kind::ReadResp => limit(MAX_DATA as u32, "read response")?,
             Kind::Write | Kind::ReadReq => {
                 if h.aux == 0 || h.aux > MAX_SEGS as u64 {

@@ -7,6 +7,7 @@
 
 pub mod conn_info;
 pub mod frame;
+pub mod rdma;
 pub mod region;
 
 use serde::{Serialize, de::DeserializeOwned};

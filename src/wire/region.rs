@@ -20,6 +20,45 @@ const ENVELOPE_IPC: Envelope = Envelope {
     kind: "region public data",
 };
 
+/// Version 3: the fields of version 1, then the region's [`RdmaKeys`].
+/// Written only for regions registered on RDMA NICs.
+const ENVELOPE_RDMA: Envelope = Envelope {
+    magic: b"MCrg",
+    version: 3,
+    kind: "region public data",
+};
+
+/// Most pieces one region may be registered in on one NIC.
+pub const MAX_RDMA_PIECES: usize = 4096;
+
+/// How peers address a region over RDMA: it is registered on each of the
+/// owner's NICs (in the order of its connection info's RDMA list) in
+/// pieces of `piece_len` bytes (the last may be shorter), each with its
+/// rkey.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaKeys {
+    /// Length of every piece but the last.
+    pub piece_len: u64,
+    /// Per NIC, the rkey of each piece.
+    pub nics: Vec<Vec<u32>>,
+}
+
+impl RdmaKeys {
+    /// The rkey on NIC `nic` covering `[addr, addr + len)` of a region
+    /// starting at `region_addr`; `None` when the range crosses a piece
+    /// boundary or lies outside the pieces.
+    pub fn rkey(&self, nic: usize, region_addr: u64, addr: u64, len: u64) -> Option<u32> {
+        let piece = self.piece_len.max(1);
+        let off = addr.checked_sub(region_addr)?;
+        let first = off / piece;
+        let last = off.checked_add(len.max(1) - 1)? / piece;
+        if first != last {
+            return None;
+        }
+        self.nics.get(nic)?.get(first as usize).copied()
+    }
+}
+
 /// How a process on the same host can map a GPU region of ours: the CUDA
 /// IPC handle of the allocation the region lies in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,7 +74,7 @@ pub struct IpcExport {
 }
 
 /// What a peer needs to address one of our registered regions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionPublic {
     /// The owning engine's token (see [`super::conn_info::ConnInfo::token`]).
     pub owner: u128,
@@ -52,14 +91,18 @@ pub struct RegionPublic {
     /// For GPU memory shareable on this host: the allocation's IPC handle.
     #[serde(skip)]
     pub ipc: Option<IpcExport>,
+    /// For a region registered on RDMA NICs: its keys there.
+    #[serde(skip)]
+    pub rdma: Option<std::sync::Arc<RdmaKeys>>,
 }
 
 impl RegionPublic {
     /// Encodes into the blob NIXL carries.
     pub fn encode(&self) -> Vec<u8> {
-        match &self.ipc {
-            None => ENVELOPE.encode(self),
-            Some(ipc) => ENVELOPE_IPC.encode(&(self, ipc)),
+        match (&self.ipc, &self.rdma) {
+            (Some(ipc), _) => ENVELOPE_IPC.encode(&(self, ipc)),
+            (None, Some(keys)) => ENVELOPE_RDMA.encode(&(self, &**keys)),
+            (None, None) => ENVELOPE.encode(self),
         }
     }
 
@@ -87,6 +130,14 @@ impl RegionPublic {
                     ..region
                 }
             }
+            Some(&v) if v == ENVELOPE_RDMA.version => {
+                let (region, keys): (RegionPublic, RdmaKeys) = ENVELOPE_RDMA.decode(blob)?;
+                check_keys(&region, &keys)?;
+                RegionPublic {
+                    rdma: Some(std::sync::Arc::new(keys)),
+                    ..region
+                }
+            }
             _ => ENVELOPE.decode(blob)?,
         };
         if region.addr.checked_add(region.len).is_none() {
@@ -107,6 +158,33 @@ impl RegionPublic {
     }
 }
 
+/// Checks that `keys` name every piece of `region` on 1 to 64 NICs.
+fn check_keys(region: &RegionPublic, keys: &RdmaKeys) -> Result<(), WireError> {
+    let bad = |why: String| {
+        Err(WireError::Body {
+            kind: ENVELOPE.kind,
+            why,
+        })
+    };
+    if keys.piece_len == 0 {
+        return bad("RDMA pieces of 0 bytes".into());
+    }
+    let pieces = region.len.div_ceil(keys.piece_len);
+    if pieces == 0 || pieces > MAX_RDMA_PIECES as u64 {
+        return bad(format!(
+            "{pieces} RDMA pieces of {} bytes for {} bytes (1..={MAX_RDMA_PIECES})",
+            keys.piece_len, region.len
+        ));
+    }
+    if keys.nics.is_empty() || keys.nics.len() > super::conn_info::MAX_RDMA_NICS {
+        return bad(format!("RDMA keys for {} NICs", keys.nics.len()));
+    }
+    if let Some(n) = keys.nics.iter().find(|n| n.len() as u64 != pieces) {
+        return bad(format!("{} RDMA keys for {pieces} pieces", n.len()));
+    }
+    Ok(())
+}
+
 /// True when `[addr, addr+len)` lies inside `[base, base+size)`, without overflow.
 pub fn range_within(base: u64, size: u64, addr: u64, len: u64) -> bool {
     addr >= base && len <= size && addr - base <= size - len
@@ -124,6 +202,7 @@ mod tests {
         mem_type: 0,
         dev_id: 0,
         ipc: None,
+        rdma: None,
     };
 
     #[test]
@@ -139,7 +218,15 @@ mod tests {
             }),
             ..SAMPLE
         };
-        for region in [SAMPLE, gpu] {
+        let rdma = RegionPublic {
+            rdma: Some(std::sync::Arc::new(RdmaKeys {
+                piece_len: 300_000,
+                nics: vec![vec![1, 2, 3, 4], vec![5, 6, 7, 8]],
+            })),
+            ..SAMPLE
+        };
+        assert_eq!(rdma.encode()[4], 3);
+        for region in [SAMPLE, gpu.clone(), rdma] {
             let blob = region.encode();
             assert_eq!(RegionPublic::decode(&blob).unwrap(), region);
             for cut in 0..blob.len() {
@@ -152,6 +239,34 @@ mod tests {
             "without IPC: version 1, as older builds read"
         );
         assert_eq!(gpu.encode()[4], 2);
+    }
+
+    #[test]
+    fn rdma_keys_must_name_every_piece() {
+        let with = |piece_len, nics: Vec<Vec<u32>>| RegionPublic {
+            rdma: Some(std::sync::Arc::new(RdmaKeys { piece_len, nics })),
+            ..SAMPLE
+        };
+        // 1 MiB in pieces of 300,000 bytes: 4 pieces.
+        assert!(RegionPublic::decode(&with(300_000, vec![vec![1, 2, 3, 4]]).encode()).is_ok());
+        assert!(RegionPublic::decode(&with(300_000, vec![vec![1, 2, 3]]).encode()).is_err());
+        assert!(RegionPublic::decode(&with(0, vec![vec![1]]).encode()).is_err());
+        assert!(
+            RegionPublic::decode(&with(1, vec![vec![1]]).encode()).is_err(),
+            "too many pieces"
+        );
+        assert!(RegionPublic::decode(&with(1 << 20, vec![]).encode()).is_err());
+        let keys = RdmaKeys {
+            piece_len: 100,
+            nics: vec![vec![7, 8, 9], vec![17, 18, 19]],
+        };
+        assert_eq!(keys.rkey(0, 1000, 1000, 100), Some(7));
+        assert_eq!(keys.rkey(1, 1000, 1150, 50), Some(18));
+        assert_eq!(keys.rkey(0, 1000, 1250, 30), Some(9));
+        assert_eq!(keys.rkey(0, 1000, 1050, 100), None, "crosses a boundary");
+        assert_eq!(keys.rkey(0, 1000, 1300, 1), None, "beyond the last piece");
+        assert_eq!(keys.rkey(0, 1000, 999, 1), None, "before the region");
+        assert_eq!(keys.rkey(2, 1000, 1000, 1), None, "no such NIC");
     }
 
     #[test]

@@ -91,8 +91,9 @@ impl CmaTransport {
 struct Watch(Arc<ControlPage>);
 
 impl RegionWatch for Watch {
-    fn registered(&self, region: &LocalRegion) {
+    fn registered(&self, region: &LocalRegion) -> Result<()> {
         self.0.publish(region.key);
+        Ok(())
     }
 
     fn revoke(&self, region: &LocalRegion) {

@@ -765,6 +765,65 @@ pub(super) fn instance_alive(
     alive
 }
 
+/// Calls control service `service` of the engine `token` at `addr` with
+/// `request`, on a connection of its own (presenting us as agent `me`,
+/// engine `my_token`), and returns its answer; everything within `within`.
+///
+/// # Errors
+/// [`Error::RemoteDisconnect`] when the peer cannot be reached or does not
+/// answer in time; [`Error::Backend`] with the service's reason when it
+/// refused.
+pub(super) fn control_call(
+    addr: SocketAddr,
+    token: u128,
+    (me, my_token): (&AgentName, u128),
+    service: u64,
+    request: &[u8],
+    within: Duration,
+) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    let gone =
+        |e: std::io::Error| Error::RemoteDisconnect(format!("control call to {addr} failed: {e}"));
+    let s = io::connect_by(addr, deadline, &|| false).map_err(gone)?;
+    let hello = Hello {
+        target_token: token,
+        sender_token: my_token,
+        name: me.as_bytes().to_vec(),
+    }
+    .encode();
+    let hello_head = Header::new(Kind::Hello, hello.len() as u32, 0, 0).encode();
+    let call_head = Header::new(Kind::Control, request.len() as u32, 1, service).encode();
+    let result = (|| {
+        io::send_bytes(&s, &[&hello_head, &hello]).map_err(gone)?;
+        let mut raw = [0u8; frame::HEADER_LEN];
+        io::read_exact_by(&s, &mut raw, deadline, &|| false).map_err(gone)?;
+        if !matches!(Header::decode(&raw), Ok(h) if h.kind == Kind::HelloOk) {
+            return Err(Error::RemoteDisconnect(format!(
+                "{addr} refused our hello for a control call"
+            )));
+        }
+        io::send_bytes(&s, &[&call_head, request]).map_err(gone)?;
+        io::read_exact_by(&s, &mut raw, deadline, &|| false).map_err(gone)?;
+        let h = Header::decode(&raw)
+            .ok()
+            .filter(|h| h.kind == Kind::ControlResp)
+            .ok_or_else(|| {
+                Error::RemoteDisconnect(format!("{addr} answered a control call with garbage"))
+            })?;
+        let mut body = vec![0u8; h.body_len as usize];
+        io::read_exact_by(&s, &mut body, deadline, &|| false).map_err(gone)?;
+        if h.status() != 0 {
+            return Err(Error::Backend(format!(
+                "the peer at {addr} refused: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        Ok(body)
+    })();
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    result
+}
+
 /// What a writer thread needs to open its stream.
 struct Dial {
     addr: SocketAddr,

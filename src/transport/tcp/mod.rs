@@ -4,6 +4,8 @@
 //! - `server`: accepts connections that present our token and serves them.
 //! - `client`: [`PeerLink`], the initiator's connections to one peer.
 //! - `io`: vectored socket I/O straight from and into registered memory.
+//! - [`ControlService`]: request/answer services other transports offer
+//!   through the listener (RDMA's connection setup).
 //!
 //! Frames are defined in [`crate::wire::frame`].
 
@@ -77,6 +79,29 @@ impl TcpTransport {
         )
     }
 
+    /// Offers `service` to authenticated peers as control service `id`
+    /// (see [`ControlService`]).
+    pub fn offer(&self, id: u64, service: Arc<dyn ControlService>) {
+        self.server.offer(id, service);
+    }
+
+    /// Calls control service `id` of the engine `token` listening at `addr`
+    /// with `request`, on a connection of its own, within `within`.
+    ///
+    /// # Errors
+    /// [`Error::RemoteDisconnect`] when the peer cannot be reached in time;
+    /// [`Error::Backend`] with the service's reason when it refused.
+    pub fn call(
+        &self,
+        addr: SocketAddr,
+        token: u128,
+        id: u64,
+        request: &[u8],
+        within: Duration,
+    ) -> Result<Vec<u8>> {
+        client::control_call(addr, token, (&self.me, self.my_token), id, request, within)
+    }
+
     /// The listener (for tests).
     pub fn server(&self) -> &TcpServer {
         &self.server
@@ -104,6 +129,23 @@ impl Transport for TcpTransport {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// A service another transport offers through our TCP listener (RDMA's
+/// connection setup): requests arrive in Control frames from peers that
+/// passed the handshake (they presented our token), and are answered once.
+pub trait ControlService: Send + Sync {
+    /// Answers `request` from agent `peer`, whose engine presented token
+    /// `peer_token`; `Err` carries the reason of a refusal.
+    ///
+    /// # Errors
+    /// The refusal's reason, sent to the peer.
+    fn call(
+        &self,
+        peer: &AgentName,
+        peer_token: u128,
+        request: &[u8],
+    ) -> std::result::Result<Vec<u8>, String>;
 }
 
 /// The address an engine listens on and publishes: the `ip_addr` option

@@ -111,6 +111,9 @@ pub struct TcpServer {
     spinners: AtomicUsize,
     /// Served connections by sender engine token, for fencing.
     links: Mutex<HashMap<u128, Links>>,
+    /// Control services other transports offer through this listener, by
+    /// service number (see [`super::ControlService`]).
+    services: RwLock<HashMap<u64, Arc<dyn super::ControlService>>>,
     accept: Mutex<Option<JoinHandle<()>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -140,6 +143,7 @@ impl TcpServer {
             spin,
             spinners: AtomicUsize::new(0),
             links: Mutex::new(HashMap::new()),
+            services: RwLock::new(HashMap::new()),
             accept: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
         });
@@ -231,6 +235,12 @@ impl TcpServer {
     pub fn serve_connection(&self, stream: &TcpStream, from: SocketAddr, endpoint: &Endpoint) {
         self.handshaking.fetch_add(1, Ordering::AcqRel);
         serve(stream, u64::MAX, from, endpoint, self);
+    }
+
+    /// Offers `service` as control service number `id` to authenticated
+    /// peers (replacing one of that number).
+    pub fn offer(&self, id: u64, service: Arc<dyn super::ControlService>) {
+        self.services.write().insert(id, service);
     }
 
     /// Stops accepting, closes every served connection and joins the threads.
@@ -365,7 +375,7 @@ fn serve(stream: &TcpStream, id: u64, from: SocketAddr, endpoint: &Endpoint, ser
     let _ = stream.set_nodelay(true);
     let greeted = handshake(stream, endpoint, server);
     server.handshaking.fetch_sub(1, Ordering::AcqRel);
-    let (peer, fence) = match greeted {
+    let (peer, peer_token, fence) = match greeted {
         Ok(joined) => joined,
         Err(why) => {
             warn!(
@@ -389,7 +399,8 @@ fn serve(stream: &TcpStream, id: u64, from: SocketAddr, endpoint: &Endpoint, ser
     let _ = io::keep_alive(stream, stall);
     let mut scratch = Vec::new();
     loop {
-        match serve_one(stream, endpoint, &peer, server, &fence, &mut scratch) {
+        let from_peer = (&peer, peer_token);
+        match serve_one(stream, endpoint, from_peer, server, &fence, &mut scratch) {
             Ok(true) => linger(stream, server.spin, &server.spinners),
             Ok(false) if server.stopping.load(Ordering::Acquire) => return,
             Ok(false) => {
@@ -434,7 +445,7 @@ fn handshake(
     stream: &TcpStream,
     endpoint: &Endpoint,
     server: &TcpServer,
-) -> Result<(AgentName, Arc<Fence>), Close> {
+) -> Result<(AgentName, u128, Arc<Fence>), Close> {
     // One deadline for the whole handshake: a client trickling bytes cannot
     // hold this thread longer.
     let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
@@ -458,7 +469,7 @@ fn handshake(
     let fence = server.join_link(hello.sender_token, header.aux, stream)?;
     io::send_bytes(stream, &[&Header::new(Kind::HelloOk, 0, 0, 0).encode()])
         .map_err(|e| e.to_string())?;
-    Ok((name, fence))
+    Ok((name, hello.sender_token, fence))
 }
 
 /// Checks a peer's claim to be agent `name` (engine `token`) against the
@@ -499,7 +510,7 @@ fn admit(endpoint: &Endpoint, name: &AgentName, token: u128) -> Result<(), Close
 fn serve_one(
     stream: &TcpStream,
     endpoint: &Endpoint,
-    peer: &AgentName,
+    (peer, peer_token): (&AgentName, u128),
     server: &TcpServer,
     fence: &Fence,
     scratch: &mut Vec<u8>,
@@ -667,6 +678,29 @@ fn serve_one(
                     .map_err(|e| e.to_string())?;
                 }
             }
+        }
+        Kind::Control => {
+            let mut request = vec![0u8; h.body_len as usize];
+            io::read_exact(stream, &mut request).map_err(|e| e.to_string())?;
+            let service = server.services.read().get(&h.aux).cloned();
+            let answer = match service {
+                Some(s) => s.call(peer, peer_token, &request),
+                None => Err(format!("no control service {} here", h.aux)),
+            };
+            let (status, body) = match answer {
+                Ok(body) if body.len() <= frame::MAX_CONTROL as usize => (0, body),
+                Ok(body) => (1, format!("an answer of {} bytes", body.len()).into_bytes()),
+                Err(why) => (1, why.into_bytes()),
+            };
+            let body = &body[..body.len().min(frame::MAX_CONTROL as usize)];
+            io::send_bytes(
+                stream,
+                &[
+                    &Header::new(Kind::ControlResp, body.len() as u32, h.tag, status).encode(),
+                    body,
+                ],
+            )
+            .map_err(|e| e.to_string())?;
         }
         other => return Err(format!("unexpected {other:?} frame")),
     }

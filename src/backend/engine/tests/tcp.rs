@@ -453,6 +453,7 @@ pub(super) fn fake_agent(
         mem_type: 0,
         dev_id: 0,
         ipc: None,
+        rdma: None,
     };
     let rmd = a
         .load_remote_md(0x10000, len, 0, &region.encode(), b"Fake")
