@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: the README's test command, and what CI runs.
 #
-#   0. scripts/build-fakes.sh --check: the fake CUDA driver the GPU tests run on
+#   0. libibverbs-dev (the verbs.h our ABI declarations are checked against; installed
+#      with apt-get when missing), then scripts/build-fakes.sh --check: the fake CUDA
+#      driver and the fake verbs library the GPU and RDMA tests run on
 #   1. cargo test         unit tests, the mooncake_backend_test port (C++ through
 #                         the exported entry point) and the manifest check
 #   2. cargo build --release, then the end-to-end suite through the real NIXL 1.5.1
@@ -22,6 +24,19 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # wheel's UCX at exit once Debian's ibverbs providers are installed) and on loopback.
 export UCX_MODULES='^efa'
 export UCX_NET_DEVICES=lo
+
+echo "== system headers the ABI checks compile against (libibverbs-dev)"
+if [ ! -e /usr/include/infiniband/verbs.h ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs-dev >/dev/null ||
+            { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs-dev >/dev/null; }
+    else
+        echo "test-all: /usr/include/infiniband/verbs.h is missing: install libibverbs-dev" >&2
+        exit 1
+    fi
+fi
+# The verbs ABI check (src/transport/rdma/verbs/tests.rs) must run, not skip.
+export NIXL_MOONCAKE_REQUIRE_VERBS_HEADER=1
 
 echo "== test fakes of hardware libraries (built, and their own self-tests)"
 scripts/build-fakes.sh --check >/dev/null

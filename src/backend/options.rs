@@ -70,6 +70,18 @@ pub const OPTION_SPECS: &[OptionSpec] = &[
         default: "",
         help: "RDMA device(s) to use, comma-separated (e.g. mlx5_0); empty: all active devices",
     },
+    OptionSpec {
+        name: "gid_index",
+        default: "auto",
+        help: "RoCE GID index to use on every RDMA port; auto: RoCEv2 with an IPv4-mapped \
+               address on an interface that is up, else a global IPv6 one, never link-local",
+    },
+    OptionSpec {
+        name: "slice_size",
+        default: "65536",
+        help: "bytes per RDMA work request (4096 to 16777216): transfers are cut in slices \
+               of this size, spread over the queue pairs and NICs",
+    },
 ];
 
 /// Validated options of one engine.
@@ -89,6 +101,10 @@ pub struct Options {
     pub busy_poll: Duration,
     /// RDMA devices to use; empty = all.
     pub device_names: Vec<String>,
+    /// RoCE GID index; `None` = our choice.
+    pub gid_index: Option<u32>,
+    /// Bytes per RDMA work request.
+    pub slice_size: u64,
 }
 
 impl Default for Options {
@@ -101,6 +117,8 @@ impl Default for Options {
             timeout: Duration::from_secs(30),
             busy_poll: Duration::from_micros(30),
             device_names: Vec::new(),
+            gid_index: None,
+            slice_size: 64 << 10,
         }
     }
 }
@@ -302,6 +320,25 @@ impl Options {
                     ));
                 }
             }
+            "gid_index" => {
+                opts.gid_index = if value.eq_ignore_ascii_case("auto") || value.is_empty() {
+                    None
+                } else {
+                    Some(
+                        value
+                            .parse::<u8>()
+                            .map(u32::from)
+                            .map_err(|_| invalid(key, value, "expected auto or 0 to 255"))?,
+                    )
+                };
+            }
+            "slice_size" => {
+                opts.slice_size = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| (4096..=16 << 20).contains(n))
+                    .ok_or_else(|| invalid(key, value, "expected bytes from 4096 to 16777216"))?;
+            }
             _ => return Err(invalid(key, value, "not an option of this backend")),
         }
         Ok(())
@@ -318,6 +355,14 @@ impl Options {
             streams: self.streams,
             timeout: self.timeout,
             busy_poll: self.busy_poll,
+            rdma: crate::transport::rdma::RdmaConfig {
+                devices: crate::transport::rdma::device::DeviceConfig {
+                    names: self.device_names.clone(),
+                    gid_index: self.gid_index,
+                },
+                slice: self.slice_size,
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -371,6 +416,10 @@ mod tests {
             ("busy_poll_us", "-5"),
             ("busy_poll_us", "2000000"),
             ("device_name", "mlx5 0;rm"),
+            ("gid_index", "256"),
+            ("gid_index", "-1"),
+            ("slice_size", "4095"),
+            ("slice_size", "big"),
         ] {
             let err = Options::parse([(k, v)]).unwrap_err();
             assert!(matches!(err, Error::InvalidParam(_)));
@@ -406,10 +455,14 @@ mod tests {
                 ("NIXL_MOONCAKE_TIMEOUT_MS", "700"),
                 ("NIXL_MOONCAKE_BUSY_POLL_US", "0"),
                 ("NIXL_MOONCAKE_DEVICE_NAME", "mlx5_3"),
+                ("NIXL_MOONCAKE_GID_INDEX", "3"),
+                ("NIXL_MOONCAKE_SLICE_SIZE", "131072"),
             ]),
         )
         .unwrap();
         let o = &r.options;
+        assert_eq!(o.gid_index, Some(3));
+        assert_eq!(o.slice_size, 128 << 10);
         assert_eq!(o.protocol, Protocol::Tcp);
         assert_eq!(o.ip_addr, Some("127.0.0.1".parse().unwrap()));
         assert_eq!(o.port, 4321);

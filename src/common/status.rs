@@ -112,6 +112,22 @@ impl Error {
             Error::Backend(_) => Status::Backend,
         }
     }
+
+    /// What went wrong, without the category prefix of `Display` (for an
+    /// error quoted inside another one's message).
+    pub fn message(&self) -> &str {
+        match self {
+            Error::InvalidParam(m)
+            | Error::NotFound(m)
+            | Error::Mismatch(m)
+            | Error::NotAllowed(m)
+            | Error::RepostActive(m)
+            | Error::NotSupported(m)
+            | Error::RemoteDisconnect(m)
+            | Error::Canceled(m)
+            | Error::Backend(m) => m,
+        }
+    }
 }
 
 /// The engine's result type.

@@ -54,6 +54,7 @@ pub mod cma;
 pub mod cuda_ipc;
 pub mod inproc;
 pub mod job;
+pub mod rdma;
 pub mod select;
 pub mod tcp;
 

@@ -3,14 +3,18 @@
 //! transport.
 //!
 //! - Per engine ([`Transports::start`]): the in-process copy and the TCP
-//!   listener always; cross-memory attach under `protocol=auto` and `cma`.
+//!   listener always; cross-memory attach under `protocol=auto` and `cma`;
+//!   RDMA under `auto` (when a verbs library and an active port exist) and
+//!   `rdma` (which otherwise fails every route with the reason).
 //! - Per peer ([`Transports::routes`], when its connection info is loaded):
 //!   under `auto` a direct copy for an engine of this process,
 //!   cross-memory attach on the same host when the probe succeeds, then CUDA
 //!   IPC for the peer's GPU memory, then TCP for the rest (GPU memory
 //!   without IPC, our GPU memory to its host memory) (without the probe TCP,
-//!   with one log line saying why), TCP otherwise; `tcp`, `cma` and `rdma`
-//!   force that transport. Routes come in order of preference.
+//!   with one log line saying why), RDMA for host memory of a peer on
+//!   another host whose NICs ours reach (then TCP for the rest), TCP
+//!   otherwise; `tcp`, `cma` and `rdma` force that transport. Routes come
+//!   in order of preference.
 //! - Per plan ([`choose`], at `prepXfer`): the first route that serves the
 //!   memory kinds on both sides of every segment, or an error naming each
 //!   route's transport and the kinds it was asked for.
@@ -25,6 +29,7 @@ use crate::wire::conn_info::{self, ConnInfo, HostIdentity};
 use super::cma::{CmaRoute, CmaTransport};
 use super::cuda_ipc::IpcRoute;
 use super::inproc::InProcTransport;
+use super::rdma::{RdmaConfig, RdmaTransport};
 use super::tcp::{TcpConfig, TcpTransport};
 use super::{Plan, Route, Transport};
 
@@ -86,6 +91,8 @@ pub struct Config {
     /// Tunables of the TCP initiator (tests change them); `streams` and
     /// `stall_timeout` are set from the fields above.
     pub tcp: TcpConfig,
+    /// The RDMA transport's settings (`required` is set from `protocol`).
+    pub rdma: RdmaConfig,
 }
 
 impl Default for Config {
@@ -98,6 +105,7 @@ impl Default for Config {
             timeout: Duration::from_secs(30),
             busy_poll: Duration::from_micros(30),
             tcp: TcpConfig::default(),
+            rdma: RdmaConfig::default(),
         }
     }
 }
@@ -109,6 +117,9 @@ pub struct Transports {
     inproc: InProcTransport,
     tcp: Arc<TcpTransport>,
     cma: Option<CmaTransport>,
+    /// The RDMA transport, or why there is none (under `protocol=rdma`,
+    /// the error every route gives; under `auto`, logged once).
+    rdma: std::result::Result<Arc<RdmaTransport>, Error>,
     /// Every transport, for publishing and shutdown.
     all: Vec<Arc<dyn Transport>>,
     /// How many times routes were built (for tests).
@@ -146,10 +157,37 @@ impl Transports {
                 .ok(),
             Protocol::Tcp | Protocol::Rdma => None,
         };
+        let rdma = match config.protocol {
+            Protocol::Auto | Protocol::Rdma => {
+                let rdma_config = RdmaConfig {
+                    required: config.protocol == Protocol::Rdma,
+                    ..config.rdma.clone()
+                };
+                RdmaTransport::start(endpoint.clone(), tcp.clone(), rdma_config)
+                    .map(Arc::new)
+                    .inspect_err(|why| {
+                        if config.protocol == Protocol::Rdma {
+                            log::warn!("Mooncake: agent {}: protocol=rdma: {why}", endpoint.name)
+                        } else {
+                            log::debug!(
+                                "Mooncake: agent {}: no RDMA for peers on other hosts: {why}",
+                                endpoint.name
+                            )
+                        }
+                    })
+            }
+            Protocol::Tcp | Protocol::Cma => Err(Error::NotSupported(format!(
+                "protocol={} excludes RDMA",
+                config.protocol.as_str()
+            ))),
+        };
         let inproc = InProcTransport::publish(endpoint.clone());
         let mut all: Vec<Arc<dyn Transport>> = vec![Arc::new(inproc.clone()), tcp.clone()];
         if let Some(cma) = &cma {
             all.push(Arc::new(cma.clone()));
+        }
+        if let Ok(rdma) = &rdma {
+            all.push(rdma.clone());
         }
         let mut info = ConnInfo {
             agent: endpoint.name.as_bytes().to_vec(),
@@ -158,6 +196,7 @@ impl Transports {
             pid: std::process::id(),
             endpoints: Vec::new(),
             cma_probe: None,
+            rdma: Vec::new(),
         };
         for t in &all {
             t.publish(&mut info);
@@ -168,6 +207,7 @@ impl Transports {
             inproc,
             tcp,
             cma,
+            rdma,
             all,
             routes_built: Default::default(),
         })
@@ -242,6 +282,31 @@ impl Transports {
             cma.route(&name, remote.pid, probe_addr, remote.token, control)
         };
         let only = |r: Arc<dyn Route>| vec![r];
+        // RDMA to a peer that publishes NICs ours reach, with its TCP link
+        // for connection setup, notifications outside transfers and its
+        // liveness.
+        let rdma = || -> Result<Arc<dyn Route>> {
+            let t = self.rdma.as_ref().map_err(Clone::clone)?;
+            if remote.rdma.is_empty() {
+                return Err(Error::NotSupported(format!(
+                    "agent {agent:?} publishes no RDMA NIC (its protocol option, or no device there)"
+                )));
+            }
+            let pairs = t.pairs(&remote.rdma);
+            if pairs.is_empty() {
+                return Err(Error::NotSupported(format!(
+                    "none of agent {agent:?}'s RDMA NICs is reachable from ours (another link \
+                     layer or InfiniBand subnet)"
+                )));
+            }
+            let addr = tcp.ok_or_else(no_tcp)?;
+            let control = link.clone().ok_or_else(no_tcp)?;
+            Ok(Arc::new(t.route(
+                (name.clone(), remote.token, addr),
+                pairs,
+                control,
+            )))
+        };
         // Cross-memory attach for host memory, then CUDA IPC (riding on the
         // same probe and control page) for the peer's GPU memory.
         let stage = self.protocol == Protocol::Auto;
@@ -268,6 +333,14 @@ impl Transports {
                             "Mooncake: agent {agent:?} is on this host but cross-memory attach is \
                              not possible ({why}); using TCP"
                         );
+                    } else if let Ok(route) = rdma() {
+                        // Host memory by RDMA, the rest (GPU memory) over TCP.
+                        let mut routes = vec![route];
+                        routes.extend(link.clone());
+                        return Ok(chosen(
+                            routes,
+                            "protocol=auto, another host, RDMA reachable",
+                        ));
                     }
                     let why = format!("protocol=auto, no cross-memory attach: {why}");
                     Ok(chosen(only(link.clone().ok_or_else(no_tcp)?), &why))
@@ -280,11 +353,16 @@ impl Transports {
                     "protocol=cma: agent {agent:?} cannot be reached with cross-memory attach: {why}"
                 ))),
             },
-            Protocol::Rdma => Err(Error::NotSupported(format!(
-                "protocol=rdma is not available in this build; agent {agent:?} (pid {} on host \
-                 {:?}) cannot be reached with it (use protocol=auto)",
-                remote.pid, remote.host.hostname
-            ))),
+            Protocol::Rdma => match rdma() {
+                Ok(route) => Ok(chosen(only(route), &protocol)),
+                Err(why) => Err(Error::NotSupported(format!(
+                    "protocol=rdma: agent {agent:?} (pid {} on host {:?}) cannot be reached by \
+                     RDMA: {}",
+                    remote.pid,
+                    remote.host.hostname,
+                    why.message()
+                ))),
+            },
         }
     }
 

@@ -44,6 +44,16 @@ conformance!(inproc, &[]);
 conformance!(tcp, &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")]);
 // Cross-memory attach: the probe reads our own pid's cookie.
 conformance!(cma, &[("protocol", "cma"), ("ip_addr", "127.0.0.1")]);
+// RDMA on the fake NIC (tests/fakes/ibverbs), one device: the RDMA unit
+// tests inject faults into the other.
+conformance!(
+    rdma,
+    &[
+        ("protocol", "rdma"),
+        ("ip_addr", "127.0.0.1"),
+        ("device_name", "fake_mlx5_0")
+    ]
+);
 
 /// Two engines with progress threads, where `A` knows `B`.
 fn two(params: &[(&str, &str)]) -> (Engine, Engine) {

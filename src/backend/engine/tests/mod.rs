@@ -6,6 +6,7 @@ use std::time::Instant;
 mod cma;
 mod conformance;
 mod hardening;
+mod rdma;
 mod tcp;
 mod vram;
 
@@ -19,6 +20,10 @@ fn engine(name: &str, progress_thread: bool) -> Engine {
 }
 
 fn engine_with(name: &str, progress_thread: bool, params: &[(&str, &str)]) -> Engine {
+    if params.contains(&("protocol", "rdma")) {
+        // The fake NIC, made this process's verbs library first.
+        crate::transport::rdma::testing::fake();
+    }
     Engine::new(EngineConfig {
         progress_thread,
         ..EngineConfig::new(name, params)
@@ -470,6 +475,7 @@ fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds()
             mem_type,
             dev_id: 3,
             ipc: None,
+            rdma: None,
         };
         let vmd =
             p.a.load_remote_md(vram.addr, vram.len, vram.mem_type, &vram.encode(), b"B")

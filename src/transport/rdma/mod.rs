@@ -1,0 +1,388 @@
+//! RDMA: reliable-connected queue pairs over the verbs library, loaded at
+//! run time (a host without rdma-core runs the plugin over TCP).
+//!
+//! - [`verbs`]: the library and safe owners of its objects.
+//! - [`device`]: which NICs and ports we use, their GIDs and limits.
+//! - [`mr`], [`reg`]: every host-memory region registered on every NIC
+//!   (in pieces of at most the NIC's largest region), its keys published
+//!   with the region, its deregistration waiting for our posts in flight.
+//! - [`connect`]: connecting a queue pair to a peer's.
+//! - [`nic`]: per NIC one completion queue and one completion thread.
+//! - [`qp`]: a queue pair's work (credits, batches, selective signalling)
+//!   and its receive buffers.
+//! - [`route`], [`slice`], [`xfer`]: a peer's endpoints, a post cut into
+//!   slices striped over them.
+//! - [`notif`]: notifications delivered after the data, in parts.
+//!
+//! Connection setup goes through the peer's TCP listener as a control
+//! service ([`SERVICE`]): the initiator sends its queue pairs' addresses
+//! with a fresh generation, the target creates, connects and arms its own,
+//! and answers with theirs.
+
+pub mod connect;
+pub mod device;
+pub mod mr;
+pub mod nic;
+pub mod notif;
+pub mod qp;
+pub mod reg;
+pub mod route;
+pub mod slice;
+pub mod verbs;
+pub mod xfer;
+
+#[cfg(test)]
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
+
+use self::connect::Timing;
+use self::device::{DeviceConfig, LinkLayer};
+use self::nic::NicWorker;
+use self::notif::PassivePeer;
+use self::qp::{QpConn, Side};
+use self::reg::RegionReg;
+pub use self::route::RdmaRoute;
+use super::tcp::{ControlService, TcpTransport};
+use super::{Route, Transport};
+use crate::common::memory::RegionWatch;
+use crate::common::{AgentName, Endpoint, Error, LocalRegion, MemKind, Result};
+use crate::wire::conn_info::{ConnInfo, RdmaNic};
+use crate::wire::rdma::{ConnectReply, ConnectRequest};
+
+/// The TCP control service number of RDMA connection setup.
+pub const SERVICE: u64 = 1;
+
+/// What the RDMA transport is configured with.
+#[derive(Debug, Clone)]
+pub struct RdmaConfig {
+    /// Which devices, and the GID override.
+    pub devices: DeviceConfig,
+    /// Bytes per work request (the `slice_size` option).
+    pub slice: u64,
+    /// RC queue pairs per pair of NICs.
+    pub qps_per_pair: usize,
+    /// Send queue depth of each queue pair.
+    pub depth: usize,
+    /// Transport timing of the queue pairs.
+    pub timing: Timing,
+    /// True under `protocol=rdma`: a region the NICs refuse fails its
+    /// registration (under `auto` it is only reachable over TCP).
+    pub required: bool,
+}
+
+impl Default for RdmaConfig {
+    fn default() -> Self {
+        RdmaConfig {
+            devices: DeviceConfig::default(),
+            slice: 64 << 10,
+            qps_per_pair: 2,
+            depth: 128,
+            timing: Timing::default(),
+            required: false,
+        }
+    }
+}
+
+/// Target queue pairs are kept by (peer engine token, its NIC, our NIC).
+type PassiveKey = (u128, u8, u8);
+
+/// State shared by the transport, its routes and its threads.
+pub(crate) struct Shared {
+    endpoint: Arc<Endpoint>,
+    workers: Vec<Arc<NicWorker>>,
+    tcp: Arc<TcpTransport>,
+    config: RdmaConfig,
+    /// Our regions' registrations, by access key.
+    regs: RwLock<HashMap<u64, Arc<RegionReg>>>,
+    /// Peers whose queue pairs connected to ours, by engine token.
+    peers: notif::Peers,
+    /// The target queue pairs, by (peer token, its NIC, our NIC).
+    passive: Mutex<HashMap<PassiveKey, Vec<Arc<QpConn>>>>,
+    /// Ids of the notifications we send.
+    next_notif: AtomicU64,
+}
+
+/// The RDMA transport of one engine.
+pub struct RdmaTransport {
+    shared: Arc<Shared>,
+}
+
+impl RdmaTransport {
+    /// Opens the NICs `config` selects and serves RDMA connection setup on
+    /// `tcp`'s listener for the engine of `endpoint`.
+    ///
+    /// # Errors
+    /// [`Error::NotSupported`] with the reason when RDMA cannot be used
+    /// here (no verbs library, no device, no usable port).
+    pub fn start(
+        endpoint: Arc<Endpoint>,
+        tcp: Arc<TcpTransport>,
+        config: RdmaConfig,
+    ) -> Result<RdmaTransport> {
+        let nics = device::discover(&config.devices)?;
+        let mut workers = Vec::with_capacity(nics.len());
+        for (i, nic) in nics.into_iter().enumerate() {
+            log::info!("Mooncake: agent {}: RDMA on {nic:?}", endpoint.name);
+            workers.push(NicWorker::start(i, nic)?);
+        }
+        let mut first = [0u8; 8];
+        getrandom::fill(&mut first).expect("the OS random source works");
+        let shared = Arc::new(Shared {
+            endpoint: endpoint.clone(),
+            workers,
+            tcp: tcp.clone(),
+            config,
+            regs: RwLock::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            passive: Mutex::new(HashMap::new()),
+            next_notif: AtomicU64::new(u64::from_le_bytes(first) >> 1),
+        });
+        tcp.offer(SERVICE, Arc::new(Service(Arc::downgrade(&shared))));
+        endpoint
+            .registry
+            .watch(Arc::new(Watch(Arc::downgrade(&shared))));
+        Ok(RdmaTransport { shared })
+    }
+
+    /// The pairs of (our NIC, its NIC) that reach a peer publishing
+    /// `remote`: the same link layer (and, on InfiniBand, the same subnet),
+    /// rail-aligned: pair `i` is our NIC `i % ours` with its NIC
+    /// `i % theirs`, for as many pairs as the larger side has NICs.
+    pub fn pairs(&self, remote: &[RdmaNic]) -> Vec<(usize, usize)> {
+        let ours = &self.shared.workers;
+        let reach = |l: usize, r: usize| {
+            let (a, b) = (&ours[l].nic, &remote[r]);
+            match a.link {
+                LinkLayer::Infiniband => b.infiniband && a.gid.gid.raw[..8] == b.gid[..8],
+                LinkLayer::Ethernet => !b.infiniband,
+            }
+        };
+        let n = ours.len().max(remote.len());
+        if remote.is_empty() {
+            return Vec::new();
+        }
+        (0..n)
+            .map(|i| (i % ours.len(), i % remote.len()))
+            .filter(|&(l, r)| reach(l, r))
+            .collect()
+    }
+
+    /// A route to agent `peer` (engine `token`) over `pairs`, connecting
+    /// through its TCP listener at `addr`, with `control` (its TCP link)
+    /// for notifications outside transfers and its liveness.
+    pub fn route(
+        &self,
+        (peer, token, addr): (AgentName, u128, SocketAddr),
+        pairs: Vec<(usize, usize)>,
+        control: Arc<dyn Route>,
+    ) -> RdmaRoute {
+        RdmaRoute::new(self.shared.clone(), (peer, token, addr), pairs, control)
+    }
+
+    /// Live queue pairs on our NICs (for tests).
+    pub fn live_qps(&self) -> usize {
+        self.shared.workers.iter().map(|w| w.live_qps()).sum()
+    }
+}
+
+impl Transport for RdmaTransport {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn publish(&self, info: &mut ConnInfo) {
+        info.rdma = self
+            .shared
+            .workers
+            .iter()
+            .map(|w| RdmaNic {
+                infiniband: w.nic.link == LinkLayer::Infiniband,
+                lid: w.nic.lid,
+                gid: w.nic.gid.gid.raw,
+                mtu: w.nic.mtu,
+                numa: w.nic.numa.unwrap_or(-1),
+            })
+            .collect();
+    }
+
+    fn forget(&self, peer: &AgentName) {
+        let tokens: Vec<u128> = self
+            .shared
+            .peers
+            .lock()
+            .values()
+            .filter(|p| &p.name == peer)
+            .map(|p| p.token)
+            .collect();
+        for t in tokens {
+            self.shared.drop_peer(t);
+        }
+    }
+
+    fn shutdown(&self) {
+        for w in &self.shared.workers {
+            w.stop();
+        }
+        self.shared.passive.lock().clear();
+        let regs: Vec<_> = self.shared.regs.write().drain().map(|(_, r)| r).collect();
+        for r in regs {
+            r.revoke();
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Shared {
+    /// Retires every target queue pair of the peer engine `token`.
+    fn drop_peer(&self, token: u128) {
+        self.peers.lock().remove(&token);
+        let gone: Vec<Vec<Arc<QpConn>>> = {
+            let mut p = self.passive.lock();
+            let keys: Vec<_> = p.keys().filter(|k| k.0 == token).copied().collect();
+            keys.into_iter().filter_map(|k| p.remove(&k)).collect()
+        };
+        for q in gone.into_iter().flatten() {
+            self.workers[q.nic].retire(&q);
+        }
+    }
+
+    /// Serves a peer's connection request: creates, connects and arms our
+    /// queue pairs for its own.
+    fn accept(
+        &self,
+        peer: &AgentName,
+        token: u128,
+        req: &ConnectRequest,
+    ) -> std::result::Result<ConnectReply, String> {
+        let w = self
+            .workers
+            .get(req.to_nic as usize)
+            .ok_or_else(|| format!("we have no RDMA NIC {}", req.to_nic))?;
+        // A restarted peer (same name, new engine): its old queue pairs go.
+        let stale: Vec<u128> = self
+            .peers
+            .lock()
+            .values()
+            .filter(|p| &p.name == peer && p.token != token)
+            .map(|p| p.token)
+            .collect();
+        for t in stale {
+            self.drop_peer(t);
+        }
+        let passive = self
+            .peers
+            .lock()
+            .entry(token)
+            .or_insert_with(|| {
+                Arc::new(PassivePeer::new(peer.clone(), token, self.endpoint.clone()))
+            })
+            .clone();
+        let mut qps: Vec<Arc<QpConn>> = Vec::new();
+        let mut addrs = Vec::new();
+        let fail = |qps: &[Arc<QpConn>], e: Error| {
+            for q in qps {
+                w.retire(q);
+            }
+            e.to_string()
+        };
+        for a in &req.qps {
+            let q = match w.create_qp(req.from_nic as usize, Side::Recv(passive.clone())) {
+                Ok(q) => q,
+                Err(e) => return Err(fail(&qps, e)),
+            };
+            let psn = connect::random_psn();
+            let armed = connect::connect(&q.qp, &w.nic, psn, a, self.config.timing)
+                .and_then(|()| q.post_receives());
+            w.attach(&q);
+            qps.push(q.clone());
+            if let Err(e) = armed {
+                return Err(fail(&qps, e));
+            }
+            addrs.push(connect::address(&q.qp, &w.nic, psn));
+        }
+        let old = self
+            .passive
+            .lock()
+            .insert((token, req.from_nic, req.to_nic), qps);
+        for q in old.into_iter().flatten() {
+            w.retire(&q);
+        }
+        Ok(ConnectReply {
+            generation: req.generation,
+            qps: addrs,
+        })
+    }
+}
+
+/// Serves RDMA connection setup on the TCP listener.
+struct Service(Weak<Shared>);
+
+impl ControlService for Service {
+    fn call(
+        &self,
+        peer: &AgentName,
+        peer_token: u128,
+        request: &[u8],
+    ) -> std::result::Result<Vec<u8>, String> {
+        let shared = self.0.upgrade().ok_or("RDMA is shut down")?;
+        let req = ConnectRequest::decode(request).map_err(|e| e.to_string())?;
+        shared
+            .accept(peer, peer_token, &req)
+            .map(|r| r.encode())
+            .inspect_err(|why| {
+                log::warn!(
+                    "Mooncake: agent {}: refused RDMA setup from agent {peer}: {why}",
+                    shared.endpoint.name
+                )
+            })
+    }
+}
+
+/// Registers host-memory regions on every NIC and publishes their keys;
+/// deregisters them after our posts in flight drained.
+struct Watch(Weak<Shared>);
+
+impl RegionWatch for Watch {
+    fn registered(&self, region: &LocalRegion) -> Result<()> {
+        let Some(shared) = self.0.upgrade() else {
+            return Ok(());
+        };
+        if region.kind() != MemKind::Dram {
+            return Ok(());
+        }
+        match RegionReg::register(region, &shared.workers) {
+            Ok(reg) => {
+                let _ = region.rdma.set(Arc::new(reg.public_keys()));
+                shared.regs.write().insert(region.key, Arc::new(reg));
+                Ok(())
+            }
+            Err(e) if shared.config.required => Err(e),
+            Err(e) => {
+                log::warn!("Mooncake: {e}; peers reach this region over TCP only");
+                Ok(())
+            }
+        }
+    }
+
+    fn revoke(&self, region: &LocalRegion) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let reg = shared.regs.write().remove(&region.key);
+        if let Some(reg) = reg {
+            reg.revoke();
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! A local region's registration on our NICs, and the count of posts in
+//! flight that use it: its deregistration destroys the memory regions only
+//! after that count drained, so our NICs never touch memory after
+//! `deregisterMem` returned (a peer's access fails on the NIC from then on).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use super::mr::RegionMrs;
+use super::nic::NicWorker;
+use crate::common::{Error, LocalRegion, Result};
+use crate::wire::region::{MAX_RDMA_PIECES, RdmaKeys};
+
+/// One region registered on every NIC.
+pub struct RegionReg {
+    /// Its first address.
+    pub addr: u64,
+    /// The registration on each NIC, in the order of the transport's NICs.
+    mrs: Mutex<Option<Vec<RegionMrs>>>,
+    /// The pieces' length (the same on every NIC).
+    pub piece_len: u64,
+    /// Keys and lkeys, copied out so the data path takes no lock: per NIC,
+    /// per piece, (lkey, rkey).
+    keys: Vec<Vec<(u32, u32)>>,
+    /// Posts in flight that use the region.
+    inflight: Mutex<usize>,
+    drained: Condvar,
+}
+
+/// How long a deregistration waits for posts in flight on the region
+/// (they end within the QP transport timeout even when a peer is gone).
+const DRAIN_BOUND: Duration = Duration::from_secs(10);
+
+impl RegionReg {
+    /// Registers `region` on every worker's NIC, in pieces no NIC refuses.
+    ///
+    /// # Errors
+    /// When a NIC refuses (e.g. the locked-memory limit): nothing stays
+    /// registered.
+    pub fn register(region: &LocalRegion, workers: &[Arc<NicWorker>]) -> Result<RegionReg> {
+        let smallest = workers
+            .iter()
+            .map(|w| w.nic.limits.max_mr_size)
+            .min()
+            .unwrap_or(u64::MAX)
+            .max(1);
+        // Never more pieces than peers accept.
+        let piece_len = smallest
+            .max(region.len.div_ceil(MAX_RDMA_PIECES as u64))
+            .min(region.len.max(1));
+        if piece_len > smallest {
+            return Err(Error::NotSupported(format!(
+                "RDMA: region of {} bytes needs more than {MAX_RDMA_PIECES} memory regions of \
+                 at most {smallest} bytes",
+                region.len
+            )));
+        }
+        let mut mrs = Vec::with_capacity(workers.len());
+        for w in workers {
+            // SAFETY: NIXL's contract: registered memory stays mapped until
+            // deregisterMem, and our revoke drops these before it returns.
+            let m = unsafe { RegionMrs::register(&w.pd, region.addr, region.len, piece_len) }
+                .map_err(|e| {
+                    Error::Backend(format!(
+                        "RDMA: cannot register {:#x}+{} on {}: {e}",
+                        region.addr,
+                        region.len,
+                        w.nic.name()
+                    ))
+                })?;
+            mrs.push(m);
+        }
+        let keys = mrs
+            .iter()
+            .map(|m| m.mrs.iter().map(|mr| (mr.lkey, mr.rkey)).collect())
+            .collect();
+        Ok(RegionReg {
+            addr: region.addr,
+            mrs: Mutex::new(Some(mrs)),
+            piece_len,
+            keys,
+            inflight: Mutex::new(0),
+            drained: Condvar::new(),
+        })
+    }
+
+    /// What peers are told.
+    pub fn public_keys(&self) -> RdmaKeys {
+        RdmaKeys {
+            piece_len: self.piece_len,
+            nics: self
+                .keys
+                .iter()
+                .map(|k| k.iter().map(|&(_, r)| r).collect())
+                .collect(),
+        }
+    }
+
+    /// The lkey on NIC `nic` of the piece holding `addr`.
+    pub fn lkey(&self, nic: usize, addr: u64) -> u32 {
+        let i = ((addr - self.addr) / self.piece_len) as usize;
+        self.keys[nic][i].0
+    }
+
+    /// One more post in flight uses the region.
+    pub fn enter(&self) {
+        *self.inflight.lock() += 1;
+    }
+
+    /// A post that used the region ended.
+    pub fn leave(&self) {
+        let mut n = self.inflight.lock();
+        *n -= 1;
+        if *n == 0 {
+            self.drained.notify_all();
+        }
+    }
+
+    /// Waits for the posts in flight (bounded), then deregisters on every
+    /// NIC.
+    pub fn revoke(&self) {
+        let deadline = Instant::now() + DRAIN_BOUND;
+        let mut n = self.inflight.lock();
+        while *n > 0 && Instant::now() < deadline {
+            self.drained.wait_until(&mut n, deadline);
+        }
+        if *n > 0 {
+            log::warn!(
+                "Mooncake: RDMA region {:#x}: {} posts still in flight after {} s; \
+                 deregistering it anyway",
+                self.addr,
+                *n,
+                DRAIN_BOUND.as_secs()
+            );
+        }
+        drop(n);
+        self.mrs.lock().take();
+    }
+}

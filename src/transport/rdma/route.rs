@@ -1,0 +1,556 @@
+//! How one engine reaches one peer over RDMA: per pair of (our NIC, its
+//! NIC) an endpoint of a few RC queue pairs, connected lazily through the
+//! peer's TCP listener (never inside `postXfer`: a post made while the
+//! queue pairs connect waits in the route, and the connecting thread posts
+//! it), and rebuilt with a new generation after one breaks.
+
+use std::any::Any;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::Shared;
+use super::connect;
+use super::qp::{QpConn, Side};
+use super::reg::RegionReg;
+use super::slice::{self, Pieces};
+use super::xfer::{AfterData, Xfer};
+use crate::common::{AgentName, Error, MemKind, Result};
+use crate::transport::{Op, Plan, Posted, Route};
+use crate::wire::rdma::{ConnectReply, ConnectRequest};
+
+/// How long connecting one endpoint may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long posts fail fast after a failed connection before the next try.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// The connected queue pairs of one generation, all pairs of NICs.
+struct Conns {
+    qps: Vec<(Arc<QpConn>, usize)>,
+    broken: AtomicBool,
+}
+
+/// A post waiting for the queue pairs.
+struct Waiting {
+    xfer: Arc<Xfer>,
+    notif: Option<Arc<Vec<u8>>>,
+}
+
+enum State {
+    Idle,
+    Connecting(Vec<Waiting>),
+    Ready(Arc<Conns>),
+    Down { error: Error, retry_at: Instant },
+    Closed,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    peer: AgentName,
+    token: u128,
+    addr: SocketAddr,
+    /// (our NIC index, its NIC index) pairs, rail-aligned.
+    pairs: Vec<(usize, usize)>,
+    control: Arc<dyn Route>,
+    state: Mutex<State>,
+    next_qp: AtomicUsize,
+}
+
+/// An RDMA route to one peer.
+pub struct RdmaRoute {
+    inner: Arc<Inner>,
+}
+
+impl RdmaRoute {
+    /// A route to agent `peer` (engine `token`, TCP listener `addr`) over
+    /// the NIC pairs `pairs`; notifications outside transfers and the
+    /// peer's liveness go over `control`.
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        (peer, token, addr): (AgentName, u128, SocketAddr),
+        pairs: Vec<(usize, usize)>,
+        control: Arc<dyn Route>,
+    ) -> RdmaRoute {
+        RdmaRoute {
+            inner: Arc::new(Inner {
+                shared,
+                peer,
+                token,
+                addr,
+                pairs,
+                control,
+                state: Mutex::new(State::Idle),
+                next_qp: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Queue pairs of the current generation (for tests).
+    pub fn live_qps(&self) -> usize {
+        match &*self.inner.state.lock() {
+            State::Ready(c) => c.qps.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Inner {
+    /// Connects one generation of queue pairs: for each NIC pair, creates
+    /// ours, asks the peer (over TCP) to create and connect its own, then
+    /// connects ours to them.
+    fn connect_now(self: &Arc<Self>) -> Result<Arc<Conns>> {
+        let s = &self.shared;
+        let mut generation = [0u8; 8];
+        getrandom::fill(&mut generation).expect("the OS random source works");
+        let generation = u64::from_le_bytes(generation);
+        let mut qps: Vec<(Arc<QpConn>, usize)> = Vec::new();
+        let undo = |qps: &[(Arc<QpConn>, usize)]| {
+            for (q, w) in qps {
+                s.workers[*w].retire(q);
+            }
+        };
+        for &(l, r) in &self.pairs {
+            let w = &s.workers[l];
+            let mut ours = Vec::new();
+            for _ in 0..s.config.qps_per_pair {
+                match w.create_qp(
+                    r,
+                    Side::Send {
+                        depth: s.config.depth,
+                    },
+                ) {
+                    Ok(q) => ours.push((q, connect::random_psn())),
+                    Err(e) => {
+                        undo(&qps);
+                        return Err(e);
+                    }
+                }
+            }
+            let req = ConnectRequest {
+                generation,
+                from_nic: l as u8,
+                to_nic: r as u8,
+                qps: ours
+                    .iter()
+                    .map(|(q, psn)| connect::address(&q.qp, &w.nic, *psn))
+                    .collect(),
+            };
+            let reply = s
+                .tcp
+                .call(
+                    self.addr,
+                    self.token,
+                    super::SERVICE,
+                    &req.encode(),
+                    CONNECT_TIMEOUT,
+                )
+                .and_then(|b| {
+                    ConnectReply::decode(&b).map_err(|e| {
+                        Error::RemoteDisconnect(format!("agent {}: bad RDMA reply: {e}", self.peer))
+                    })
+                });
+            let reply = match reply {
+                Ok(r) if r.generation == generation && r.qps.len() == ours.len() => r,
+                Ok(_) => {
+                    undo(&qps);
+                    return Err(Error::RemoteDisconnect(format!(
+                        "agent {}: its RDMA reply does not answer our request",
+                        self.peer
+                    )));
+                }
+                Err(e) => {
+                    undo(&qps);
+                    return Err(e);
+                }
+            };
+            for ((q, psn), addr) in ours.into_iter().zip(&reply.qps) {
+                if let Err(e) = connect::connect(&q.qp, &w.nic, psn, addr, s.config.timing) {
+                    undo(&qps);
+                    return Err(e);
+                }
+                w.attach(&q);
+                qps.push((q, l));
+            }
+        }
+        let conns = Arc::new(Conns {
+            qps,
+            broken: AtomicBool::new(false),
+        });
+        for (q, _) in &conns.qps {
+            // A queue pair that breaks makes the next post connect anew.
+            let weak: Weak<Conns> = Arc::downgrade(&conns);
+            q.on_break(Arc::new(move || {
+                if let Some(c) = weak.upgrade() {
+                    c.broken.store(true, Ordering::Release);
+                }
+            }));
+            if q.is_broken() {
+                conns.broken.store(true, Ordering::Release);
+            }
+        }
+        log::info!(
+            "Mooncake: agent {}: RDMA to agent {} connected ({} queue pairs over {} NIC pairs)",
+            s.endpoint.name,
+            self.peer,
+            conns.qps.len(),
+            self.pairs.len()
+        );
+        Ok(conns)
+    }
+
+    /// Retires the queue pairs of `c`: at once (`now`), or each once it
+    /// has nothing in flight (a healthy one of a broken generation).
+    fn retire(&self, c: &Conns, now: bool) {
+        for (q, w) in &c.qps {
+            let w = &self.shared.workers[*w];
+            if now || q.is_broken() {
+                w.retire(q);
+            } else {
+                q.close_when_idle();
+                if q.drained() {
+                    w.retire(q);
+                }
+            }
+        }
+    }
+
+    /// Starts a connecting thread (the state is `Connecting`).
+    fn spawn_connect(self: &Arc<Self>) {
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("mooncake-rdma-connect".into())
+            .spawn(move || me.finish_connect());
+        if let Err(e) = spawned {
+            let e = Error::Backend(format!("cannot start an RDMA connecting thread: {e}"));
+            self.connected(Err(e));
+        }
+    }
+
+    fn finish_connect(self: &Arc<Self>) {
+        let result = self.connect_now();
+        self.connected(result);
+    }
+
+    /// Records the outcome of a connection and runs or fails the posts that
+    /// waited for it.
+    fn connected(self: &Arc<Self>, result: Result<Arc<Conns>>) {
+        let waiting = {
+            let mut st = self.state.lock();
+            let waiting = match std::mem::replace(&mut *st, State::Idle) {
+                State::Connecting(w) => w,
+                State::Closed => {
+                    *st = State::Closed;
+                    if let Ok(c) = &result {
+                        self.retire(c, true);
+                    }
+                    return;
+                }
+                other => {
+                    *st = other;
+                    Vec::new()
+                }
+            };
+            *st = match &result {
+                Ok(c) => State::Ready(c.clone()),
+                Err(e) => State::Down {
+                    error: e.clone(),
+                    retry_at: Instant::now() + RETRY_AFTER,
+                },
+            };
+            waiting
+        };
+        match result {
+            Ok(c) => {
+                for w in waiting {
+                    self.dispatch(&c, &w.xfer, w.notif);
+                }
+            }
+            Err(e) => {
+                log::warn!(
+                    "Mooncake: agent {}: cannot connect RDMA to agent {}: {e}",
+                    self.shared.endpoint.name,
+                    self.peer
+                );
+                for w in waiting {
+                    w.xfer.fail_unposted(e.clone());
+                }
+            }
+        }
+    }
+
+    /// Hands `xfer` to the connected queue pairs, or makes it wait for
+    /// them (connecting them now if needed).
+    fn submit(self: &Arc<Self>, xfer: &Arc<Xfer>, notif: Option<Arc<Vec<u8>>>) -> Result<()> {
+        let mut st = self.state.lock();
+        loop {
+            match &mut *st {
+                State::Ready(c) if !c.broken.load(Ordering::Acquire) => {
+                    let c = c.clone();
+                    drop(st);
+                    self.dispatch(&c, xfer, notif);
+                    return Ok(());
+                }
+                State::Ready(c) => {
+                    let c = c.clone();
+                    self.retire(&c, false);
+                    *st = State::Idle;
+                }
+                State::Connecting(waiting) => {
+                    waiting.push(Waiting {
+                        xfer: xfer.clone(),
+                        notif,
+                    });
+                    return Ok(());
+                }
+                State::Down { error, retry_at } if Instant::now() < *retry_at => {
+                    return Err(error.clone());
+                }
+                State::Down { .. } | State::Idle => {
+                    *st = State::Connecting(vec![Waiting {
+                        xfer: xfer.clone(),
+                        notif,
+                    }]);
+                    drop(st);
+                    self.spawn_connect();
+                    return Ok(());
+                }
+                State::Closed => {
+                    return Err(Error::RemoteDisconnect(format!(
+                        "disconnected from agent {}",
+                        self.peer
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Spreads `xfer` over the queue pairs: slice `i` on queue pair
+    /// `start + i % used`; a WRITE's notification in parts after the data
+    /// on each queue pair used, a READ's after its data arrived.
+    fn dispatch(&self, c: &Conns, xfer: &Arc<Xfer>, notif: Option<Arc<Vec<u8>>>) {
+        let n = c.qps.len();
+        let start = self.next_qp.fetch_add(1, Ordering::Relaxed) % n;
+        let used = xfer.slices.len().min(n);
+        let id = self.shared.next_notif.fetch_add(1, Ordering::Relaxed);
+        if let (Some(m), Op::Read) = (&notif, xfer.plan.op) {
+            xfer.set_after_data(AfterData {
+                qp: c.qps[start].0.clone(),
+                id,
+                msg: m.clone(),
+            });
+        }
+        if used == 0 {
+            match (notif, xfer.plan.op) {
+                (Some(m), Op::Write) => c.qps[start].0.push_part(xfer, id, 1, Some(m)),
+                // Nothing to move; a READ's notification goes at once.
+                _ => xfer.done_nothing(),
+            }
+            return;
+        }
+        for k in 0..used {
+            let q = &c.qps[(start + k) % n].0;
+            let part = match (&notif, xfer.plan.op) {
+                (Some(m), Op::Write) => Some((id, used as u16, (k == 0).then(|| m.clone()))),
+                _ => None,
+            };
+            q.push(xfer, (k, used), part);
+        }
+    }
+}
+
+impl Route for RdmaRoute {
+    fn transport(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn describe(&self) -> String {
+        let s = &self.inner.shared;
+        let pairs: Vec<String> = self
+            .inner
+            .pairs
+            .iter()
+            .map(|&(l, r)| format!("{}->nic{r}", s.workers[l].nic.name()))
+            .collect();
+        format!(
+            "RDMA ({}) with control over TCP to {}",
+            pairs.join(", "),
+            self.inner.addr
+        )
+    }
+
+    /// Host memory on both sides.
+    fn serves(&self, local: MemKind, remote: MemKind) -> bool {
+        local == MemKind::Dram && remote == MemKind::Dram
+    }
+
+    fn connect(&self) -> Result<()> {
+        self.inner.control.connect()?;
+        let deadline = Instant::now() + CONNECT_TIMEOUT + Duration::from_secs(1);
+        loop {
+            {
+                let mut st = self.inner.state.lock();
+                match &*st {
+                    State::Ready(c) if !c.broken.load(Ordering::Acquire) => return Ok(()),
+                    State::Connecting(_) => {}
+                    State::Down { error, retry_at } if Instant::now() < *retry_at => {
+                        return Err(error.clone());
+                    }
+                    State::Closed => {
+                        return Err(Error::RemoteDisconnect(format!(
+                            "disconnected from agent {}",
+                            self.inner.peer
+                        )));
+                    }
+                    _ => {
+                        if let State::Ready(c) = &*st {
+                            self.inner.retire(c, false);
+                        }
+                        *st = State::Connecting(Vec::new());
+                        drop(st);
+                        self.inner.spawn_connect();
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Error::RemoteDisconnect(format!(
+                    "RDMA to agent {} did not connect in time",
+                    self.inner.peer
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
+        let inner = &self.inner;
+        let s = &inner.shared;
+        // The peer's keys for every remote region, on each of its NICs.
+        let mut remote = Vec::with_capacity(plan.remote_regions.len());
+        for r in &plan.remote_regions {
+            match &r.rdma {
+                Some(k) if k.nics.len() > inner.pairs.iter().map(|p| p.1).max().unwrap_or(0) => {
+                    remote.push(Pieces {
+                        start: r.addr,
+                        len: k.piece_len,
+                    })
+                }
+                _ => {
+                    return Err(Error::NotSupported(format!(
+                        "RDMA: agent {}'s region {:#x}+{} is not registered on its RDMA NICs",
+                        inner.peer, r.addr, r.len
+                    )));
+                }
+            }
+        }
+        // Our registrations, held in flight until the last completion.
+        let mut locals: Vec<Arc<RegionReg>> = Vec::with_capacity(plan.local_regions.len());
+        let leave = |held: &[Arc<RegionReg>]| held.iter().for_each(|r| r.leave());
+        for r in &plan.local_regions {
+            let reg = s.regs.read().get(&r.key).cloned();
+            let Some(reg) = reg else {
+                leave(&locals);
+                return Err(Error::NotSupported(format!(
+                    "RDMA: local region {:#x}+{} is not registered on our RDMA NICs",
+                    r.addr, r.len
+                )));
+            };
+            match r.pin_local() {
+                Ok(_pin) => reg.enter(),
+                Err(e) => {
+                    leave(&locals);
+                    return Err(e);
+                }
+            }
+            locals.push(reg);
+        }
+        let local_pieces: Vec<Pieces> = locals
+            .iter()
+            .map(|r| Pieces {
+                start: r.addr,
+                len: r.piece_len,
+            })
+            .collect();
+        let slices = slice::slices(plan, s.config.slice, &local_pieces, &remote);
+        let total_qps = inner.pairs.len() * s.config.qps_per_pair;
+        let used = slices.len().min(total_qps);
+        let notif = notif.map(|m| Arc::new(m.to_vec()));
+        let part_wrs = |len: usize| len.div_ceil(super::qp::CHUNK).max(1);
+        let wrs = slices.len()
+            + match (&notif, plan.op) {
+                (Some(m), Op::Write) => part_wrs(m.len()) + used.saturating_sub(1),
+                _ => 0,
+            };
+        let weak = Arc::downgrade(inner);
+        let watch: Box<dyn Fn() + Send + Sync> = Box::new(move || {
+            if let Some(i) = weak.upgrade()
+                && i.control.is_down()
+            {
+                i.close_conns();
+            }
+        });
+        let xfer = Arc::new(Xfer::new(plan.clone(), slices, locals, wrs, Some(watch)));
+        if let Err(e) = inner.submit(&xfer, notif) {
+            xfer.fail_unposted(e.clone());
+            return Err(e);
+        }
+        Ok(Posted::threaded(xfer))
+    }
+
+    fn notify(&self, msg: &[u8]) -> Result<()> {
+        self.inner.control.notify(msg)
+    }
+
+    fn is_down(&self) -> bool {
+        self.inner.control.is_down()
+            || matches!(&*self.inner.state.lock(), State::Down { retry_at, .. } if Instant::now() < *retry_at)
+    }
+
+    fn close(&self) {
+        let old = std::mem::replace(&mut *self.inner.state.lock(), State::Closed);
+        match old {
+            State::Ready(c) => self.inner.retire(&c, true),
+            State::Connecting(waiting) => {
+                for w in waiting {
+                    w.xfer.fail_unposted(Error::RemoteDisconnect(format!(
+                        "disconnected from agent {}",
+                        self.inner.peer
+                    )));
+                }
+            }
+            _ => {}
+        }
+        self.inner.control.close();
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Inner {
+    /// The peer is gone (its TCP link says so): the queue pairs go, and
+    /// the transfers on them fail at once.
+    fn close_conns(&self) {
+        let mut st = self.state.lock();
+        if let State::Ready(c) = &*st {
+            let c = c.clone();
+            *st = State::Down {
+                error: Error::RemoteDisconnect(format!("agent {} is gone", self.peer)),
+                retry_at: Instant::now() + RETRY_AFTER,
+            };
+            drop(st);
+            self.retire(&c, true);
+        }
+    }
+}
+
+impl Drop for RdmaRoute {
+    fn drop(&mut self) {
+        if let State::Ready(c) = &*self.inner.state.lock() {
+            self.inner.retire(c, true);
+        }
+    }
+}

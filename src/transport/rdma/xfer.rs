@@ -1,0 +1,178 @@
+//! One post of a plan over RDMA: how many work requests are left, the
+//! first error, the local regions it holds, and the notification of a READ
+//! (sent once the data arrived).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::qp::QpConn;
+use super::reg::RegionReg;
+use super::slice::Slice;
+use crate::common::{Completion, Error, Result};
+use crate::transport::{Plan, Transfer};
+
+/// What a READ sends once its data arrived: its notification, on `qp`.
+pub struct AfterData {
+    /// The queue pair to send it on.
+    pub qp: Arc<QpConn>,
+    /// The notification's id.
+    pub id: u64,
+    /// The message.
+    pub msg: Arc<Vec<u8>>,
+}
+
+/// One post.
+pub struct Xfer {
+    /// The plan.
+    pub plan: Arc<Plan>,
+    /// Its slices (shared by the queue pairs that move them).
+    pub slices: Vec<Slice>,
+    /// The registrations of the plan's local regions, held (in flight)
+    /// until the last work request completed.
+    pub locals: Vec<Arc<RegionReg>>,
+    completion: Completion,
+    /// Work requests not completed yet (posted or still to post).
+    left: AtomicUsize,
+    error: Mutex<Option<Error>>,
+    cancelled: AtomicBool,
+    after_data: Mutex<Option<AfterData>>,
+    /// Called when a transfer in progress is polled: notices a dead peer.
+    watch: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Xfer {
+    /// A post of `plan` cut into `slices`, with `wrs` work requests in all,
+    /// holding `locals` (each entered once by the caller).
+    pub fn new(
+        plan: Arc<Plan>,
+        slices: Vec<Slice>,
+        locals: Vec<Arc<RegionReg>>,
+        wrs: usize,
+        watch: Option<Box<dyn Fn() + Send + Sync>>,
+    ) -> Xfer {
+        Xfer {
+            plan,
+            slices,
+            locals,
+            completion: Completion::default(),
+            left: AtomicUsize::new(wrs),
+            error: Mutex::new(None),
+            cancelled: AtomicBool::new(false),
+            after_data: Mutex::new(None),
+            watch,
+        }
+    }
+
+    /// Sets what to send once the data arrived (a READ's notification).
+    pub fn set_after_data(&self, after: AfterData) {
+        *self.after_data.lock() = Some(after);
+    }
+
+    /// True once cancelled or failed: no more work of it is posted.
+    pub fn stopped(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire) || self.error.lock().is_some()
+    }
+
+    /// `n` work requests of it completed (with `error` when they failed),
+    /// or will never be posted.
+    pub fn done(self: &Arc<Self>, n: usize, error: Option<Error>) {
+        if n == 0 {
+            return;
+        }
+        if let Some(e) = error {
+            self.error.lock().get_or_insert(e);
+        }
+        let before = self.left.fetch_sub(n, Ordering::AcqRel);
+        debug_assert!(before >= n, "more completions than work requests");
+        if before != n {
+            return;
+        }
+        // The data is done: a READ's notification goes now.
+        let after = self.after_data.lock().take();
+        if let Some(after) = after
+            && !self.stopped()
+        {
+            self.left
+                .fetch_add(after.qp.part_wrs(after.msg.len()), Ordering::AcqRel);
+            after.qp.push_part(self, after.id, 1, Some(after.msg));
+            return;
+        }
+        self.finish();
+    }
+
+    /// A post with nothing to move: ends at once (a READ's notification is
+    /// sent first).
+    pub fn done_nothing(self: &Arc<Self>) {
+        self.left.fetch_add(1, Ordering::AcqRel);
+        self.done(1, None);
+    }
+
+    fn finish(&self) {
+        for r in &self.locals {
+            r.leave();
+        }
+        let result = match self.error.lock().clone() {
+            Some(e) => Err(e),
+            None if self.cancelled.load(Ordering::Acquire) => {
+                Err(Error::Backend("transfer cancelled".into()))
+            }
+            None => Ok(()),
+        };
+        self.completion.finish(result);
+    }
+
+    /// Fails the post before anything of it was posted (no memory touched).
+    pub fn fail_unposted(self: &Arc<Self>, e: Error) {
+        let n = self.left.load(Ordering::Acquire);
+        self.done(n, Some(e));
+    }
+
+    /// The result so far.
+    pub fn result(&self) -> Result<crate::common::Status> {
+        self.completion.result()
+    }
+}
+
+/// How long `cancel` waits for the work requests in flight to complete
+/// (they do within the queue pair's transport timeout, about 0.5 s, even
+/// when the peer is gone).
+pub const CANCEL_BOUND: Duration = Duration::from_secs(5);
+
+impl Transfer for Xfer {
+    fn completion(&self) -> &Completion {
+        &self.completion
+    }
+
+    /// Stops posting its work and waits (at most [`CANCEL_BOUND`]) for the
+    /// work requests in flight: after return none of its bytes lands.
+    fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        let started = std::time::Instant::now();
+        while self.completion.in_progress() && started.elapsed() < CANCEL_BOUND {
+            self.completion.wait(Duration::from_millis(20));
+        }
+        if self.completion.in_progress() {
+            log::warn!(
+                "Mooncake: RDMA transfer still has work on the NIC {} s after its release",
+                CANCEL_BOUND.as_secs()
+            );
+        }
+    }
+
+    fn poll(&self) {
+        if let Some(watch) = &self.watch {
+            watch();
+        }
+    }
+
+    fn remaining_bytes(&self) -> u64 {
+        if self.completion.in_progress() {
+            self.plan.total_bytes
+        } else {
+            0
+        }
+    }
+}
