@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
+import gc
 import hashlib
 import json
 import os
@@ -1197,6 +1199,25 @@ def sc_xp_target(args) -> None:
             elif cmd == "quiet":
                 notifs.expect_quiet(msg["seconds"], msg["what"])
                 reply = {}
+            elif cmd == "restart":
+                # A new engine under the same name (as a restarted peer
+                # process has): the old agent goes, its buffers are
+                # registered again, the initiator loads the new metadata.
+                del notifs
+                del agent
+                gc.collect()
+                agent = new_agent_with(setup["name"], setup["protocol"],
+                                       prog_thread=setup["prog_thread"])
+                register(agent, *bufs.values())
+                notifs = Notifs(agent)
+                reply = {"md": b64(agent.get_agent_metadata())}
+            elif cmd == "fake_nic":
+                # The fake verbs library's counters in this process.
+                lib = ctypes.CDLL(os.environ["NIXL_MOONCAKE_IBVERBS_LIB"])
+                lib.fake_ibv_bytes.restype = ctypes.c_uint64
+                reply = {"qps": lib.fake_ibv_live_qps(), "mrs": lib.fake_ibv_live_mrs(),
+                         "served": {d: lib.fake_ibv_bytes(d.encode(), 1)
+                                    for d in ("fake_mlx5_0", "fake_mlx5_1")}}
             elif cmd == "deregister":
                 # deregisterMem of one buffer; the memory stays ours and is
                 # reused for something else right away.
@@ -1589,7 +1610,7 @@ def sc_xp_notif_bytes(args) -> None:
 # call to check that line.
 
 CMA_PROBE_ENV = "NIXL_MOONCAKE_CMA_PROBE"  # "fail": this process's probes of peers fail
-ROUTES = {"cma": "by cross-memory attach", "tcp": "by TCP to "}
+ROUTES = {"cma": "by cross-memory attach", "tcp": "by TCP to ", "rdma": "by RDMA ("}
 
 
 def replay(what: str, text: str) -> None:
@@ -1707,7 +1728,7 @@ def sc_xp_revoke(args) -> None:
         ini = new_agent_with("xp-revoke-init", proto)
         src, dst = fast_pattern(size, 161), filled(size, R_FILL)
         register(ini, src, dst)
-        add_remote_expecting(ini, tgt, "tcp" if proto == "tcp" else "cma")
+        add_remote_expecting(ini, tgt, proto if proto in ("tcp", "rdma") else "cma")
         hw = ini.initialize_xfer("WRITE", xfer_descs(ini, src), tgt.descs(ini, "w"), tgt.name)
         hr = ini.initialize_xfer("READ", xfer_descs(ini, dst), tgt.descs(ini, "r"), tgt.name)
         post(ini, hw, "WRITE before deregistration")
@@ -2019,7 +2040,7 @@ def main() -> None:
 
     def xp(name: str, fn, help_text: str):
         s = sub.add_parser(name, help=help_text)
-        s.add_argument("--protocol", choices=["auto", "tcp", "cma"], default="auto")
+        s.add_argument("--protocol", choices=["auto", "tcp", "cma", "rdma"], default="auto")
         s.set_defaults(fn=fn)
         return s
 
