@@ -154,26 +154,15 @@ impl RdmaTransport {
     }
 
     /// The pairs of (our NIC, its NIC) that reach a peer publishing
-    /// `remote`: the same link layer (and, on InfiniBand, the same subnet),
-    /// rail-aligned: pair `i` is our NIC `i % ours` with its NIC
-    /// `i % theirs`, for as many pairs as the larger side has NICs.
+    /// `remote` (see [`nic_pairs`]).
     pub fn pairs(&self, remote: &[RdmaNic]) -> Vec<(usize, usize)> {
-        let ours = &self.shared.workers;
-        let reach = |l: usize, r: usize| {
-            let (a, b) = (&ours[l].nic, &remote[r]);
-            match a.link {
-                LinkLayer::Infiniband => b.infiniband && a.gid.gid.raw[..8] == b.gid[..8],
-                LinkLayer::Ethernet => !b.infiniband,
-            }
-        };
-        let n = ours.len().max(remote.len());
-        if remote.is_empty() {
-            return Vec::new();
-        }
-        (0..n)
-            .map(|i| (i % ours.len(), i % remote.len()))
-            .filter(|&(l, r)| reach(l, r))
-            .collect()
+        let ours: Vec<(LinkLayer, [u8; 16])> = self
+            .shared
+            .workers
+            .iter()
+            .map(|w| (w.nic.link, w.nic.gid.gid.raw))
+            .collect();
+        nic_pairs(&ours, remote)
     }
 
     /// A route to agent `peer` (engine `token`) over `pairs`, connecting
@@ -191,6 +180,77 @@ impl RdmaTransport {
     /// Live queue pairs on our NICs (for tests).
     pub fn live_qps(&self) -> usize {
         self.shared.workers.iter().map(|w| w.live_qps()).sum()
+    }
+}
+
+/// The pairs of (our NIC, its NIC) that reach each other, rail-aligned:
+/// pair `i` is our NIC `i % ours` with its NIC `i % theirs`, for as many
+/// pairs as the larger side has NICs, keeping those of the same link layer
+/// (and, on InfiniBand, the same subnet prefix: the GID's first 8 bytes).
+/// `ours` gives each of our NICs' link layer and GID.
+pub fn nic_pairs(ours: &[(LinkLayer, [u8; 16])], theirs: &[RdmaNic]) -> Vec<(usize, usize)> {
+    if ours.is_empty() || theirs.is_empty() {
+        return Vec::new();
+    }
+    let reach = |l: usize, r: usize| {
+        let ((link, gid), b) = (&ours[l], &theirs[r]);
+        match link {
+            LinkLayer::Infiniband => b.infiniband && gid[..8] == b.gid[..8],
+            LinkLayer::Ethernet => !b.infiniband,
+        }
+    };
+    (0..ours.len().max(theirs.len()))
+        .map(|i| (i % ours.len(), i % theirs.len()))
+        .filter(|&(l, r)| reach(l, r))
+        .collect()
+}
+
+#[cfg(test)]
+mod pair_tests {
+    use super::*;
+
+    fn nic(infiniband: bool, prefix: u8) -> RdmaNic {
+        let mut gid = [0u8; 16];
+        gid[0] = 0xfe;
+        gid[1] = 0x80;
+        gid[7] = prefix;
+        RdmaNic {
+            infiniband,
+            lid: 1,
+            gid,
+            mtu: 5,
+            numa: 0,
+        }
+    }
+
+    fn ours(n: &RdmaNic) -> (LinkLayer, [u8; 16]) {
+        let link = if n.infiniband {
+            LinkLayer::Infiniband
+        } else {
+            LinkLayer::Ethernet
+        };
+        (link, n.gid)
+    }
+
+    #[test]
+    fn rail_aligned_and_only_what_reaches() {
+        let roce = [nic(false, 0), nic(false, 0)];
+        let mine: Vec<_> = roce.iter().map(ours).collect();
+        assert_eq!(nic_pairs(&mine, &roce), vec![(0, 0), (1, 1)]);
+        // One NIC here, four there: every one of theirs, from ours.
+        let four = [nic(false, 0), nic(false, 0), nic(false, 0), nic(false, 0)];
+        assert_eq!(
+            nic_pairs(&mine[..1], &four),
+            vec![(0, 0), (0, 1), (0, 2), (0, 3)]
+        );
+        // Another link layer never pairs.
+        let ib = [nic(true, 1), nic(true, 1)];
+        assert!(nic_pairs(&mine, &ib).is_empty());
+        // InfiniBand: only within one subnet.
+        let ib_mine: Vec<_> = ib.iter().map(ours).collect();
+        let mixed = [nic(true, 1), nic(true, 2)];
+        assert_eq!(nic_pairs(&ib_mine, &mixed), vec![(0, 0)]);
+        assert!(nic_pairs(&ib_mine, &[]).is_empty());
     }
 }
 

@@ -122,7 +122,13 @@ impl Inner {
                         depth: s.config.depth,
                     },
                 ) {
-                    Ok(q) => ours.push((q, connect::random_psn())),
+                    Ok(q) => {
+                        // Known to the worker from the start, so that undoing
+                        // destroys it and gives its completion entries back.
+                        w.attach(&q);
+                        qps.push((q.clone(), l));
+                        ours.push((q, connect::random_psn()));
+                    }
                     Err(e) => {
                         undo(&qps);
                         return Err(e);
@@ -171,8 +177,6 @@ impl Inner {
                     undo(&qps);
                     return Err(e);
                 }
-                w.attach(&q);
-                qps.push((q, l));
             }
         }
         let conns = Arc::new(Conns {
