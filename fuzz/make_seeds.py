@@ -42,6 +42,45 @@ def conn_info(agent: bytes, ports, probe) -> bytes:
     return b"MCci\x01" + body
 
 
+def zigzag(n: int) -> bytes:
+    return varint((n << 1) ^ (n >> 63) if n < 0 else n << 1)
+
+
+def qp_address(qpn: int, psn: int, lid: int, gid: bytes, mtu: int) -> bytes:
+    return varint(qpn) + varint(psn) + varint(lid) + gid + zigzag(mtu)
+
+
+GID = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])
+
+
+def connect_request(generation: int, qps) -> bytes:
+    body = varint(generation) + bytes([0, 1]) + varint(len(qps)) + b"".join(qps)
+    return b"MCrc\x01" + body
+
+
+def connect_reply(generation: int, qps) -> bytes:
+    return b"MCrr\x01" + varint(generation) + varint(len(qps)) + b"".join(qps)
+
+
+def notif_part(ident: int, parts: int, chunk: int, chunks: int, data: bytes) -> bytes:
+    return struct.pack("<QHHIII", ident, parts, 0, chunk, chunks, len(data)) + data
+
+
+def region_rdma(owner, key, addr, length, piece_len, nics) -> bytes:
+    body = region(owner, key, addr, length)[5:]
+    body += varint(piece_len) + varint(len(nics))
+    for keys in nics:
+        body += varint(len(keys)) + b"".join(varint(k) for k in keys)
+    return b"MCrg\x03" + body
+
+
+def conn_info_rdma(agent: bytes, ports, nics) -> bytes:
+    body = conn_info(agent, ports, None)[5:] + varint(len(nics))
+    for ib, lid, gid, mtu, numa in nics:
+        body += bytes([ib]) + varint(lid) + gid + zigzag(mtu) + zigzag(numa)
+    return b"MCci\x02" + body
+
+
 def header(kind: int, body_len: int, tag: int, aux: int) -> bytes:
     return b"MC\x02" + bytes([kind]) + struct.pack("<IQQ", body_len, tag, aux)
 
@@ -77,11 +116,20 @@ SEEDS = {
     "wire_region": [
         region(1, 2, 0x1000, 4096),
         region(2**128 - 1, 2**64 - 1, 2**63, 2**63 - 1, 1, 3),
+        region_rdma(1, 2, 0x1000, 4096 * 3, 4096, [[7, 8, 9], [17, 18, 19]]),
     ],
     "wire_conn_info": [
         conn_info(b"agent-A", [4567], 0x7FFF0000),
         conn_info(b"", [], None),
         conn_info(b"x" * 300, [1, 65535], None),
+        conn_info_rdma(b"agent-R", [4567], [(0, 0, GID, 5, 0), (1, 7, bytes(16), 4, -1)]),
+    ],
+    "wire_rdma": [
+        connect_request(9, [qp_address(0x1001, 0x123456, 0, GID, 5),
+                            qp_address(0x1002, 7, 0, GID, 5)]),
+        connect_reply(9, [qp_address(0xFFFFFF, 0, 3, GID, 1)]),
+        notif_part(5, 2, 0, 1, b"hello"),
+        notif_part(5, 2, 0, 0, b""),
     ],
     "wire_frame": [
         header(3, 40, 9, 1) + seg(b"\0" * 8, b"\0" * 8, 20),
