@@ -1211,6 +1211,8 @@ def sc_xp_target(args) -> None:
                 register(agent, *bufs.values())
                 notifs = Notifs(agent)
                 reply = {"md": b64(agent.get_agent_metadata())}
+            elif cmd == "digest":
+                reply = {"sha": sha256(bufs[msg["buf"]])}
             elif cmd == "fake_nic":
                 # The fake verbs library's counters in this process.
                 lib = ctypes.CDLL(os.environ["NIXL_MOONCAKE_IBVERBS_LIB"])

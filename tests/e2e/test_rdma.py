@@ -55,6 +55,14 @@ def test_rdma_384mib_in_4kib_to_64mib_blocks(run_scenario, fake_nic):
     run_scenario("xp_bulk", "--protocol", "rdma", env=fake_nic)
 
 
+def test_rdma_regions_beyond_max_mr_size_are_registered_in_pieces(run_scenario, fake_nic):
+    # NICs that register at most 1 MiB per memory region (both processes):
+    # every region is registered in pieces, and no work request crosses one
+    # (the fake NIC refuses a range outside its memory region).
+    small = "fake_mlx5_0:maxmr=1048576,fake_mlx5_1:maxmr=1048576"
+    run_scenario("xp_bulk", "--protocol", "rdma", env={**fake_nic, "FAKE_IBV_DEVICES": small})
+
+
 def test_rdma_prepped_read_20000_blocks_with_a_notification(run_scenario, fake_nic):
     run_scenario("xp_prepped", "--protocol", "rdma", "--blocks", "20000", env=fake_nic)
 
