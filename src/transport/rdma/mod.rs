@@ -205,55 +205,6 @@ pub fn nic_pairs(ours: &[(LinkLayer, [u8; 16])], theirs: &[RdmaNic]) -> Vec<(usi
         .collect()
 }
 
-#[cfg(test)]
-mod pair_tests {
-    use super::*;
-
-    fn nic(infiniband: bool, prefix: u8) -> RdmaNic {
-        let mut gid = [0u8; 16];
-        gid[0] = 0xfe;
-        gid[1] = 0x80;
-        gid[7] = prefix;
-        RdmaNic {
-            infiniband,
-            lid: 1,
-            gid,
-            mtu: 5,
-            numa: 0,
-        }
-    }
-
-    fn ours(n: &RdmaNic) -> (LinkLayer, [u8; 16]) {
-        let link = if n.infiniband {
-            LinkLayer::Infiniband
-        } else {
-            LinkLayer::Ethernet
-        };
-        (link, n.gid)
-    }
-
-    #[test]
-    fn rail_aligned_and_only_what_reaches() {
-        let roce = [nic(false, 0), nic(false, 0)];
-        let mine: Vec<_> = roce.iter().map(ours).collect();
-        assert_eq!(nic_pairs(&mine, &roce), vec![(0, 0), (1, 1)]);
-        // One NIC here, four there: every one of theirs, from ours.
-        let four = [nic(false, 0), nic(false, 0), nic(false, 0), nic(false, 0)];
-        assert_eq!(
-            nic_pairs(&mine[..1], &four),
-            vec![(0, 0), (0, 1), (0, 2), (0, 3)]
-        );
-        // Another link layer never pairs.
-        let ib = [nic(true, 1), nic(true, 1)];
-        assert!(nic_pairs(&mine, &ib).is_empty());
-        // InfiniBand: only within one subnet.
-        let ib_mine: Vec<_> = ib.iter().map(ours).collect();
-        let mixed = [nic(true, 1), nic(true, 2)];
-        assert_eq!(nic_pairs(&ib_mine, &mixed), vec![(0, 0)]);
-        assert!(nic_pairs(&ib_mine, &[]).is_empty());
-    }
-}
-
 impl Transport for RdmaTransport {
     fn name(&self) -> &'static str {
         "rdma"
@@ -444,5 +395,54 @@ impl RegionWatch for Watch {
         if let Some(reg) = reg {
             reg.revoke();
         }
+    }
+}
+
+#[cfg(test)]
+mod pair_tests {
+    use super::*;
+
+    fn nic(infiniband: bool, prefix: u8) -> RdmaNic {
+        let mut gid = [0u8; 16];
+        gid[0] = 0xfe;
+        gid[1] = 0x80;
+        gid[7] = prefix;
+        RdmaNic {
+            infiniband,
+            lid: 1,
+            gid,
+            mtu: 5,
+            numa: 0,
+        }
+    }
+
+    fn ours(n: &RdmaNic) -> (LinkLayer, [u8; 16]) {
+        let link = if n.infiniband {
+            LinkLayer::Infiniband
+        } else {
+            LinkLayer::Ethernet
+        };
+        (link, n.gid)
+    }
+
+    #[test]
+    fn rail_aligned_and_only_what_reaches() {
+        let roce = [nic(false, 0), nic(false, 0)];
+        let mine: Vec<_> = roce.iter().map(ours).collect();
+        assert_eq!(nic_pairs(&mine, &roce), vec![(0, 0), (1, 1)]);
+        // One NIC here, four there: every one of theirs, from ours.
+        let four = [nic(false, 0), nic(false, 0), nic(false, 0), nic(false, 0)];
+        assert_eq!(
+            nic_pairs(&mine[..1], &four),
+            vec![(0, 0), (0, 1), (0, 2), (0, 3)]
+        );
+        // Another link layer never pairs.
+        let ib = [nic(true, 1), nic(true, 1)];
+        assert!(nic_pairs(&mine, &ib).is_empty());
+        // InfiniBand: only within one subnet.
+        let ib_mine: Vec<_> = ib.iter().map(ours).collect();
+        let mixed = [nic(true, 1), nic(true, 2)];
+        assert_eq!(nic_pairs(&ib_mine, &mixed), vec![(0, 0)]);
+        assert!(nic_pairs(&ib_mine, &[]).is_empty());
     }
 }
