@@ -129,17 +129,21 @@ pub const MAX_PARTS: u16 = 1024;
 /// One part of a notification, as sent on a queue pair:
 ///
 /// ```text
-/// id u64 | parts u16 | reserved u16 | chunk u32 | chunks u32 | len u32 | bytes   (little endian)
+/// id u64 | parts u16 | index u16 | chunk u32 | chunks u32 | len u32 | bytes   (little endian)
 /// ```
 ///
 /// A fence has `chunks == 0` and no bytes; the message part has
-/// `chunks >= 1` chunks, numbered from 0, sent in order on one queue pair.
+/// `chunks >= 1` chunks, numbered from 0, sent in order (on one queue pair,
+/// or continued on another after a failover). `index` numbers the part
+/// among `parts`: a part sent again after a failover is counted once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotifPart<'a> {
     /// The notification's id, unique per sender engine.
     pub id: u64,
     /// How many parts the notification has (queue pairs that carried data).
     pub parts: u16,
+    /// This part's number, below `parts`.
+    pub index: u16,
     /// This chunk's number (0 for a fence).
     pub chunk: u32,
     /// Chunks of the message part (0: this is a fence).
@@ -154,7 +158,7 @@ impl NotifPart<'_> {
         out.clear();
         out.extend_from_slice(&self.id.to_le_bytes());
         out.extend_from_slice(&self.parts.to_le_bytes());
-        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&self.index.to_le_bytes());
         out.extend_from_slice(&self.chunk.to_le_bytes());
         out.extend_from_slice(&self.chunks.to_le_bytes());
         out.extend_from_slice(&(self.bytes.len() as u32).to_le_bytes());
@@ -174,6 +178,7 @@ impl NotifPart<'_> {
         let part = NotifPart {
             id: u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")),
             parts: u16::from_le_bytes(b[8..10].try_into().expect("2 bytes")),
+            index: u16::from_le_bytes(b[10..12].try_into().expect("2 bytes")),
             chunk: u32_at(12),
             chunks: u32_at(16),
             bytes: &b[PART_HEADER..],
@@ -186,8 +191,11 @@ impl NotifPart<'_> {
                 part.bytes.len()
             ));
         }
-        if part.parts == 0 || part.parts > MAX_PARTS {
-            return bad(format!("{} parts (1..={MAX_PARTS})", part.parts));
+        if part.parts == 0 || part.parts > MAX_PARTS || part.index >= part.parts {
+            return bad(format!(
+                "part {} of {} (1..={MAX_PARTS} parts)",
+                part.index, part.parts
+            ));
         }
         if part.chunks == 0 && (part.chunk != 0 || !part.bytes.is_empty()) {
             return bad("a fence with a chunk number or bytes".into());
@@ -252,6 +260,7 @@ mod tests {
         let chunk = NotifPart {
             id: 5,
             parts: 3,
+            index: 0,
             chunk: 1,
             chunks: 2,
             bytes: b"hello",
@@ -264,6 +273,7 @@ mod tests {
         let fence = NotifPart {
             id: 5,
             parts: 3,
+            index: 2,
             chunk: 0,
             chunks: 0,
             bytes: b"",
@@ -273,6 +283,10 @@ mod tests {
         for bad in [
             NotifPart {
                 parts: 0,
+                ..fence.clone()
+            },
+            NotifPart {
+                index: 3,
                 ..fence.clone()
             },
             NotifPart {

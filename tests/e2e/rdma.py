@@ -265,6 +265,40 @@ def case_restarts(args) -> None:
         tgt.quit()
 
 
+def case_failover(args) -> None:
+    """The link of one of our two NICs fails in the middle of a WRITE: the
+    work of its queue pairs moves to the other NIC pair; the WRITE ends DONE
+    with every byte and one notification, and the next transfers work."""
+    nic = FakeNic()
+    size = 64 * MiB
+    with target(size) as tgt:
+        a = S.new_agent_with("rdma-init", "rdma")
+        src, dst = S.fast_pattern(size, 78), S.filled(size)
+        S.register(a, src, dst)
+        a.add_remote_agent(tgt.md)
+        nic.set_delay_us(1000)  # 1 ms per work request: about 256 ms in all
+        h = a.initialize_xfer("WRITE", S.xfer_descs(a, src), tgt.descs(a, "w"), tgt.name, b"f")
+        assert status_of(a, h, True) == "PROC"
+        time.sleep(0.05)
+        nic.lib.fake_ibv_drop_link(b"fake_mlx5_1", 1)
+        t0 = time.monotonic()
+        st = "PROC"
+        while st == "PROC":
+            assert time.monotonic() - t0 < 30, "the WRITE never ended"
+            st = status_of(a, h, False)
+        nic.set_delay_us(0)
+        log(f"WRITE with a failed link ended {st} {(time.monotonic() - t0) * 1e3:.0f} ms later")
+        assert st == "DONE", st
+        tgt.check("WRITE over the NIC pair that works", "rdma-init", [b"f"],
+                  (("w", 0, size, S.sha256(src)),))
+        hr = a.initialize_xfer("READ", S.xfer_descs(a, dst), tgt.descs(a, "r"), tgt.name)
+        S.post(a, hr, "READ while the link is down")
+        assert S.same(dst, S.fast_pattern(size, 70)), "READ while the link is down differs"
+        nic.lib.fake_ibv_drop_link(b"fake_mlx5_1", 0)
+        log("the next READ works (connected without the failed NIC pair)")
+        tgt.quit()
+
+
 def case_noverbs(args) -> None:
     """No verbs library: the plugin loads, protocol=rdma refuses peers with
     NIXL_ERR_NOT_SUPPORTED and the reason, and TCP moves data."""
@@ -348,6 +382,7 @@ def main() -> None:
     s.add_argument("--rounds", type=int, default=1000)
     s.set_defaults(fn=case_restarts)
     sub.add_parser("noverbs").set_defaults(fn=case_noverbs)
+    sub.add_parser("failover").set_defaults(fn=case_failover)
     s = sub.add_parser("threads")
     s.add_argument("--rounds", type=int, default=8)
     s.set_defaults(fn=case_threads)

@@ -105,6 +105,11 @@ def test_rdma_release_in_flight_returns_in_bounded_time_and_nothing_lands_after(
     print(f"releaseReqH of a WRITE in flight returned in {ms} ms")
 
 
+def test_rdma_a_failed_link_moves_the_transfer_to_the_other_nic_pair(runner, fake_nic):
+    text = run_case(runner, "failover", env=fake_nic)
+    assert "move from queue pair" in text, text
+
+
 def test_rdma_sigkill_during_a_read_fails_within_a_second(runner, fake_nic):
     out = run_case(runner, "kill", env=fake_nic)
     ms = float(re.search(r"^KILL-TO-FAILURE READ ([\d.]+) ms$", out, re.M).group(1))

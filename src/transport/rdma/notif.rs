@@ -18,8 +18,11 @@ const MAX_PARTIAL: usize = 4096;
 
 struct Partial {
     parts: u16,
-    seen: u16,
+    /// The parts that arrived whole (a part sent again after a failover
+    /// counts once).
+    done: std::collections::BTreeSet<u16>,
     msg: Vec<u8>,
+    /// The message part's next chunk (chunks that come again are skipped).
     next_chunk: u32,
 }
 
@@ -70,14 +73,15 @@ impl PassivePeer {
             }
             let p = partial.entry(part.id).or_insert_with(|| Partial {
                 parts: part.parts,
-                seen: 0,
+                done: Default::default(),
                 msg: Vec::new(),
                 next_chunk: 0,
             });
+            let fits = p.msg.len() + part.bytes.len() <= MAX_NOTIF as usize;
             let ok = p.parts == part.parts
                 && (part.chunks == 0
-                    || (part.chunk == p.next_chunk
-                        && p.msg.len() + part.bytes.len() <= MAX_NOTIF as usize));
+                    || part.chunk < p.next_chunk
+                    || (part.chunk == p.next_chunk && fits));
             if !ok {
                 log::warn!(
                     "Mooncake: agent {}: inconsistent RDMA notification parts from agent {}; \
@@ -90,15 +94,15 @@ impl PassivePeer {
                 return;
             }
             if part.chunks == 0 {
-                p.seen += 1;
-            } else {
+                p.done.insert(part.index);
+            } else if part.chunk == p.next_chunk {
                 p.msg.extend_from_slice(part.bytes);
                 p.next_chunk += 1;
                 if p.next_chunk == part.chunks {
-                    p.seen += 1;
+                    p.done.insert(part.index);
                 }
             }
-            if p.seen >= p.parts {
+            if p.done.len() >= p.parts as usize {
                 partial.remove(&part.id).map(|p| p.msg)
             } else {
                 None

@@ -92,39 +92,102 @@ impl Drop for NicBuffer {
     }
 }
 
-/// A notification part to queue: its id, the notification's part count,
-/// and the message (`None`: a fence).
-pub type PartSpec = (u64, u16, Option<Arc<Vec<u8>>>);
-
-/// A notification part still to post.
-struct Part {
-    id: u64,
-    parts: u16,
-    /// `None`: a fence.
-    msg: Option<Arc<Vec<u8>>>,
-    chunk: u32,
-    chunks: u32,
+/// Work requests a message part of `len` bytes takes.
+pub fn part_wrs(len: usize) -> usize {
+    len.div_ceil(CHUNK).max(1)
 }
 
-/// Work of one post on one queue pair: its slices `next`, `next + stride`,
-/// ... then its notification part.
+/// A notification part (or what is left of it) to post.
+#[derive(Clone)]
+pub struct Part {
+    /// The notification's id.
+    pub id: u64,
+    /// How many parts it has.
+    pub parts: u16,
+    /// This part's number.
+    pub index: u16,
+    /// The message (`None`: a fence).
+    pub msg: Option<Arc<Vec<u8>>>,
+    /// The next chunk to post.
+    pub chunk: u32,
+    /// The message's chunks (0 for a fence).
+    pub chunks: u32,
+}
+
+impl Part {
+    /// Part `index` of `parts` of notification `id`, carrying `msg` (or a
+    /// fence).
+    pub fn new(id: u64, parts: u16, index: u16, msg: Option<Arc<Vec<u8>>>) -> Part {
+        Part {
+            id,
+            parts,
+            index,
+            chunks: msg.as_ref().map_or(0, |m| part_wrs(m.len()) as u32),
+            msg,
+            chunk: 0,
+        }
+    }
+
+    /// Work requests still to post.
+    pub fn wrs_left(&self) -> usize {
+        (self.chunks.max(1) - self.chunk) as usize
+    }
+}
+
+/// Which slices of a post a piece of work moves.
+enum Sel {
+    /// `next`, `next + stride`, ...
+    Stride { next: usize, stride: usize },
+    /// These, in order (slices moved here from a broken queue pair).
+    List(VecDeque<usize>),
+}
+
+impl Sel {
+    fn take(&mut self, n: usize) -> Option<usize> {
+        match self {
+            Sel::Stride { next, stride } if *next < n => {
+                let i = *next;
+                *next += *stride;
+                Some(i)
+            }
+            Sel::Stride { .. } => None,
+            Sel::List(l) => l.pop_front(),
+        }
+    }
+
+    fn rest(self, n: usize) -> Vec<usize> {
+        match self {
+            Sel::Stride { next, stride } => (next..n).step_by(stride).collect(),
+            Sel::List(l) => l.into(),
+        }
+    }
+}
+
+/// Work of one post on one queue pair: its slices, then its notification
+/// part.
 struct Work {
     xfer: Arc<Xfer>,
-    next: usize,
-    stride: usize,
+    sel: Sel,
     part: Option<Part>,
+}
+
+/// What a posted work request carries.
+enum Carries {
+    Slice(usize),
+    /// One chunk of a part (`chunk` is this work request's).
+    Chunk(Part),
 }
 
 impl Work {
     /// Work requests of it not posted yet.
     fn unposted(&self) -> usize {
         let n = self.xfer.slices.len();
-        let slices = if self.next < n {
-            (n - self.next).div_ceil(self.stride)
-        } else {
-            0
+        let slices = match &self.sel {
+            Sel::Stride { next, stride } if *next < n => (n - next).div_ceil(*stride),
+            Sel::Stride { .. } => 0,
+            Sel::List(l) => l.len(),
         };
-        slices + self.part.as_ref().map_or(0, |p| p.chunks.max(1) - p.chunk) as usize
+        slices + self.part.as_ref().map_or(0, Part::wrs_left)
     }
 }
 
@@ -133,6 +196,36 @@ struct Out {
     seq: u64,
     xfer: Arc<Xfer>,
     slot: Option<usize>,
+    carries: Carries,
+}
+
+/// What a queue pair that broke leaves of one post: moved to another
+/// queue pair when the failure was the link's (the peer did not answer).
+#[derive(Default)]
+pub struct Salvage {
+    /// Slices not known to have landed.
+    pub slices: Vec<usize>,
+    /// Notification parts not known to have arrived, from their first
+    /// unconfirmed chunk.
+    pub parts: Vec<Part>,
+}
+
+impl Salvage {
+    /// Work requests it stands for.
+    pub fn wrs(&self) -> usize {
+        self.slices.len() + self.parts.iter().map(Part::wrs_left).sum::<usize>()
+    }
+
+    fn add_part(&mut self, p: Part) {
+        match self
+            .parts
+            .iter_mut()
+            .find(|q| q.id == p.id && q.index == p.index)
+        {
+            Some(q) => q.chunk = q.chunk.min(p.chunk),
+            None => self.parts.push(p),
+        }
+    }
 }
 
 struct SendState {
@@ -141,6 +234,48 @@ struct SendState {
     unsignaled: usize,
     work: VecDeque<Work>,
     free_slots: Vec<usize>,
+    /// After a link failure: what to move elsewhere once every work request
+    /// outstanding here has completed (flushed).
+    salvage: Vec<(Arc<Xfer>, Salvage)>,
+}
+
+impl SendState {
+    fn salvage_of(&mut self, x: &Arc<Xfer>) -> &mut Salvage {
+        let i = match self.salvage.iter().position(|(y, _)| Arc::ptr_eq(x, y)) {
+            Some(i) => i,
+            None => {
+                self.salvage.push((x.clone(), Salvage::default()));
+                self.salvage.len() - 1
+            }
+        };
+        &mut self.salvage[i].1
+    }
+
+    fn salvage_out(&mut self, o: Out) {
+        if let Some(slot) = o.slot {
+            self.free_slots.push(slot);
+        }
+        let sv = self.salvage_of(&o.xfer);
+        match o.carries {
+            Carries::Slice(i) => sv.slices.push(i),
+            Carries::Chunk(p) => sv.add_part(p),
+        }
+    }
+
+    fn salvage_work(&mut self, w: Work) {
+        let n = w.xfer.slices.len();
+        let sv = self.salvage_of(&w.xfer);
+        sv.slices.extend(w.sel.rest(n));
+        if let Some(p) = w.part {
+            sv.add_part(p);
+        }
+    }
+}
+
+/// True for failures of the link (the peer did not answer, the queue pair
+/// was flushed after that): the work may go over another NIC pair.
+fn link_failure(e: &Error) -> bool {
+    matches!(e, Error::RemoteDisconnect(_))
 }
 
 /// The initiator side of a queue pair.
@@ -178,12 +313,16 @@ pub struct QpConn {
     recv: Option<RecvSide>,
     broken: Mutex<Option<Error>>,
     retired: AtomicBool,
-    /// Told when the queue pair breaks (the initiator's route, to rebuild).
-    on_break: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Told when the queue pair breaks, with why (the initiator's route,
+    /// to rebuild).
+    on_break: Mutex<Option<BreakHook>>,
     /// Retire once nothing is queued or in flight (a healthy queue pair of
     /// a generation that was replaced).
     closing: AtomicBool,
 }
+
+/// Told when a queue pair breaks, with why.
+pub type BreakHook = Arc<dyn Fn(&Error) + Send + Sync>;
 
 /// What to create a queue pair for.
 pub enum Side {
@@ -239,6 +378,7 @@ impl QpConn {
                             unsignaled: 0,
                             work: VecDeque::new(),
                             free_slots: (0..PART_SLOTS).collect(),
+                            salvage: Vec::new(),
                         }),
                         slots_mr,
                         buf,
@@ -277,7 +417,7 @@ impl QpConn {
 
     /// Tells `f` when the queue pair breaks (it must not own this queue
     /// pair).
-    pub fn on_break(&self, f: Arc<dyn Fn() + Send + Sync>) {
+    pub fn on_break(&self, f: BreakHook) {
         *self.on_break.lock() = Some(f);
     }
 
@@ -293,7 +433,7 @@ impl QpConn {
         }
         let idle = self.send.as_ref().is_none_or(|s| {
             let st = s.state.lock();
-            st.out.is_empty() && st.work.is_empty()
+            st.out.is_empty() && st.work.is_empty() && st.salvage.is_empty()
         });
         if idle {
             self.retire();
@@ -335,51 +475,79 @@ impl QpConn {
         posted
     }
 
-    /// Work requests a message part of `len` bytes takes.
-    pub fn part_wrs(&self, len: usize) -> usize {
-        len.div_ceil(CHUNK).max(1)
+    /// Queues `slices` of `xfer` from index `first` every `stride`, then
+    /// (when set) the notification part `part`, and posts what the credits
+    /// allow.
+    pub fn push(&self, xfer: &Arc<Xfer>, (first, stride): (usize, usize), part: Option<Part>) {
+        self.queue(Work {
+            xfer: xfer.clone(),
+            sel: Sel::Stride {
+                next: first,
+                stride: stride.max(1),
+            },
+            part,
+        });
     }
 
-    /// Queues `slices` of `xfer` from index `first` every `stride`, then
-    /// (when `part` is set) a notification part `(id, parts, msg)` (`msg`
-    /// `None`: a fence), and posts what the credits allow.
-    pub fn push(&self, xfer: &Arc<Xfer>, (first, stride): (usize, usize), part: Option<PartSpec>) {
-        let part = part.map(|(id, parts, msg)| Part {
-            id,
-            parts,
-            chunks: msg.as_ref().map_or(0, |m| self.part_wrs(m.len()) as u32),
-            msg,
-            chunk: 0,
-        });
-        let work = Work {
+    /// Queues a notification part alone (see [`Self::push`]).
+    pub fn push_part(&self, xfer: &Arc<Xfer>, part: Part) {
+        self.push(xfer, (xfer.slices.len(), 1), Some(part));
+    }
+
+    /// Queues what another queue pair left of `xfer` when it broke: its
+    /// slices, then its parts (each after the slices, so a part still
+    /// arrives after the data it vouches for).
+    pub fn push_salvage(&self, xfer: &Arc<Xfer>, sv: Salvage) {
+        let Salvage { slices, parts } = sv;
+        let mut part = parts.into_iter();
+        self.queue(Work {
             xfer: xfer.clone(),
-            next: first,
-            stride: stride.max(1),
-            part,
-        };
+            sel: Sel::List(slices.into()),
+            part: part.next(),
+        });
+        for p in part {
+            self.queue(Work {
+                xfer: xfer.clone(),
+                sel: Sel::List(VecDeque::new()),
+                part: Some(p),
+            });
+        }
+    }
+
+    fn queue(&self, work: Work) {
         if let Some(s) = &self.send {
             s.state.lock().work.push_back(work);
         }
         self.pump();
     }
 
-    /// Queues a notification part alone (see [`Self::push`]).
-    pub fn push_part(&self, xfer: &Arc<Xfer>, id: u64, parts: u16, msg: Option<Arc<Vec<u8>>>) {
-        self.push(xfer, (xfer.slices.len(), 1), Some((id, parts, msg)));
-    }
-
-    /// Posts queued work while credits last.
+    /// Posts queued work while credits last; on a broken queue pair, fails
+    /// it or keeps it to move elsewhere, and moves it once nothing is
+    /// outstanding here any more.
     pub fn pump(&self) {
         let Some(s) = &self.send else { return };
         let mut finished: Vec<(Arc<Xfer>, usize, Option<Error>)> = Vec::new();
+        let mut moved = Vec::new();
+        let mut failed = None;
         {
             let mut st = s.state.lock();
-            if let Some(e) = self.broken.lock().clone() {
-                for w in st.work.drain(..) {
-                    finished.push((w.xfer.clone(), w.unposted(), Some(e.clone())));
+            let broken = self.broken.lock().clone();
+            if let Some(e) = broken {
+                while let Some(w) = st.work.pop_front() {
+                    if link_failure(&e) {
+                        st.salvage_work(w);
+                    } else {
+                        let n = w.unposted();
+                        finished.push((w.xfer, n, Some(e.clone())));
+                    }
+                }
+                if st.out.is_empty() && !st.salvage.is_empty() {
+                    moved = std::mem::take(&mut st.salvage)
+                        .into_iter()
+                        .map(|(x, sv)| (x, sv, e.clone()))
+                        .collect();
                 }
             } else {
-                let mut failed = None;
                 while st.out.len() < s.depth && !st.work.is_empty() {
                     let before = st.next_seq;
                     if let Err(e) = self.post_batch(s, &mut st, &mut finished) {
@@ -390,15 +558,20 @@ impl QpConn {
                         break; // waiting for a part buffer
                     }
                 }
-                if let Some(e) = failed {
-                    drop(st);
-                    // Fails the queued work with `e` (through `pump`).
-                    self.break_with(e);
-                }
             }
         }
         for (x, n, e) in finished {
             x.done(n, e);
+        }
+        for (x, sv, e) in moved {
+            let n = sv.wrs();
+            if !x.retry(self.qp.qp_num, sv) {
+                x.done(n, Some(e));
+            }
+        }
+        if let Some(e) = failed {
+            // Fails (or keeps for elsewhere) the queued work, through `pump`.
+            self.break_with(e);
         }
     }
 
@@ -424,9 +597,8 @@ impl QpConn {
                 continue;
             }
             let xfer = w.xfer.clone();
-            if w.next < xfer.slices.len() {
-                let sl = xfer.slices[w.next];
-                w.next += w.stride;
+            if let Some(i) = w.sel.take(xfer.slices.len()) {
+                let sl = xfer.slices[i];
                 let region = &xfer.plan.remote_regions[sl.remote as usize];
                 let rkey = region.rdma.as_ref().and_then(|k| {
                     k.rkey(
@@ -477,6 +649,7 @@ impl QpConn {
                     seq: st.next_seq,
                     xfer,
                     slot: None,
+                    carries: Carries::Slice(i),
                 });
                 st.next_seq += 1;
                 continue;
@@ -496,6 +669,7 @@ impl QpConn {
             NotifPart {
                 id: p.id,
                 parts: p.parts,
+                index: p.index,
                 chunk: p.chunk,
                 chunks: p.chunks,
                 bytes,
@@ -533,6 +707,7 @@ impl QpConn {
                 seq: st.next_seq,
                 xfer: xfer.clone(),
                 slot,
+                carries: Carries::Chunk(p.clone()),
             });
             st.next_seq += 1;
             p.chunk += 1;
@@ -604,19 +779,29 @@ impl QpConn {
             let mut st = s.state.lock();
             while st.out.front().is_some_and(|o| o.seq <= wc.wr_id) {
                 let o = st.out.pop_front().expect("front exists");
-                if let Some(slot) = o.slot {
-                    st.free_slots.push(slot);
-                }
-                let e = if o.seq == wc.wr_id {
-                    failed.clone().map(|f| was_broken.clone().unwrap_or(f))
-                } else {
-                    was_broken.clone()
+                // Completions come in order: before the one reported, every
+                // work request succeeded, unless the queue pair had broken
+                // already (then they were flushed).
+                let e = match (&was_broken, &failed) {
+                    (Some(b), _) => Some(b.clone()),
+                    (None, Some(f)) if o.seq == wc.wr_id => Some(f.clone()),
+                    _ => None,
                 };
-                match finished.last_mut() {
-                    Some((x, n, le)) if Arc::ptr_eq(x, &o.xfer) && le.is_none() == e.is_none() => {
-                        *n += 1
+                match e {
+                    Some(e) if link_failure(&e) => st.salvage_out(o),
+                    e => {
+                        if let Some(slot) = o.slot {
+                            st.free_slots.push(slot);
+                        }
+                        match finished.last_mut() {
+                            Some((x, n, le))
+                                if Arc::ptr_eq(x, &o.xfer) && le.is_none() == e.is_none() =>
+                            {
+                                *n += 1
+                            }
+                            _ => finished.push((o.xfer, 1, e)),
+                        }
                     }
-                    _ => finished.push((o.xfer, 1, e)),
                 }
             }
         }
@@ -626,6 +811,7 @@ impl QpConn {
         if let Some(e) = failed {
             self.break_with(e);
         }
+        // Posts more (credits came back), or, broken, moves what is left.
         self.pump();
         self.retire_if_idle();
     }
@@ -687,7 +873,10 @@ impl QpConn {
         }
         let f = self.on_break.lock().clone();
         if let Some(f) = f {
-            f();
+            let why = self.broken.lock().clone();
+            if let Some(why) = why {
+                f(&why);
+            }
         }
         self.pump();
     }
@@ -724,10 +913,10 @@ impl QpConn {
     /// True once retired with nothing outstanding on the NIC.
     pub fn drained(&self) -> bool {
         self.retired.load(Ordering::Acquire)
-            && self
-                .send
-                .as_ref()
-                .is_none_or(|s| s.state.lock().out.is_empty())
+            && self.send.as_ref().is_none_or(|s| {
+                let st = s.state.lock();
+                st.out.is_empty() && st.salvage.is_empty()
+            })
             && self
                 .recv
                 .as_ref()

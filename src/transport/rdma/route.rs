@@ -5,6 +5,7 @@
 //! it), and rebuilt with a new generation after one breaks.
 
 use std::any::Any;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -14,7 +15,7 @@ use parking_lot::Mutex;
 
 use super::Shared;
 use super::connect;
-use super::qp::{QpConn, Side};
+use super::qp::{Part, QpConn, Salvage, Side, part_wrs};
 use super::reg::RegionReg;
 use super::slice::{self, Pieces};
 use super::xfer::{AfterData, Xfer};
@@ -26,6 +27,9 @@ use crate::wire::rdma::{ConnectReply, ConnectRequest};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long posts fail fast after a failed connection before the next try.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// How long a NIC pair whose link failed is left out of new connections
+/// (while another pair works).
+const RAIL_PAUSE: Duration = Duration::from_secs(30);
 
 /// The connected queue pairs of one generation, all pairs of NICs.
 struct Conns {
@@ -57,6 +61,8 @@ struct Inner {
     control: Arc<dyn Route>,
     state: Mutex<State>,
     next_qp: AtomicUsize,
+    /// NIC pairs whose link failed, until when they are left out.
+    paused: Mutex<HashMap<(usize, usize), Instant>>,
 }
 
 /// An RDMA route to one peer.
@@ -84,6 +90,7 @@ impl RdmaRoute {
                 control,
                 state: Mutex::new(State::Idle),
                 next_qp: AtomicUsize::new(0),
+                paused: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -112,7 +119,7 @@ impl Inner {
                 s.workers[*w].retire(q);
             }
         };
-        for &(l, r) in &self.pairs {
+        for (l, r) in self.live_pairs() {
             let w = &s.workers[l];
             let mut ours = Vec::new();
             for _ in 0..s.config.qps_per_pair {
@@ -183,12 +190,18 @@ impl Inner {
             qps,
             broken: AtomicBool::new(false),
         });
-        for (q, _) in &conns.qps {
-            // A queue pair that breaks makes the next post connect anew.
+        for (q, l) in &conns.qps {
+            // A queue pair that breaks makes the next post connect anew,
+            // without its NIC pair for a while when its link failed.
             let weak: Weak<Conns> = Arc::downgrade(&conns);
-            q.on_break(Arc::new(move || {
+            let route = Arc::downgrade(self);
+            let pair = (*l, q.remote_nic);
+            q.on_break(Arc::new(move |why: &Error| {
                 if let Some(c) = weak.upgrade() {
                     c.broken.store(true, Ordering::Release);
+                }
+                if let (Error::RemoteDisconnect(_), Some(r)) = (why, route.upgrade()) {
+                    r.paused.lock().insert(pair, Instant::now() + RAIL_PAUSE);
                 }
             }));
             if q.is_broken() {
@@ -203,6 +216,59 @@ impl Inner {
             self.pairs.len()
         );
         Ok(conns)
+    }
+
+    /// The NIC pairs to connect: those not paused, or all of them when
+    /// every one is.
+    fn live_pairs(&self) -> Vec<(usize, usize)> {
+        let now = Instant::now();
+        let mut paused = self.paused.lock();
+        paused.retain(|_, until| *until > now);
+        let live: Vec<(usize, usize)> = self
+            .pairs
+            .iter()
+            .copied()
+            .filter(|p| !paused.contains_key(p))
+            .collect();
+        if live.is_empty() {
+            self.pairs.clone()
+        } else {
+            live
+        }
+    }
+
+    /// Moves what queue pair `from` left of `xfer` after its link failed
+    /// to a healthy queue pair of the current generation, preferring
+    /// another NIC pair. False when there is none.
+    fn move_work(&self, xfer: &Arc<Xfer>, from: u32, sv: Salvage) -> bool {
+        let conns = match &*self.state.lock() {
+            State::Ready(c) => c.clone(),
+            _ => return false,
+        };
+        let failed = conns
+            .qps
+            .iter()
+            .find(|(q, _)| q.qp.qp_num == from)
+            .map(|(q, l)| (*l, q.remote_nic));
+        let healthy = |(q, _): &&(Arc<QpConn>, usize)| !q.is_broken() && q.qp.qp_num != from;
+        let other_pair = conns
+            .qps
+            .iter()
+            .filter(healthy)
+            .find(|(q, l)| Some((*l, q.remote_nic)) != failed);
+        let Some((q, _)) = other_pair.or_else(|| conns.qps.iter().find(healthy)) else {
+            return false;
+        };
+        log::warn!(
+            "Mooncake: agent {}: RDMA to agent {}: {} work requests move from queue pair {from} to \
+             {} after a link failure",
+            self.shared.endpoint.name,
+            self.peer,
+            sv.wrs(),
+            q.qp.qp_num
+        );
+        q.push_salvage(xfer, sv);
+        true
     }
 
     /// Retires the queue pairs of `c`: at once (`now`), or each once it
@@ -247,6 +313,7 @@ impl Inner {
                 State::Connecting(w) => w,
                 State::Closed => {
                     *st = State::Closed;
+                    drop(st);
                     if let Ok(c) = &result {
                         self.retire(c, true);
                     }
@@ -288,57 +355,62 @@ impl Inner {
     /// Hands `xfer` to the connected queue pairs, or makes it wait for
     /// them (connecting them now if needed).
     fn submit(self: &Arc<Self>, xfer: &Arc<Xfer>, notif: Option<Arc<Vec<u8>>>) -> Result<()> {
+        let waiting = Waiting {
+            xfer: xfer.clone(),
+            notif,
+        };
         let mut st = self.state.lock();
-        loop {
-            match &mut *st {
-                State::Ready(c) if !c.broken.load(Ordering::Acquire) => {
-                    let c = c.clone();
-                    drop(st);
-                    self.dispatch(&c, xfer, notif);
-                    return Ok(());
-                }
-                State::Ready(c) => {
-                    let c = c.clone();
-                    self.retire(&c, false);
-                    *st = State::Idle;
-                }
-                State::Connecting(waiting) => {
-                    waiting.push(Waiting {
-                        xfer: xfer.clone(),
-                        notif,
-                    });
-                    return Ok(());
-                }
-                State::Down { error, retry_at } if Instant::now() < *retry_at => {
-                    return Err(error.clone());
-                }
-                State::Down { .. } | State::Idle => {
-                    *st = State::Connecting(vec![Waiting {
-                        xfer: xfer.clone(),
-                        notif,
-                    }]);
-                    drop(st);
-                    self.spawn_connect();
-                    return Ok(());
-                }
-                State::Closed => {
-                    return Err(Error::RemoteDisconnect(format!(
-                        "disconnected from agent {}",
-                        self.peer
-                    )));
-                }
+        // Queue pairs are retired with the state unlocked: retiring may move
+        // work, which looks at the state.
+        let old = match &mut *st {
+            State::Ready(c) if !c.broken.load(Ordering::Acquire) => {
+                let c = c.clone();
+                drop(st);
+                self.dispatch(&c, &waiting.xfer, waiting.notif);
+                return Ok(());
             }
+            State::Connecting(w) => {
+                w.push(waiting);
+                return Ok(());
+            }
+            State::Down { error, retry_at } if Instant::now() < *retry_at => {
+                return Err(error.clone());
+            }
+            State::Closed => {
+                return Err(Error::RemoteDisconnect(format!(
+                    "disconnected from agent {}",
+                    self.peer
+                )));
+            }
+            State::Ready(c) => Some(c.clone()),
+            State::Down { .. } | State::Idle => None,
+        };
+        *st = State::Connecting(vec![waiting]);
+        drop(st);
+        if let Some(c) = old {
+            self.retire(&c, false);
         }
+        self.spawn_connect();
+        Ok(())
     }
 
     /// Spreads `xfer` over the queue pairs: slice `i` on queue pair
     /// `start + i % used`; a WRITE's notification in parts after the data
     /// on each queue pair used, a READ's after its data arrived.
-    fn dispatch(&self, c: &Conns, xfer: &Arc<Xfer>, notif: Option<Arc<Vec<u8>>>) {
+    fn dispatch(self: &Arc<Self>, c: &Conns, xfer: &Arc<Xfer>, notif: Option<Arc<Vec<u8>>>) {
         let n = c.qps.len();
         let start = self.next_qp.fetch_add(1, Ordering::Relaxed) % n;
         let used = xfer.slices.len().min(n);
         let id = self.shared.next_notif.fetch_add(1, Ordering::Relaxed);
+        let route = Arc::downgrade(self);
+        xfer.set_mover(Arc::new(move |x, from, sv| {
+            route.upgrade().is_some_and(|r| r.move_work(x, from, sv))
+        }));
+        if let (Some(m), Op::Write) = (&notif, xfer.plan.op) {
+            // The notification's parts: the message on one queue pair, a
+            // fence on each other one used.
+            xfer.expect(part_wrs(m.len()) + used.saturating_sub(1));
+        }
         if let (Some(m), Op::Read) = (&notif, xfer.plan.op) {
             xfer.set_after_data(AfterData {
                 qp: c.qps[start].0.clone(),
@@ -348,7 +420,9 @@ impl Inner {
         }
         if used == 0 {
             match (notif, xfer.plan.op) {
-                (Some(m), Op::Write) => c.qps[start].0.push_part(xfer, id, 1, Some(m)),
+                (Some(m), Op::Write) => {
+                    c.qps[start].0.push_part(xfer, Part::new(id, 1, 0, Some(m)))
+                }
                 // Nothing to move; a READ's notification goes at once.
                 _ => xfer.done_nothing(),
             }
@@ -357,7 +431,12 @@ impl Inner {
         for k in 0..used {
             let q = &c.qps[(start + k) % n].0;
             let part = match (&notif, xfer.plan.op) {
-                (Some(m), Op::Write) => Some((id, used as u16, (k == 0).then(|| m.clone()))),
+                (Some(m), Op::Write) => Some(Part::new(
+                    id,
+                    used as u16,
+                    k as u16,
+                    (k == 0).then(|| m.clone()),
+                )),
                 _ => None,
             };
             q.push(xfer, (k, used), part);
@@ -394,29 +473,31 @@ impl Route for RdmaRoute {
         self.inner.control.connect()?;
         let deadline = Instant::now() + CONNECT_TIMEOUT + Duration::from_secs(1);
         loop {
-            {
-                let mut st = self.inner.state.lock();
-                match &*st {
-                    State::Ready(c) if !c.broken.load(Ordering::Acquire) => return Ok(()),
-                    State::Connecting(_) => {}
-                    State::Down { error, retry_at } if Instant::now() < *retry_at => {
-                        return Err(error.clone());
-                    }
-                    State::Closed => {
-                        return Err(Error::RemoteDisconnect(format!(
-                            "disconnected from agent {}",
-                            self.inner.peer
-                        )));
-                    }
-                    _ => {
-                        if let State::Ready(c) = &*st {
-                            self.inner.retire(c, false);
-                        }
-                        *st = State::Connecting(Vec::new());
-                        drop(st);
-                        self.inner.spawn_connect();
-                    }
+            let mut st = self.inner.state.lock();
+            let old = match &*st {
+                State::Ready(c) if !c.broken.load(Ordering::Acquire) => return Ok(()),
+                State::Down { error, retry_at } if Instant::now() < *retry_at => {
+                    return Err(error.clone());
                 }
+                State::Closed => {
+                    return Err(Error::RemoteDisconnect(format!(
+                        "disconnected from agent {}",
+                        self.inner.peer
+                    )));
+                }
+                State::Connecting(_) => None,
+                State::Ready(c) => Some(Some(c.clone())),
+                State::Down { .. } | State::Idle => Some(None),
+            };
+            if let Some(old) = old {
+                *st = State::Connecting(Vec::new());
+                drop(st);
+                if let Some(c) = old {
+                    self.inner.retire(&c, false);
+                }
+                self.inner.spawn_connect();
+            } else {
+                drop(st);
             }
             if Instant::now() > deadline {
                 return Err(Error::RemoteDisconnect(format!(
@@ -478,15 +559,10 @@ impl Route for RdmaRoute {
             })
             .collect();
         let slices = slice::slices(plan, s.config.slice, &local_pieces, &remote);
-        let total_qps = inner.pairs.len() * s.config.qps_per_pair;
-        let used = slices.len().min(total_qps);
         let notif = notif.map(|m| Arc::new(m.to_vec()));
-        let part_wrs = |len: usize| len.div_ceil(super::qp::CHUNK).max(1);
-        let wrs = slices.len()
-            + match (&notif, plan.op) {
-                (Some(m), Op::Write) => part_wrs(m.len()) + used.saturating_sub(1),
-                _ => 0,
-            };
+        // The notification's work requests are counted when it is
+        // dispatched (their number depends on the queue pairs then).
+        let wrs = slices.len();
         let weak = Arc::downgrade(inner);
         let watch: Box<dyn Fn() + Send + Sync> = Box::new(move || {
             if let Some(i) = weak.upgrade()
@@ -553,8 +629,12 @@ impl Inner {
 
 impl Drop for RdmaRoute {
     fn drop(&mut self) {
-        if let State::Ready(c) = &*self.inner.state.lock() {
-            self.inner.retire(c, true);
+        let old = match &*self.inner.state.lock() {
+            State::Ready(c) => Some(c.clone()),
+            _ => None,
+        };
+        if let Some(c) = old {
+            self.inner.retire(&c, true);
         }
     }
 }

@@ -9,6 +9,18 @@ use std::ffi::{CString, c_char, c_int, c_uint};
 use std::process::Command;
 use std::sync::OnceLock;
 
+use parking_lot::{Mutex, MutexGuard};
+
+/// Tests that inject faults into the (process-wide) fake, or that a fault
+/// would disturb, hold this (a dropped link also shows as a port that is
+/// down).
+static EXCLUSIVE: Mutex<()> = Mutex::new(());
+
+/// Runs the caller alone among the tests that take this.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    EXCLUSIVE.lock()
+}
+
 /// The fake library's test controls.
 pub struct FakeNic {
     bytes: unsafe extern "C" fn(*const c_char, c_int) -> u64,
@@ -16,6 +28,7 @@ pub struct FakeNic {
     live_mrs: unsafe extern "C" fn() -> c_int,
     drop_link: unsafe extern "C" fn(*const c_char, c_int),
     corrupt_rkeys: unsafe extern "C" fn(c_uint),
+    set_delay_us: unsafe extern "C" fn(c_uint),
     /// The library's path.
     pub path: String,
     _lib: libloading::Library,
@@ -69,6 +82,7 @@ pub fn fake() -> &'static FakeNic {
             live_mrs: sym!("fake_ibv_live_mrs"),
             drop_link: sym!("fake_ibv_drop_link"),
             corrupt_rkeys: sym!("fake_ibv_corrupt_rkeys"),
+            set_delay_us: sym!("fake_ibv_set_delay_us"),
             path,
             _lib: lib,
         }
@@ -101,6 +115,12 @@ impl FakeNic {
         let dev = CString::new(dev).unwrap();
         // SAFETY: a NUL-terminated name.
         unsafe { (self.drop_link)(dev.as_ptr(), dropped as c_int) }
+    }
+
+    /// Every work request waits `us` before it executes.
+    pub fn set_delay_us(&self, us: u32) {
+        // SAFETY: plain value.
+        unsafe { (self.set_delay_us)(us) }
     }
 
     /// The next `n` RDMA requests of this process carry a wrong rkey.

@@ -6,8 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-
 use super::connect::{self, Timing};
 use super::device::{self, DeviceConfig, LinkLayer, Nic};
 use super::mr::RegionMrs;
@@ -15,10 +13,9 @@ use super::testing::fake;
 use super::verbs::{Cq, Pd, Qp, sys};
 use crate::common::Error;
 
-/// The tests of this module run one at a time: some inject faults into
-/// the (process-wide) fake, which others would see (a dropped link shows
-/// as a port that is down).
-static FAULTS: Mutex<()> = Mutex::new(());
+/// The tests of this module run one at a time (and apart from other
+/// tests that inject faults): see [`super::testing::exclusive`].
+use super::testing::exclusive;
 
 fn nics() -> Vec<Nic> {
     fake();
@@ -137,7 +134,7 @@ fn post_recv(qp: &Qp, wr_id: u64, local: (u64, u32, u32)) {
 
 #[test]
 fn discovers_the_fake_nics_and_chooses_gids() {
-    let _alone = FAULTS.lock();
+    let _alone = exclusive();
     let nics = nics();
     assert_eq!(nics.len(), 2, "{nics:?}");
     assert_eq!(nics[0].name(), "fake_mlx5_0");
@@ -175,7 +172,7 @@ fn discovers_the_fake_nics_and_chooses_gids() {
 
 #[test]
 fn write_read_and_send_after_data_through_our_ffi() {
-    let _alone = FAULTS.lock();
+    let _alone = exclusive();
     let p = pair();
     let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     for (i, x) in a.iter_mut().enumerate() {
@@ -250,7 +247,7 @@ fn write_read_and_send_after_data_through_our_ffi() {
 
 #[test]
 fn remote_access_errors_then_flush() {
-    let _alone = FAULTS.lock();
+    let _alone = exclusive();
     let p = pair();
     let mut a = vec![1u8; 8192];
     let mut b = vec![0u8; 8192];
@@ -314,7 +311,7 @@ fn remote_access_errors_then_flush() {
 
 #[test]
 fn dead_link_fails_work_and_error_state_flushes() {
-    let _alone = FAULTS.lock();
+    let _alone = exclusive();
     let p = pair();
     let mut a = vec![1u8; 4096];
     let mut b = vec![0u8; 4096];
@@ -345,7 +342,7 @@ fn dead_link_fails_work_and_error_state_flushes() {
 
 #[test]
 fn completion_channel_wakes_a_sleeping_poller() {
-    let _alone = FAULTS.lock();
+    let _alone = exclusive();
     let nics = nics();
     let ch = nics[0].ctx.comp_channel().unwrap();
     let cq = nics[0].ctx.create_cq(16, Some(&ch)).unwrap();

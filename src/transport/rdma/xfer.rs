@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::qp::QpConn;
+use super::qp::{Part, QpConn, Salvage};
 use super::reg::RegionReg;
 use super::slice::Slice;
 use crate::common::{Completion, Error, Result};
@@ -41,7 +41,19 @@ pub struct Xfer {
     after_data: Mutex<Option<AfterData>>,
     /// Called when a transfer in progress is polled: notices a dead peer.
     watch: Option<Box<dyn Fn() + Send + Sync>>,
+    /// Moves what a queue pair that lost its link left of this post to
+    /// another one (its route's); false when none can take it.
+    mover: Mutex<Option<Mover>>,
+    /// How many times work of it moved.
+    moves: AtomicUsize,
 }
+
+/// Moves salvaged work of a post (that broke on queue pair number `u32`)
+/// to a healthy queue pair; false when there is none.
+pub type Mover = Arc<dyn Fn(&Arc<Xfer>, u32, Salvage) -> bool + Send + Sync>;
+
+/// How many times a post's work may move to another queue pair.
+const MAX_MOVES: usize = 4;
 
 impl Xfer {
     /// A post of `plan` cut into `slices`, with `wrs` work requests in all,
@@ -63,7 +75,31 @@ impl Xfer {
             cancelled: AtomicBool::new(false),
             after_data: Mutex::new(None),
             watch,
+            mover: Mutex::new(None),
+            moves: AtomicUsize::new(0),
         }
+    }
+
+    /// `n` more work requests to wait for (counted before they are queued).
+    pub fn expect(&self, n: usize) {
+        self.left.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// Sets how work of it moves after a link failure.
+    pub fn set_mover(&self, mover: Mover) {
+        *self.mover.lock() = Some(mover);
+    }
+
+    /// Moves `sv` (what queue pair `from` left of this post when its link
+    /// failed) to another queue pair. False when it cannot (stopped, moved
+    /// too often, no healthy queue pair): the caller fails that work.
+    pub fn retry(self: &Arc<Self>, from: u32, sv: Salvage) -> bool {
+        if self.stopped() || self.moves.fetch_add(1, Ordering::AcqRel) >= MAX_MOVES {
+            return false;
+        }
+        // Called without the lock: moving may end up here again.
+        let mover = self.mover.lock().clone();
+        mover.is_some_and(|m| m(self, from, sv))
     }
 
     /// Sets what to send once the data arrived (a READ's notification).
@@ -96,8 +132,10 @@ impl Xfer {
             && !self.stopped()
         {
             self.left
-                .fetch_add(after.qp.part_wrs(after.msg.len()), Ordering::AcqRel);
-            after.qp.push_part(self, after.id, 1, Some(after.msg));
+                .fetch_add(super::qp::part_wrs(after.msg.len()), Ordering::AcqRel);
+            after
+                .qp
+                .push_part(self, Part::new(after.id, 1, 0, Some(after.msg)));
             return;
         }
         self.finish();

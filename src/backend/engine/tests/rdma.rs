@@ -156,3 +156,48 @@ fn restarted_peers_leave_no_queue_pairs_behind() {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+#[test]
+fn a_transfer_moves_to_the_other_nic_pair_when_a_link_fails() {
+    let _alone = testing::exclusive();
+    // Both fake NICs: NIC pairs (0, 0) and (1, 1), two queue pairs each.
+    let both = &[("protocol", "rdma"), ("ip_addr", "127.0.0.1")];
+    let p = pair_with(64 << 20, true, both);
+    let mut abuf = p.abuf.clone();
+    abuf.iter_mut()
+        .enumerate()
+        .for_each(|(i, x)| *x = (i * 13 % 251) as u8);
+    // SAFETY: a test writes its own registered buffer between transfers.
+    unsafe { std::ptr::copy_nonoverlapping(abuf.as_ptr(), p.abuf.as_ptr() as *mut u8, abuf.len()) };
+    // 1 ms per work request: the 1024 slices over 4 queue pairs take about
+    // 256 ms; the link of the second NICs fails 50 ms in.
+    testing::fake().set_delay_us(1000);
+    let id = p.whole(Op::Write);
+    p.a.post_xfer(id, Some(b"moved")).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    testing::fake().drop_link("fake_mlx5_1", true);
+    let outcome = wait(&p.a, id);
+    testing::fake().set_delay_us(0);
+    testing::fake().drop_link("fake_mlx5_1", false);
+    assert_eq!(
+        outcome,
+        Ok(Status::Success),
+        "the WRITE survives a failed link"
+    );
+    assert!(
+        p.bbuf == abuf,
+        "every byte landed, through the NIC pair that works"
+    );
+    let got = notifs_until(&p.b, 1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, b"moved");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(p.b.get_notifs().is_empty(), "the notification came once");
+    // The next transfer connects again, without the failed pair for now.
+    p.a.release_req(id).unwrap();
+    let id = p.whole(Op::Read);
+    assert_eq!(
+        p.a.post_xfer(id, None).and_then(|_| wait(&p.a, id)),
+        Ok(Status::Success)
+    );
+}
