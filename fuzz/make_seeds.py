@@ -46,8 +46,8 @@ def zigzag(n: int) -> bytes:
     return varint((n << 1) ^ (n >> 63) if n < 0 else n << 1)
 
 
-def qp_address(qpn: int, psn: int, lid: int, gid: bytes, mtu: int) -> bytes:
-    return varint(qpn) + varint(psn) + varint(lid) + gid + zigzag(mtu)
+def qp_address(qpn: int, psn: int, lid: int, gid: bytes, mtu: int, rd_atomic: int = 16) -> bytes:
+    return varint(qpn) + varint(psn) + varint(lid) + gid + zigzag(mtu) + bytes([rd_atomic])
 
 
 GID = bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 1])

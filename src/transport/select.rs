@@ -93,6 +93,9 @@ pub struct Config {
     pub tcp: TcpConfig,
     /// The RDMA transport's settings (`required` is set from `protocol`).
     pub rdma: RdmaConfig,
+    /// Tests only: peers of this host are taken for peers on another host
+    /// (so that `protocol=auto` offers RDMA on one machine).
+    pub other_host: bool,
 }
 
 impl Default for Config {
@@ -106,6 +109,7 @@ impl Default for Config {
             busy_poll: Duration::from_micros(30),
             tcp: TcpConfig::default(),
             rdma: RdmaConfig::default(),
+            other_host: false,
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct Transports {
     all: Vec<Arc<dyn Transport>>,
     /// How many times routes were built (for tests).
     routes_built: std::sync::atomic::AtomicUsize,
+    /// See [`Config::other_host`].
+    other_host: bool,
 }
 
 impl Transports {
@@ -210,6 +216,7 @@ impl Transports {
             rdma,
             all,
             routes_built: Default::default(),
+            other_host: config.other_host,
         })
     }
 
@@ -244,7 +251,7 @@ impl Transports {
             routes
         };
         let protocol = format!("protocol={}", self.protocol.as_str());
-        if self.protocol == Protocol::Auto && self.info.same_process(remote) {
+        if self.protocol == Protocol::Auto && self.info.same_process(remote) && !self.other_host {
             // No network or kernel path beats a copy inside the process.
             let route: Arc<dyn Route> = Arc::new(self.inproc.route(&name, remote.token)?);
             return Ok(chosen(vec![route], "protocol=auto, same process"));
@@ -258,7 +265,7 @@ impl Transports {
         let no_tcp = || Error::NotSupported(format!("agent {agent:?} publishes no TCP endpoint"));
         let tcp_route =
             |addr| -> Arc<dyn Route> { Arc::new(self.tcp.route(&name, remote.token, addr)) };
-        let same_host = self.info.host.same_host(&remote.host);
+        let same_host = self.info.host.same_host(&remote.host) && !self.other_host;
         // One TCP link per peer, shared by cross-memory attach (its control
         // messages) and by the plans it cannot serve (GPU memory).
         let link = tcp.map(tcp_route);
@@ -301,10 +308,12 @@ impl Transports {
             }
             let addr = tcp.ok_or_else(no_tcp)?;
             let control = link.clone().ok_or_else(no_tcp)?;
+            let fallback = self.protocol == Protocol::Auto;
             Ok(Arc::new(t.route(
                 (name.clone(), remote.token, addr),
                 pairs,
                 control,
+                fallback,
             )))
         };
         // Cross-memory attach for host memory, then CUDA IPC (riding on the

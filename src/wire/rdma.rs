@@ -42,6 +42,9 @@ pub struct QpAddress {
     pub gid: [u8; 16],
     /// The port's active MTU (`enum ibv_mtu`, 1..=5).
     pub mtu: i32,
+    /// RDMA READs the device serves at once per queue pair, as target
+    /// (`max_qp_rd_atom`): the other side never has more outstanding.
+    pub rd_atomic: u8,
 }
 
 /// Initiator to target, over the TCP control link: connect these queue
@@ -218,6 +221,7 @@ mod tests {
             lid: 0,
             gid: [7; 16],
             mtu: 5,
+            rd_atomic: 16,
         }
     }
 

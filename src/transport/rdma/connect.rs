@@ -50,6 +50,7 @@ pub fn address(qp: &Qp, nic: &Nic, psn: u32) -> QpAddress {
         lid: nic.lid,
         gid: nic.gid.gid.raw,
         mtu: nic.mtu,
+        rd_atomic: nic.limits.max_rd_atomic,
     }
 }
 
@@ -59,7 +60,9 @@ pub fn address(qp: &Qp, nic: &Nic, psn: u32) -> QpAddress {
 /// # Errors
 /// When the NIC refuses a transition (the QP is left as it was then).
 pub fn connect(qp: &Qp, nic: &Nic, local_psn: u32, remote: &QpAddress, t: Timing) -> Result<()> {
-    let rd_atomic = nic.limits.max_rd_atomic;
+    // Our READs outstanding at once: what both devices allow; as target,
+    // what ours serves.
+    let rd_atomic = nic.limits.max_rd_atomic.min(remote.rd_atomic.max(1));
     let init = sys::QpAttr {
         qp_state: sys::QPS_INIT,
         pkey_index: 0,
@@ -77,7 +80,7 @@ pub fn connect(qp: &Qp, nic: &Nic, local_psn: u32, remote: &QpAddress, t: Timing
         path_mtu: nic.mtu.min(remote.mtu).max(sys::MTU_256),
         dest_qp_num: remote.qpn,
         rq_psn: remote.psn,
-        max_dest_rd_atomic: rd_atomic,
+        max_dest_rd_atomic: nic.limits.max_rd_atomic,
         min_rnr_timer: t.min_rnr_timer,
         ..Default::default()
     };

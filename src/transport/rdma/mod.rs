@@ -37,10 +37,11 @@ pub mod testing;
 mod tests;
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 
@@ -54,6 +55,7 @@ pub use self::route::RdmaRoute;
 use super::tcp::{ControlService, TcpTransport};
 use super::{Route, Transport};
 use crate::common::memory::RegionWatch;
+use crate::common::peers::Claim;
 use crate::common::{AgentName, Endpoint, Error, LocalRegion, MemKind, Result};
 use crate::wire::conn_info::{ConnInfo, RdmaNic};
 use crate::wire::rdma::{ConnectReply, ConnectRequest};
@@ -95,6 +97,16 @@ impl Default for RdmaConfig {
 /// Target queue pairs are kept by (peer engine token, its NIC, our NIC).
 type PassiveKey = (u128, u8, u8);
 
+/// One generation of target queue pairs for one key: when it connected,
+/// and its queue pairs.
+type Generation = (Instant, Vec<Arc<QpConn>>);
+
+/// Generations kept per key: the newest, and the one before (whose queue
+/// pairs the initiator may still be draining after it reconnected).
+const GENERATIONS: usize = 2;
+/// Most keys (pairs of NICs) one peer engine may hold.
+const KEYS_PER_PEER: usize = 64;
+
 /// State shared by the transport, its routes and its threads.
 pub(crate) struct Shared {
     endpoint: Arc<Endpoint>,
@@ -106,7 +118,7 @@ pub(crate) struct Shared {
     /// Peers whose queue pairs connected to ours, by engine token.
     peers: notif::Peers,
     /// The target queue pairs, by (peer token, its NIC, our NIC).
-    passive: Mutex<HashMap<PassiveKey, Vec<Arc<QpConn>>>>,
+    passive: Mutex<HashMap<PassiveKey, VecDeque<Generation>>>,
     /// Ids of the notifications we send.
     next_notif: AtomicU64,
 }
@@ -129,10 +141,18 @@ impl RdmaTransport {
         config: RdmaConfig,
     ) -> Result<RdmaTransport> {
         let nics = device::discover(&config.devices)?;
-        let mut workers = Vec::with_capacity(nics.len());
+        let mut workers: Vec<Arc<NicWorker>> = Vec::with_capacity(nics.len());
         for (i, nic) in nics.into_iter().enumerate() {
             log::info!("Mooncake: agent {}: RDMA on {nic:?}", endpoint.name);
-            workers.push(NicWorker::start(i, nic)?);
+            match NicWorker::start(i, nic) {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    for w in &workers {
+                        w.stop();
+                    }
+                    return Err(e);
+                }
+            }
         }
         let mut first = [0u8; 8];
         getrandom::fill(&mut first).expect("the OS random source works");
@@ -167,14 +187,24 @@ impl RdmaTransport {
 
     /// A route to agent `peer` (engine `token`) over `pairs`, connecting
     /// through its TCP listener at `addr`, with `control` (its TCP link)
-    /// for notifications outside transfers and its liveness.
+    /// for notifications outside transfers and its liveness; with
+    /// `fallback` (`protocol=auto`: the same TCP link) for what RDMA cannot
+    /// move.
     pub fn route(
         &self,
         (peer, token, addr): (AgentName, u128, SocketAddr),
         pairs: Vec<(usize, usize)>,
         control: Arc<dyn Route>,
+        fallback: bool,
     ) -> RdmaRoute {
-        RdmaRoute::new(self.shared.clone(), (peer, token, addr), pairs, control)
+        let fallback = fallback.then(|| control.clone());
+        RdmaRoute::new(
+            self.shared.clone(),
+            (peer, token, addr),
+            pairs,
+            control,
+            fallback,
+        )
     }
 
     /// Live queue pairs on our NICs (for tests).
@@ -259,13 +289,53 @@ impl Shared {
     /// Retires every target queue pair of the peer engine `token`.
     fn drop_peer(&self, token: u128) {
         self.peers.lock().remove(&token);
-        let gone: Vec<Vec<Arc<QpConn>>> = {
+        let gone: Vec<VecDeque<Generation>> = {
             let mut p = self.passive.lock();
             let keys: Vec<_> = p.keys().filter(|k| k.0 == token).copied().collect();
             keys.into_iter().filter_map(|k| p.remove(&k)).collect()
         };
-        for q in gone.into_iter().flatten() {
-            self.workers[q.nic].retire(&q);
+        for (_, qps) in gone.into_iter().flatten() {
+            self.retire_all(&qps);
+        }
+    }
+
+    fn retire_all(&self, qps: &[Arc<QpConn>]) {
+        for q in qps {
+            self.workers[q.nic].retire(q);
+        }
+    }
+
+    /// Retires the oldest generation of target queue pairs on our NIC
+    /// `nic` (to make room for a new one). False when there is none.
+    fn evict_oldest(&self, nic: u8) -> bool {
+        let victim = {
+            let mut p = self.passive.lock();
+            let oldest = p
+                .iter()
+                .filter(|(k, g)| k.2 == nic && !g.is_empty())
+                .min_by_key(|(_, g)| g.front().map(|(t, _)| *t))
+                .map(|(k, _)| *k);
+            oldest.and_then(|k| {
+                let g = p.get_mut(&k)?;
+                let victim = g.pop_front();
+                if g.is_empty() {
+                    p.remove(&k);
+                }
+                victim
+            })
+        };
+        match victim {
+            Some((_, qps)) => {
+                log::warn!(
+                    "Mooncake: agent {}: RDMA: the completion queue of our NIC {nic} is full; \
+                     closing the oldest peer connection ({} queue pairs)",
+                    self.endpoint.name,
+                    qps.len()
+                );
+                self.retire_all(&qps);
+                true
+            }
+            None => false,
         }
     }
 
@@ -281,12 +351,28 @@ impl Shared {
             .workers
             .get(req.to_nic as usize)
             .ok_or_else(|| format!("we have no RDMA NIC {}", req.to_nic))?;
-        // A restarted peer (same name, new engine): its old queue pairs go.
+        if req.from_nic as usize >= crate::wire::conn_info::MAX_RDMA_NICS {
+            return Err(format!("its NIC {} is beyond any NIC list", req.from_nic));
+        }
+        {
+            let p = self.passive.lock();
+            let key = (token, req.from_nic, req.to_nic);
+            if !p.contains_key(&key) && p.keys().filter(|k| k.0 == token).count() >= KEYS_PER_PEER {
+                return Err(format!("it holds {KEYS_PER_PEER} NIC pairs already"));
+            }
+        }
+        // A restarted peer (same name, new engine): its old queue pairs go,
+        // unless the old engine is the one whose connection info we loaded
+        // and the new one is not (a name claimed by another engine).
+        let new_verified = matches!(self.endpoint.peers.check(peer, token), Claim::Verified);
         let stale: Vec<u128> = self
             .peers
             .lock()
             .values()
             .filter(|p| &p.name == peer && p.token != token)
+            .filter(|p| {
+                new_verified || !matches!(self.endpoint.peers.check(peer, p.token), Claim::Verified)
+            })
             .map(|p| p.token)
             .collect();
         for t in stale {
@@ -303,13 +389,21 @@ impl Shared {
         let mut qps: Vec<Arc<QpConn>> = Vec::new();
         let mut addrs = Vec::new();
         let fail = |qps: &[Arc<QpConn>], e: Error| {
-            for q in qps {
-                w.retire(q);
-            }
+            self.retire_all(qps);
             e.to_string()
         };
         for a in &req.qps {
-            let q = match w.create_qp(req.from_nic as usize, Side::Recv(passive.clone())) {
+            let created = w
+                .create_qp(req.from_nic as usize, Side::Recv(passive.clone()))
+                .or_else(|e| {
+                    // Full: the least recently connected peer makes room.
+                    if self.evict_oldest(req.to_nic) {
+                        w.create_qp(req.from_nic as usize, Side::Recv(passive.clone()))
+                    } else {
+                        Err(e)
+                    }
+                });
+            let q = match created {
                 Ok(q) => q,
                 Err(e) => return Err(fail(&qps, e)),
             };
@@ -323,13 +417,17 @@ impl Shared {
             }
             addrs.push(connect::address(&q.qp, &w.nic, psn));
         }
-        let old = self
-            .passive
-            .lock()
-            .insert((token, req.from_nic, req.to_nic), qps);
-        for q in old.into_iter().flatten() {
-            w.retire(&q);
-        }
+        let old = {
+            let mut p = self.passive.lock();
+            let g = p.entry((token, req.from_nic, req.to_nic)).or_default();
+            g.push_back((Instant::now(), qps));
+            let mut old = Vec::new();
+            while g.len() > GENERATIONS {
+                old.extend(g.pop_front().map(|(_, q)| q).into_iter().flatten());
+            }
+            old
+        };
+        self.retire_all(&old);
         Ok(ConnectReply {
             generation: req.generation,
             qps: addrs,

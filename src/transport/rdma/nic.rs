@@ -195,6 +195,11 @@ impl NicWorker {
         if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
+        // Whatever did not drain ends now (the thread that would have seen
+        // its completions is gone).
+        for q in &qps {
+            q.abandon();
+        }
         self.qps.write().clear();
     }
 }

@@ -4,8 +4,9 @@
 //! delivered once every queue pair that carried its transfer's data has
 //! delivered its part, after that data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -13,8 +14,15 @@ use crate::common::{AgentName, Endpoint};
 use crate::wire::frame::MAX_NOTIF;
 use crate::wire::rdma::NotifPart;
 
-/// Most notifications of one peer being reassembled at once.
+/// Most notifications of one peer being reassembled at once (beyond it,
+/// the oldest goes).
 const MAX_PARTIAL: usize = 4096;
+/// A notification whose parts stopped coming (its post failed) is dropped
+/// after this long.
+const PARTIAL_TTL: Duration = Duration::from_secs(60);
+/// How many delivered notification ids are remembered, so that a part sent
+/// again after a failover does not deliver its notification twice.
+const REMEMBERED: usize = 4096;
 
 struct Partial {
     parts: u16,
@@ -24,6 +32,15 @@ struct Partial {
     msg: Vec<u8>,
     /// The message part's next chunk (chunks that come again are skipped).
     next_chunk: u32,
+    /// When its first part came.
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Reassembly {
+    partial: HashMap<u64, Partial>,
+    delivered: VecDeque<u64>,
+    delivered_set: HashSet<u64>,
 }
 
 /// A peer engine whose queue pairs connected to ours.
@@ -33,7 +50,7 @@ pub struct PassivePeer {
     /// Its engine's token.
     pub token: u128,
     endpoint: Arc<Endpoint>,
-    partial: Mutex<HashMap<u64, Partial>>,
+    state: Mutex<Reassembly>,
 }
 
 impl PassivePeer {
@@ -43,7 +60,7 @@ impl PassivePeer {
             name,
             token,
             endpoint,
-            partial: Mutex::new(HashMap::new()),
+            state: Mutex::new(Reassembly::default()),
         }
     }
 
@@ -61,21 +78,35 @@ impl PassivePeer {
             }
         };
         let done = {
-            let mut partial = self.partial.lock();
+            let mut st = self.state.lock();
+            if st.delivered_set.contains(&part.id) {
+                return; // sent again after a failover: delivered already
+            }
+            let partial = &mut st.partial;
             if !partial.contains_key(&part.id) && partial.len() >= MAX_PARTIAL {
-                log::warn!(
-                    "Mooncake: agent {}: agent {} has {MAX_PARTIAL} notifications half-sent; \
-                     dropping a part of another",
-                    self.endpoint.name,
-                    self.name
-                );
-                return;
+                let now = Instant::now();
+                partial.retain(|_, p| now.duration_since(p.since) < PARTIAL_TTL);
+                if partial.len() >= MAX_PARTIAL
+                    && let Some(&oldest) = partial
+                        .iter()
+                        .min_by_key(|(_, p)| p.since)
+                        .map(|(id, _)| id)
+                {
+                    log::warn!(
+                        "Mooncake: agent {}: agent {} has {MAX_PARTIAL} notifications half-sent; \
+                         dropping the oldest",
+                        self.endpoint.name,
+                        self.name
+                    );
+                    partial.remove(&oldest);
+                }
             }
             let p = partial.entry(part.id).or_insert_with(|| Partial {
                 parts: part.parts,
                 done: Default::default(),
                 msg: Vec::new(),
                 next_chunk: 0,
+                since: Instant::now(),
             });
             let fits = p.msg.len() + part.bytes.len() <= MAX_NOTIF as usize;
             let ok = p.parts == part.parts
@@ -103,7 +134,15 @@ impl PassivePeer {
                 }
             }
             if p.done.len() >= p.parts as usize {
-                partial.remove(&part.id).map(|p| p.msg)
+                let msg = partial.remove(&part.id).map(|p| p.msg);
+                st.delivered.push_back(part.id);
+                st.delivered_set.insert(part.id);
+                if st.delivered.len() > REMEMBERED
+                    && let Some(old) = st.delivered.pop_front()
+                {
+                    st.delivered_set.remove(&old);
+                }
+                msg
             } else {
                 None
             }

@@ -729,13 +729,20 @@ impl QpConn {
                 st.unsignaled = 0;
             }
         }
+        // The chain, through raw pointers into the two vectors (which do
+        // not move from here until the post returned).
+        let (base, sbase) = (wrs.as_mut_ptr(), sges.as_mut_ptr());
         for i in 0..wrs.len() {
-            wrs[i].sg_list = &mut sges[i];
-            wrs[i].next = if i < last {
-                &mut wrs[i + 1]
-            } else {
-                std::ptr::null_mut()
-            };
+            // SAFETY: `i` and `i + 1` (when linked) are in bounds of the
+            // vectors, whose buffers stay put until after the post.
+            unsafe {
+                (*base.add(i)).sg_list = sbase.add(i);
+                (*base.add(i)).next = if i < last {
+                    base.add(i + 1)
+                } else {
+                    std::ptr::null_mut()
+                };
+            }
         }
         let n = outs.len();
         st.out.extend(outs);
@@ -743,12 +750,17 @@ impl QpConn {
         // memory they name is registered: slices lie in regions held in
         // flight by their post (until their completion), part buffers are
         // ours, inline bytes are copied by the call.
-        let posted = unsafe { self.qp.post_send(&mut wrs[0]) };
+        let posted = unsafe { self.qp.post_send(base) };
         drop(inline);
-        if let Err(e) = posted {
-            // None of the batch reached the NIC (a refused chain is refused
-            // from its first work request here: we post one chain at a time).
-            for _ in 0..n {
+        if let Err((e, bad)) = posted {
+            // The work requests before the refused one are on the NIC and
+            // stay outstanding; from it on, none is.
+            let at = (bad as usize)
+                .checked_sub(base as usize)
+                .map(|off| off / std::mem::size_of::<sys::SendWr>())
+                .filter(|&i| i < n && !bad.is_null())
+                .unwrap_or(0);
+            for _ in at..n {
                 if let Some(o) = st.out.pop_back() {
                     if let Some(slot) = o.slot {
                         st.free_slots.push(slot);
@@ -900,6 +912,32 @@ impl QpConn {
             log::debug!("Mooncake: RDMA queue pair {}: {e}", self.qp.qp_num);
         }
         self.pump();
+    }
+
+    /// Ends every post with work here, without waiting for the NIC (its
+    /// completion thread stopped: the engine is going, and the queue pair
+    /// was moved to ERR, so the NIC does nothing more for it).
+    pub fn abandon(&self) {
+        let Some(s) = &self.send else { return };
+        let mut left: Vec<(Arc<Xfer>, usize)> = Vec::new();
+        {
+            let mut st = s.state.lock();
+            for o in st.out.drain(..) {
+                left.push((o.xfer, 1));
+            }
+            for w in std::mem::take(&mut st.work) {
+                let n = w.unposted();
+                left.push((w.xfer, n));
+            }
+            for (x, sv) in std::mem::take(&mut st.salvage) {
+                let n = sv.wrs();
+                left.push((x, n));
+            }
+        }
+        let gone = Error::RemoteDisconnect("RDMA: the engine is shutting down".into());
+        for (x, n) in left {
+            x.done(n, Some(gone.clone()));
+        }
     }
 
     /// Completion queue entries this queue pair was promised.

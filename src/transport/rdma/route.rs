@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 
 use super::Shared;
 use super::connect;
-use super::qp::{Part, QpConn, Salvage, Side, part_wrs};
+use super::qp::{QpConn, Salvage, Side};
 use super::reg::RegionReg;
 use super::slice::{self, Pieces};
 use super::xfer::{AfterData, Xfer};
@@ -63,6 +63,11 @@ struct Inner {
     next_qp: AtomicUsize,
     /// NIC pairs whose link failed, until when they are left out.
     paused: Mutex<HashMap<(usize, usize), Instant>>,
+    /// Under `protocol=auto`: the peer's TCP route, for what RDMA cannot
+    /// move.
+    fallback: Option<Arc<dyn Route>>,
+    /// Whether the fallback was logged.
+    fell_back: AtomicBool,
 }
 
 /// An RDMA route to one peer.
@@ -73,12 +78,14 @@ pub struct RdmaRoute {
 impl RdmaRoute {
     /// A route to agent `peer` (engine `token`, TCP listener `addr`) over
     /// the NIC pairs `pairs`; notifications outside transfers and the
-    /// peer's liveness go over `control`.
+    /// peer's liveness go over `control`, and what RDMA cannot move over
+    /// `fallback` when given (`protocol=auto`).
     pub(super) fn new(
         shared: Arc<Shared>,
         (peer, token, addr): (AgentName, u128, SocketAddr),
         pairs: Vec<(usize, usize)>,
         control: Arc<dyn Route>,
+        fallback: Option<Arc<dyn Route>>,
     ) -> RdmaRoute {
         RdmaRoute {
             inner: Arc::new(Inner {
@@ -91,6 +98,8 @@ impl RdmaRoute {
                 state: Mutex::new(State::Idle),
                 next_qp: AtomicUsize::new(0),
                 paused: Mutex::new(HashMap::new()),
+                fallback,
+                fell_back: AtomicBool::new(false),
             }),
         }
     }
@@ -240,23 +249,35 @@ impl Inner {
     /// Moves what queue pair `from` left of `xfer` after its link failed
     /// to a healthy queue pair of the current generation, preferring
     /// another NIC pair. False when there is none.
-    fn move_work(&self, xfer: &Arc<Xfer>, from: u32, sv: Salvage) -> bool {
-        let conns = match &*self.state.lock() {
-            State::Ready(c) => c.clone(),
-            _ => return false,
+    fn move_work(
+        &self,
+        generation: &Weak<Conns>,
+        xfer: &Arc<Xfer>,
+        from: u32,
+        sv: Salvage,
+    ) -> bool {
+        // The queue pairs of the post's own generation first (a post made
+        // since may have started connecting a new one), then the current.
+        let current = match &*self.state.lock() {
+            State::Ready(c) => Some(c.clone()),
+            _ => None,
         };
-        let failed = conns
-            .qps
+        let all: Vec<(Arc<QpConn>, usize)> = generation
+            .upgrade()
+            .into_iter()
+            .chain(current)
+            .flat_map(|c| c.qps.clone())
+            .collect();
+        let failed = all
             .iter()
             .find(|(q, _)| q.qp.qp_num == from)
             .map(|(q, l)| (*l, q.remote_nic));
         let healthy = |(q, _): &&(Arc<QpConn>, usize)| !q.is_broken() && q.qp.qp_num != from;
-        let other_pair = conns
-            .qps
+        let other_pair = all
             .iter()
             .filter(healthy)
             .find(|(q, l)| Some((*l, q.remote_nic)) != failed);
-        let Some((q, _)) = other_pair.or_else(|| conns.qps.iter().find(healthy)) else {
+        let Some((q, _)) = other_pair.or_else(|| all.iter().find(healthy)) else {
             return false;
         };
         log::warn!(
@@ -397,49 +418,37 @@ impl Inner {
     /// Spreads `xfer` over the queue pairs: slice `i` on queue pair
     /// `start + i % used`; a WRITE's notification in parts after the data
     /// on each queue pair used, a READ's after its data arrived.
-    fn dispatch(self: &Arc<Self>, c: &Conns, xfer: &Arc<Xfer>, notif: Option<Arc<Vec<u8>>>) {
+    fn dispatch(self: &Arc<Self>, c: &Arc<Conns>, xfer: &Arc<Xfer>, notif: Option<Arc<Vec<u8>>>) {
         let n = c.qps.len();
         let start = self.next_qp.fetch_add(1, Ordering::Relaxed) % n;
         let used = xfer.slices.len().min(n);
         let id = self.shared.next_notif.fetch_add(1, Ordering::Relaxed);
         let route = Arc::downgrade(self);
+        let generation = Arc::downgrade(c);
         xfer.set_mover(Arc::new(move |x, from, sv| {
-            route.upgrade().is_some_and(|r| r.move_work(x, from, sv))
+            route
+                .upgrade()
+                .is_some_and(|r| r.move_work(&generation, x, from, sv))
         }));
-        if let (Some(m), Op::Write) = (&notif, xfer.plan.op) {
-            // The notification's parts: the message on one queue pair, a
-            // fence on each other one used.
-            xfer.expect(part_wrs(m.len()) + used.saturating_sub(1));
-        }
-        if let (Some(m), Op::Read) = (&notif, xfer.plan.op) {
-            xfer.set_after_data(AfterData {
-                qp: c.qps[start].0.clone(),
-                id,
-                msg: m.clone(),
-            });
+        let used_qps: Vec<Arc<QpConn>> = (0..used.max(1))
+            .map(|k| c.qps[(start + k) % n].0.clone())
+            .collect();
+        if let Some(m) = notif {
+            // Sent once every byte is confirmed, in parts on the queue pairs
+            // that carried the data (for a WRITE; a READ's data is here).
+            let qps = match xfer.plan.op {
+                Op::Write => used_qps.clone(),
+                Op::Read => used_qps[..1].to_vec(),
+            };
+            xfer.set_after_data(AfterData { qps, id, msg: m });
         }
         if used == 0 {
-            match (notif, xfer.plan.op) {
-                (Some(m), Op::Write) => {
-                    c.qps[start].0.push_part(xfer, Part::new(id, 1, 0, Some(m)))
-                }
-                // Nothing to move; a READ's notification goes at once.
-                _ => xfer.done_nothing(),
-            }
+            // Nothing to move; the notification goes at once.
+            xfer.done_nothing();
             return;
         }
-        for k in 0..used {
-            let q = &c.qps[(start + k) % n].0;
-            let part = match (&notif, xfer.plan.op) {
-                (Some(m), Op::Write) => Some(Part::new(
-                    id,
-                    used as u16,
-                    k as u16,
-                    (k == 0).then(|| m.clone()),
-                )),
-                _ => None,
-            };
-            q.push(xfer, (k, used), part);
+        for (k, q) in used_qps.iter().enumerate() {
+            q.push(xfer, (k, used), None);
         }
     }
 }
@@ -510,73 +519,25 @@ impl Route for RdmaRoute {
     }
 
     fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
-        let inner = &self.inner;
-        let s = &inner.shared;
-        // The peer's keys for every remote region, on each of its NICs.
-        let mut remote = Vec::with_capacity(plan.remote_regions.len());
-        for r in &plan.remote_regions {
-            match &r.rdma {
-                Some(k) if k.nics.len() > inner.pairs.iter().map(|p| p.1).max().unwrap_or(0) => {
-                    remote.push(Pieces {
-                        start: r.addr,
-                        len: k.piece_len,
-                    })
+        match self.post_rdma(plan, notif) {
+            Err(Fallback(why)) => match &self.inner.fallback {
+                // Under protocol=auto, what RDMA cannot move goes over TCP.
+                Some(tcp) => {
+                    if !self.inner.fell_back.swap(true, Ordering::Relaxed) {
+                        log::warn!(
+                            "Mooncake: agent {}: RDMA to agent {} cannot serve a transfer ({}); \
+                             using TCP for such transfers",
+                            self.inner.shared.endpoint.name,
+                            self.inner.peer,
+                            why.message()
+                        );
+                    }
+                    tcp.post(plan, notif)
                 }
-                _ => {
-                    return Err(Error::NotSupported(format!(
-                        "RDMA: agent {}'s region {:#x}+{} is not registered on its RDMA NICs",
-                        inner.peer, r.addr, r.len
-                    )));
-                }
-            }
+                None => Err(why),
+            },
+            Ok(r) => r,
         }
-        // Our registrations, held in flight until the last completion.
-        let mut locals: Vec<Arc<RegionReg>> = Vec::with_capacity(plan.local_regions.len());
-        let leave = |held: &[Arc<RegionReg>]| held.iter().for_each(|r| r.leave());
-        for r in &plan.local_regions {
-            let reg = s.regs.read().get(&r.key).cloned();
-            let Some(reg) = reg else {
-                leave(&locals);
-                return Err(Error::NotSupported(format!(
-                    "RDMA: local region {:#x}+{} is not registered on our RDMA NICs",
-                    r.addr, r.len
-                )));
-            };
-            match r.pin_local() {
-                Ok(_pin) => reg.enter(),
-                Err(e) => {
-                    leave(&locals);
-                    return Err(e);
-                }
-            }
-            locals.push(reg);
-        }
-        let local_pieces: Vec<Pieces> = locals
-            .iter()
-            .map(|r| Pieces {
-                start: r.addr,
-                len: r.piece_len,
-            })
-            .collect();
-        let slices = slice::slices(plan, s.config.slice, &local_pieces, &remote);
-        let notif = notif.map(|m| Arc::new(m.to_vec()));
-        // The notification's work requests are counted when it is
-        // dispatched (their number depends on the queue pairs then).
-        let wrs = slices.len();
-        let weak = Arc::downgrade(inner);
-        let watch: Box<dyn Fn() + Send + Sync> = Box::new(move || {
-            if let Some(i) = weak.upgrade()
-                && i.control.is_down()
-            {
-                i.close_conns();
-            }
-        });
-        let xfer = Arc::new(Xfer::new(plan.clone(), slices, locals, wrs, Some(watch)));
-        if let Err(e) = inner.submit(&xfer, notif) {
-            xfer.fail_unposted(e.clone());
-            return Err(e);
-        }
-        Ok(Posted::threaded(xfer))
     }
 
     fn notify(&self, msg: &[u8]) -> Result<()> {
@@ -610,6 +571,96 @@ impl Route for RdmaRoute {
     }
 }
 
+/// Why RDMA cannot move a plan, which TCP may (under `protocol=auto`).
+struct Fallback(Error);
+
+impl RdmaRoute {
+    /// Starts one post of `plan` over RDMA: `Err(Fallback)` when RDMA
+    /// cannot move it (a region without RDMA keys, queue pairs that could
+    /// not connect), `Ok(Err)` for an error of the post itself.
+    fn post_rdma(
+        &self,
+        plan: &Arc<Plan>,
+        notif: Option<&[u8]>,
+    ) -> std::result::Result<Result<Posted>, Fallback> {
+        let inner = &self.inner;
+        let s = &inner.shared;
+        if inner.fallback.is_some()
+            && matches!(&*inner.state.lock(), State::Down { retry_at, .. } if Instant::now() < *retry_at)
+        {
+            return Err(Fallback(Error::RemoteDisconnect(format!(
+                "its queue pairs could not connect to agent {}",
+                inner.peer
+            ))));
+        }
+        // The peer's keys for every remote region, on each of its NICs.
+        let mut remote = Vec::with_capacity(plan.remote_regions.len());
+        for r in &plan.remote_regions {
+            match &r.rdma {
+                Some(k) if k.nics.len() > inner.pairs.iter().map(|p| p.1).max().unwrap_or(0) => {
+                    remote.push(Pieces {
+                        start: r.addr,
+                        len: k.piece_len,
+                    })
+                }
+                _ => {
+                    return Err(Fallback(Error::NotSupported(format!(
+                        "RDMA: agent {}'s region {:#x}+{} is not registered on its RDMA NICs",
+                        inner.peer, r.addr, r.len
+                    ))));
+                }
+            }
+        }
+        // Our registrations, held in flight until the last completion.
+        let mut locals: Vec<Arc<RegionReg>> = Vec::with_capacity(plan.local_regions.len());
+        let leave = |held: &[Arc<RegionReg>]| held.iter().for_each(|r| r.leave());
+        for r in &plan.local_regions {
+            let reg = s.regs.read().get(&r.key).cloned();
+            let Some(reg) = reg else {
+                leave(&locals);
+                return Err(Fallback(Error::NotSupported(format!(
+                    "RDMA: local region {:#x}+{} is not registered on our RDMA NICs",
+                    r.addr, r.len
+                ))));
+            };
+            match r.pin_local() {
+                Ok(_pin) => reg.enter(),
+                Err(e) => {
+                    leave(&locals);
+                    return Ok(Err(e));
+                }
+            }
+            locals.push(reg);
+        }
+        let local_pieces: Vec<Pieces> = locals
+            .iter()
+            .map(|r| Pieces {
+                start: r.addr,
+                len: r.piece_len,
+            })
+            .collect();
+        let slices = slice::slices(plan, s.config.slice, &local_pieces, &remote);
+        let notif = notif.map(|m| Arc::new(m.to_vec()));
+        // The notification's work requests are counted when it is
+        // dispatched (their number depends on the queue pairs then).
+        let wrs = slices.len();
+        let weak = Arc::downgrade(inner);
+        let watch: Box<dyn Fn() + Send + Sync> = Box::new(move || {
+            if let Some(i) = weak.upgrade()
+                && i.control.is_down()
+            {
+                i.close_conns();
+            }
+        });
+        let xfer = Arc::new(Xfer::new(plan.clone(), slices, locals, wrs, Some(watch)));
+        if let Err(e) = inner.submit(&xfer, notif) {
+            xfer.fail_unposted(e.clone());
+            return Err(Fallback(e));
+        }
+        Ok(Ok(Posted::threaded(xfer)))
+    }
+}
+
 impl Inner {
     /// The peer is gone (its TCP link says so): the queue pairs go, and
     /// the transfers on them fail at once.
@@ -628,13 +679,22 @@ impl Inner {
 }
 
 impl Drop for RdmaRoute {
+    /// As `close`, without closing the TCP link (its own owner does): a
+    /// connection finishing later finds the route closed and retires its
+    /// queue pairs.
     fn drop(&mut self) {
-        let old = match &*self.inner.state.lock() {
-            State::Ready(c) => Some(c.clone()),
-            _ => None,
-        };
-        if let Some(c) = old {
-            self.inner.retire(&c, true);
+        let old = std::mem::replace(&mut *self.inner.state.lock(), State::Closed);
+        match old {
+            State::Ready(c) => self.inner.retire(&c, true),
+            State::Connecting(waiting) => {
+                for w in waiting {
+                    w.xfer.fail_unposted(Error::RemoteDisconnect(format!(
+                        "disconnected from agent {}",
+                        self.inner.peer
+                    )));
+                }
+            }
+            _ => {}
         }
     }
 }

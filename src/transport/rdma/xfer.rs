@@ -14,10 +14,13 @@ use super::slice::Slice;
 use crate::common::{Completion, Error, Result};
 use crate::transport::{Plan, Transfer};
 
-/// What a READ sends once its data arrived: its notification, on `qp`.
+/// What a post sends once every byte of it is confirmed (READ: arrived
+/// here; WRITE: acknowledged by the peer's NIC): its notification, in
+/// parts, one on each queue pair that carried its data (after that data on
+/// the same queue pair), the message on the first, fences on the others.
 pub struct AfterData {
-    /// The queue pair to send it on.
-    pub qp: Arc<QpConn>,
+    /// The queue pairs that carried the data (at least one).
+    pub qps: Vec<Arc<QpConn>>,
     /// The notification's id.
     pub id: u64,
     /// The message.
@@ -126,16 +129,21 @@ impl Xfer {
         if before != n {
             return;
         }
-        // The data is done: a READ's notification goes now.
+        // Every byte is confirmed: the notification goes now. (Sent before,
+        // it could overtake data that a failed link makes us send again.)
         let after = self.after_data.lock().take();
         if let Some(after) = after
             && !self.stopped()
         {
-            self.left
-                .fetch_add(super::qp::part_wrs(after.msg.len()), Ordering::AcqRel);
-            after
-                .qp
-                .push_part(self, Part::new(after.id, 1, 0, Some(after.msg)));
+            let parts = after.qps.len();
+            self.left.fetch_add(
+                super::qp::part_wrs(after.msg.len()) + parts - 1,
+                Ordering::AcqRel,
+            );
+            for (k, q) in after.qps.iter().enumerate() {
+                let msg = (k == 0).then(|| after.msg.clone());
+                q.push_part(self, Part::new(after.id, parts as u16, k as u16, msg));
+            }
             return;
         }
         self.finish();
@@ -162,9 +170,11 @@ impl Xfer {
         self.completion.finish(result);
     }
 
-    /// Fails the post before anything of it was posted (no memory touched).
+    /// Fails the post before anything of it was posted (no memory touched);
+    /// it ends now, even with nothing to move.
     pub fn fail_unposted(self: &Arc<Self>, e: Error) {
-        let n = self.left.load(Ordering::Acquire);
+        self.after_data.lock().take();
+        let n = self.left.fetch_add(1, Ordering::AcqRel) + 1;
         self.done(n, Some(e));
     }
 

@@ -201,3 +201,93 @@ fn a_transfer_moves_to_the_other_nic_pair_when_a_link_fails() {
         Ok(Status::Success)
     );
 }
+
+/// Engines under `protocol=auto` that take each other for peers on other
+/// hosts (so RDMA is offered on this machine), on the second fake NIC (its
+/// byte counter is ours while we hold `testing::exclusive`).
+fn auto_engine(name: &str) -> Engine {
+    testing::fake();
+    let params = [("ip_addr", "127.0.0.1"), ("device_name", "fake_mlx5_1")];
+    Engine::with_transports(EngineConfig::new(name, &params), |c| c.other_host = true).unwrap()
+}
+
+/// Read-only memory: the fake NIC refuses to register it for peers to
+/// write (as a real one does), so under `auto` the region has no RDMA keys.
+static READ_ONLY: [u8; 65536] = {
+    let mut b = [0u8; 65536];
+    let mut i = 0;
+    while i < b.len() {
+        b[i] = (i % 241) as u8;
+        i += 1;
+    }
+    b
+};
+
+#[test]
+fn under_auto_what_rdma_cannot_move_goes_over_tcp() {
+    let _alone = testing::exclusive();
+    let (a, b) = (auto_engine("A"), auto_engine("B"));
+    a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    let route = route_of(&a, "B");
+    assert_eq!(route.transport(), "rdma", "{}", route.describe());
+    // A region of B the NICs registered: READ over RDMA.
+    let src = vec![7u8; 1 << 20];
+    let dst = vec![0u8; 1 << 20];
+    let (dmd, smd) = expose(&a, &b, b"B", &dst, &src);
+    let _ = smd;
+    let sent = testing::fake().bytes("fake_mlx5_1", false);
+    let id = a
+        .prep_xfer(Op::Read, &[whole(&dst, dmd)], &[whole(&src, smd)], b"B")
+        .unwrap();
+    assert_eq!(
+        a.post_xfer(id, None).and_then(|_| wait(&a, id)),
+        Ok(Status::Success)
+    );
+    assert!(dst == src);
+    assert!(
+        testing::fake().bytes("fake_mlx5_1", false) >= sent + (1 << 20),
+        "over RDMA"
+    );
+    // A region the NICs refused (read-only memory): registered anyway, with
+    // no RDMA keys; a READ of it goes over TCP, and works.
+    let ro = b
+        .register_mem(READ_ONLY.as_ptr() as u64, READ_ONLY.len() as u64, 0, 0)
+        .unwrap();
+    let blob = b.public_data(ro).unwrap();
+    let rro = a
+        .load_remote_md(
+            READ_ONLY.as_ptr() as u64,
+            READ_ONLY.len() as u64,
+            0,
+            &blob,
+            b"B",
+        )
+        .unwrap();
+    let out = vec![0u8; READ_ONLY.len()];
+    let omd = a
+        .register_mem(out.as_ptr() as u64, out.len() as u64, 0, 0)
+        .unwrap();
+    let sent = testing::fake().bytes("fake_mlx5_1", false);
+    let id = a
+        .prep_xfer(
+            Op::Read,
+            &[whole(&out, omd)],
+            &[Desc {
+                addr: READ_ONLY.as_ptr() as u64,
+                len: READ_ONLY.len() as u64,
+                md: rro,
+            }],
+            b"B",
+        )
+        .unwrap();
+    assert_eq!(
+        a.post_xfer(id, None).and_then(|_| wait(&a, id)),
+        Ok(Status::Success)
+    );
+    assert!(out[..] == READ_ONLY[..], "the READ over TCP");
+    assert_eq!(
+        testing::fake().bytes("fake_mlx5_1", false),
+        sent,
+        "no byte of it crossed the NIC"
+    );
+}

@@ -807,14 +807,18 @@ impl Qp {
     /// Posts the chain of send work requests starting at `wr`.
     ///
     /// # Errors
-    /// When the library refuses one (queue full, bad state); nothing from
-    /// the refused one on was posted.
+    /// When the library refuses one (queue full, bad state): the error and
+    /// the refused work request (`bad_wr`; null when the library did not
+    /// say). The ones before it in the chain were posted; from it on, none.
     ///
     /// # Safety
     /// The chain's `next` pointers and SGE lists must be valid for the
     /// call; the local memory they name must stay registered, and (except
     /// for inline sends) untouched, until the work completes.
-    pub unsafe fn post_send(&self, wr: &mut sys::SendWr) -> Result<()> {
+    pub unsafe fn post_send(
+        &self,
+        wr: *mut sys::SendWr,
+    ) -> std::result::Result<(), (Error, *mut sys::SendWr)> {
         let mut bad: *mut sys::SendWr = std::ptr::null_mut();
         // SAFETY: the ops table of a live context; the caller vouches for
         // the chain.
@@ -825,10 +829,8 @@ impl Qp {
             }
         };
         if rc != 0 {
-            return Err(call_error(
-                &format!("ibv_post_send(qp {})", self.qp_num),
-                rc,
-            ));
+            let e = call_error(&format!("ibv_post_send(qp {})", self.qp_num), rc);
+            return Err((e, bad));
         }
         Ok(())
     }
