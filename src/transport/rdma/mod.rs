@@ -41,7 +41,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -101,9 +101,9 @@ type PassiveKey = (u128, u8, u8);
 /// and its queue pairs.
 type Generation = (Instant, Vec<Arc<QpConn>>);
 
-/// Generations kept per key: the newest, and the one before (whose queue
+/// Generations kept per key: the newest, and the ones before (whose queue
 /// pairs the initiator may still be draining after it reconnected).
-const GENERATIONS: usize = 2;
+const GENERATIONS: usize = 3;
 /// Most keys (pairs of NICs) one peer engine may hold.
 const KEYS_PER_PEER: usize = 64;
 
@@ -148,7 +148,7 @@ impl RdmaTransport {
                 Ok(w) => workers.push(w),
                 Err(e) => {
                     for w in &workers {
-                        w.stop();
+                        w.stop(Instant::now());
                     }
                     return Err(e);
                 }
@@ -269,14 +269,24 @@ impl Transport for RdmaTransport {
         }
     }
 
+    /// Every queue pair goes to ERR at once (on every NIC), their flushes
+    /// come back (at most 2 s), then the completion threads stop and the
+    /// regions are deregistered: the NICs do nothing more for this engine.
     fn shutdown(&self) {
         for w in &self.shared.workers {
-            w.stop();
+            w.retire_all();
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for w in &self.shared.workers {
+            w.stop(deadline);
         }
         self.shared.passive.lock().clear();
         let regs: Vec<_> = self.shared.regs.write().drain().map(|(_, r)| r).collect();
         for r in regs {
-            r.revoke();
+            // The queue pairs are in ERR and their threads gone: nothing of
+            // ours is on a NIC any more (a post still waiting for its
+            // connection never reaches one).
+            r.revoke_within(Duration::from_millis(100));
         }
     }
 
@@ -324,6 +334,15 @@ impl Shared {
                 victim
             })
         };
+        if let Some((_, qps)) = &victim {
+            // A peer left with no queue pairs is forgotten.
+            let token = qps.first().map(|q| q.recv_peer_token());
+            if let Some(Some(t)) = token
+                && !self.passive.lock().keys().any(|k| k.0 == t)
+            {
+                self.peers.lock().remove(&t);
+            }
+        }
         match victim {
             Some((_, qps)) => {
                 log::warn!(

@@ -180,14 +180,24 @@ impl NicWorker {
         }
     }
 
-    /// Stops the completion thread and retires every queue pair.
-    pub fn stop(&self) {
+    /// Retires every queue pair (their work flushes; see [`Self::stop`]).
+    pub fn retire_all(&self) {
         let qps: Vec<_> = self.qps.read().values().cloned().collect();
         for q in &qps {
             q.retire();
         }
-        // Let the flushes arrive (bounded), then stop.
-        let deadline = Instant::now() + Duration::from_secs(2);
+    }
+
+    /// True once every retired queue pair drained.
+    pub fn drained(&self) -> bool {
+        self.qps.read().values().all(|q| q.drained())
+    }
+
+    /// Retires every queue pair, lets the flushes arrive until `deadline`,
+    /// then stops the completion thread and ends what did not drain.
+    pub fn stop(&self, deadline: Instant) {
+        self.retire_all();
+        let qps: Vec<_> = self.qps.read().values().cloned().collect();
         while Instant::now() < deadline && qps.iter().any(|q| !q.drained()) {
             std::thread::sleep(Duration::from_millis(2));
         }

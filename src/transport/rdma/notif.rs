@@ -83,7 +83,8 @@ impl PassivePeer {
                 return; // sent again after a failover: delivered already
             }
             let partial = &mut st.partial;
-            if !partial.contains_key(&part.id) && partial.len() >= MAX_PARTIAL {
+            if !partial.contains_key(&part.id) {
+                // A new notification: the ones whose parts stopped coming go.
                 let now = Instant::now();
                 partial.retain(|_, p| now.duration_since(p.since) < PARTIAL_TTL);
                 if partial.len() >= MAX_PARTIAL

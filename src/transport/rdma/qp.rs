@@ -533,8 +533,9 @@ impl QpConn {
             let mut st = s.state.lock();
             let broken = self.broken.lock().clone();
             if let Some(e) = broken {
+                let moves = link_failure(&e) && !self.retired.load(Ordering::Acquire);
                 while let Some(w) = st.work.pop_front() {
-                    if link_failure(&e) {
+                    if moves {
                         st.salvage_work(w);
                     } else {
                         let n = w.unposted();
@@ -565,7 +566,7 @@ impl QpConn {
         }
         for (x, sv, e) in moved {
             let n = sv.wrs();
-            if !x.retry(self.qp.qp_num, sv) {
+            if !x.retry((self.nic, self.qp.qp_num), sv) {
                 x.done(n, Some(e));
             }
         }
@@ -800,7 +801,10 @@ impl QpConn {
                     _ => None,
                 };
                 match e {
-                    Some(e) if link_failure(&e) => st.salvage_out(o),
+                    // A link failure (not our own closing): the work moves.
+                    Some(e) if link_failure(&e) && !self.retired.load(Ordering::Acquire) => {
+                        st.salvage_out(o)
+                    }
                     e => {
                         if let Some(slot) = o.slot {
                             st.free_slots.push(slot);
@@ -938,6 +942,12 @@ impl QpConn {
         for (x, n) in left {
             x.done(n, Some(gone.clone()));
         }
+    }
+
+    /// The token of the peer a target queue pair serves (`None` for an
+    /// initiator's).
+    pub fn recv_peer_token(&self) -> Option<u128> {
+        self.recv.as_ref().map(|r| r.peer.token)
     }
 
     /// Completion queue entries this queue pair was promised.

@@ -121,18 +121,23 @@ impl RegionReg {
     /// Waits for the posts in flight (bounded), then deregisters on every
     /// NIC.
     pub fn revoke(&self) {
-        let deadline = Instant::now() + DRAIN_BOUND;
+        self.revoke_within(DRAIN_BOUND)
+    }
+
+    /// [`Self::revoke`], waiting at most `bound`.
+    pub fn revoke_within(&self, bound: Duration) {
+        let deadline = Instant::now() + bound;
         let mut n = self.inflight.lock();
         while *n > 0 && Instant::now() < deadline {
             self.drained.wait_until(&mut n, deadline);
         }
         if *n > 0 {
             log::warn!(
-                "Mooncake: RDMA region {:#x}: {} posts still in flight after {} s; \
+                "Mooncake: RDMA region {:#x}: {} posts still in flight after {} ms; \
                  deregistering it anyway",
                 self.addr,
                 *n,
-                DRAIN_BOUND.as_secs()
+                bound.as_millis()
             );
         }
         drop(n);

@@ -195,6 +195,15 @@ impl Inner {
                 }
             }
         }
+        // Interleaved across NIC pairs (queue pair 0 of each pair, then 1,
+        // ...): consecutive queue pairs use different NICs, so even a post
+        // of a few slices spreads over them.
+        let per_pair = s.config.qps_per_pair.max(1);
+        let pairs = qps.len() / per_pair;
+        let qps: Vec<(Arc<QpConn>, usize)> = (0..per_pair)
+            .flat_map(|k| (0..pairs).map(move |p| p * per_pair + k))
+            .map(|i| qps[i].clone())
+            .collect();
         let conns = Arc::new(Conns {
             qps,
             broken: AtomicBool::new(false),
@@ -210,7 +219,22 @@ impl Inner {
                     c.broken.store(true, Ordering::Release);
                 }
                 if let (Error::RemoteDisconnect(_), Some(r)) = (why, route.upgrade()) {
-                    r.paused.lock().insert(pair, Instant::now() + RAIL_PAUSE);
+                    let all_paused = {
+                        let mut paused = r.paused.lock();
+                        paused.insert(pair, Instant::now() + RAIL_PAUSE);
+                        r.pairs.iter().all(|p| paused.contains_key(p))
+                    };
+                    // Under auto, a peer no NIC pair reaches goes over TCP
+                    // for a while.
+                    if all_paused && r.fallback.is_some() {
+                        let mut st = r.state.lock();
+                        if matches!(&*st, State::Ready(_)) {
+                            *st = State::Down {
+                                error: why.clone(),
+                                retry_at: Instant::now() + RAIL_PAUSE,
+                            };
+                        }
+                    }
                 }
             }));
             if q.is_broken() {
@@ -251,9 +275,9 @@ impl Inner {
     /// another NIC pair. False when there is none.
     fn move_work(
         &self,
-        generation: &Weak<Conns>,
+        generation: &Arc<Conns>,
         xfer: &Arc<Xfer>,
-        from: u32,
+        (from_nic, from): (usize, u32),
         sv: Salvage,
     ) -> bool {
         // The queue pairs of the post's own generation first (a post made
@@ -262,17 +286,17 @@ impl Inner {
             State::Ready(c) => Some(c.clone()),
             _ => None,
         };
-        let all: Vec<(Arc<QpConn>, usize)> = generation
-            .upgrade()
-            .into_iter()
+        let all: Vec<(Arc<QpConn>, usize)> = std::iter::once(generation.clone())
             .chain(current)
             .flat_map(|c| c.qps.clone())
             .collect();
+        // Queue pair numbers are unique per NIC only.
+        let is_from = |q: &QpConn| q.nic == from_nic && q.qp.qp_num == from;
         let failed = all
             .iter()
-            .find(|(q, _)| q.qp.qp_num == from)
+            .find(|(q, _)| is_from(q))
             .map(|(q, l)| (*l, q.remote_nic));
-        let healthy = |(q, _): &&(Arc<QpConn>, usize)| !q.is_broken() && q.qp.qp_num != from;
+        let healthy = |(q, _): &&(Arc<QpConn>, usize)| !q.is_broken() && !is_from(q);
         let other_pair = all
             .iter()
             .filter(healthy)
@@ -347,9 +371,15 @@ impl Inner {
             };
             *st = match &result {
                 Ok(c) => State::Ready(c.clone()),
+                // Under auto, TCP serves the peer meanwhile: try again later.
                 Err(e) => State::Down {
                     error: e.clone(),
-                    retry_at: Instant::now() + RETRY_AFTER,
+                    retry_at: Instant::now()
+                        + if self.fallback.is_some() {
+                            RAIL_PAUSE
+                        } else {
+                            RETRY_AFTER
+                        },
                 },
             };
             waiting
@@ -424,30 +454,44 @@ impl Inner {
         let used = xfer.slices.len().min(n);
         let id = self.shared.next_notif.fetch_add(1, Ordering::Relaxed);
         let route = Arc::downgrade(self);
-        let generation = Arc::downgrade(c);
+        // The post holds its generation (until it ends): work moves within
+        // it even after a newer one replaced it in the route.
+        let generation = c.clone();
         xfer.set_mover(Arc::new(move |x, from, sv| {
             route
                 .upgrade()
                 .is_some_and(|r| r.move_work(&generation, x, from, sv))
         }));
-        let used_qps: Vec<Arc<QpConn>> = (0..used.max(1))
-            .map(|k| c.qps[(start + k) % n].0.clone())
+        let used_qps: Vec<(Arc<QpConn>, usize)> = (0..used.max(1))
+            .map(|k| c.qps[(start + k) % n].clone())
             .collect();
         if let Some(m) = notif {
-            // Sent once every byte is confirmed, in parts on the queue pairs
-            // that carried the data (for a WRITE; a READ's data is here).
-            let qps = match xfer.plan.op {
-                Op::Write => used_qps.clone(),
-                Op::Read => used_qps[..1].to_vec(),
-            };
-            xfer.set_after_data(AfterData { qps, id, msg: m });
+            // Sent once every byte is confirmed: a WRITE's in parts, one per
+            // NIC pair that carried data, on its queue pairs (a READ's data
+            // is here: one part).
+            let mut groups: Vec<Vec<Arc<QpConn>>> = Vec::new();
+            let mut keys: Vec<(usize, usize)> = Vec::new();
+            for (q, l) in &used_qps {
+                let key = (*l, q.remote_nic);
+                match keys.iter().position(|k| *k == key) {
+                    Some(i) => groups[i].push(q.clone()),
+                    None => {
+                        keys.push(key);
+                        groups.push(vec![q.clone()]);
+                    }
+                }
+            }
+            if xfer.plan.op == Op::Read {
+                groups.truncate(1);
+            }
+            xfer.set_after_data(AfterData { groups, id, msg: m });
         }
         if used == 0 {
             // Nothing to move; the notification goes at once.
             xfer.done_nothing();
             return;
         }
-        for (k, q) in used_qps.iter().enumerate() {
+        for (k, (q, _)) in used_qps.iter().enumerate() {
             q.push(xfer, (k, used), None);
         }
     }
@@ -479,6 +523,58 @@ impl Route for RdmaRoute {
     }
 
     fn connect(&self) -> Result<()> {
+        match self.connect_rdma() {
+            Err(e) if self.inner.fallback.is_some() => {
+                log::warn!(
+                    "Mooncake: agent {}: RDMA to agent {} does not connect ({}); using TCP",
+                    self.inner.shared.endpoint.name,
+                    self.inner.peer,
+                    e.message()
+                );
+                self.inner.control.connect()
+            }
+            other => other,
+        }
+    }
+
+    fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
+        self.post_any(plan, notif)
+    }
+
+    fn notify(&self, msg: &[u8]) -> Result<()> {
+        self.inner.control.notify(msg)
+    }
+
+    fn is_down(&self) -> bool {
+        self.inner.control.is_down()
+            || matches!(&*self.inner.state.lock(), State::Down { retry_at, .. } if Instant::now() < *retry_at)
+    }
+
+    fn close(&self) {
+        let old = std::mem::replace(&mut *self.inner.state.lock(), State::Closed);
+        match old {
+            State::Ready(c) => self.inner.retire(&c, true),
+            State::Connecting(waiting) => {
+                for w in waiting {
+                    w.xfer.fail_unposted(Error::RemoteDisconnect(format!(
+                        "disconnected from agent {}",
+                        self.inner.peer
+                    )));
+                }
+            }
+            _ => {}
+        }
+        self.inner.control.close();
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl RdmaRoute {
+    /// Connects the queue pairs now (NIXL's `connect`).
+    fn connect_rdma(&self) -> Result<()> {
         self.inner.control.connect()?;
         let deadline = Instant::now() + CONNECT_TIMEOUT + Duration::from_secs(1);
         loop {
@@ -518,7 +614,9 @@ impl Route for RdmaRoute {
         }
     }
 
-    fn post(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
+    /// Posts over RDMA, or (under `protocol=auto`) over TCP what RDMA
+    /// cannot move.
+    fn post_any(&self, plan: &Arc<Plan>, notif: Option<&[u8]>) -> Result<Posted> {
         match self.post_rdma(plan, notif) {
             Err(Fallback(why)) => match &self.inner.fallback {
                 // Under protocol=auto, what RDMA cannot move goes over TCP.
@@ -538,36 +636,6 @@ impl Route for RdmaRoute {
             },
             Ok(r) => r,
         }
-    }
-
-    fn notify(&self, msg: &[u8]) -> Result<()> {
-        self.inner.control.notify(msg)
-    }
-
-    fn is_down(&self) -> bool {
-        self.inner.control.is_down()
-            || matches!(&*self.inner.state.lock(), State::Down { retry_at, .. } if Instant::now() < *retry_at)
-    }
-
-    fn close(&self) {
-        let old = std::mem::replace(&mut *self.inner.state.lock(), State::Closed);
-        match old {
-            State::Ready(c) => self.inner.retire(&c, true),
-            State::Connecting(waiting) => {
-                for w in waiting {
-                    w.xfer.fail_unposted(Error::RemoteDisconnect(format!(
-                        "disconnected from agent {}",
-                        self.inner.peer
-                    )));
-                }
-            }
-            _ => {}
-        }
-        self.inner.control.close();
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 

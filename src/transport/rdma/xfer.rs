@@ -16,11 +16,13 @@ use crate::transport::{Plan, Transfer};
 
 /// What a post sends once every byte of it is confirmed (READ: arrived
 /// here; WRITE: acknowledged by the peer's NIC): its notification, in
-/// parts, one on each queue pair that carried its data (after that data on
-/// the same queue pair), the message on the first, fences on the others.
+/// parts, one on each NIC pair that carried its data (after that data: the
+/// target's NIC places a receive only after the writes before it), the
+/// message on the first, fences on the others.
 pub struct AfterData {
-    /// The queue pairs that carried the data (at least one).
-    pub qps: Vec<Arc<QpConn>>,
+    /// Per NIC pair that carried the data (at least one), its queue pairs:
+    /// the part goes on the first that is not broken.
+    pub groups: Vec<Vec<Arc<QpConn>>>,
     /// The notification's id.
     pub id: u64,
     /// The message.
@@ -51,12 +53,13 @@ pub struct Xfer {
     moves: AtomicUsize,
 }
 
-/// Moves salvaged work of a post (that broke on queue pair number `u32`)
-/// to a healthy queue pair; false when there is none.
-pub type Mover = Arc<dyn Fn(&Arc<Xfer>, u32, Salvage) -> bool + Send + Sync>;
+/// Moves salvaged work of a post (that broke on the queue pair of our NIC
+/// `usize` with number `u32`) to a healthy queue pair; false when there is
+/// none.
+pub type Mover = Arc<dyn Fn(&Arc<Xfer>, (usize, u32), Salvage) -> bool + Send + Sync>;
 
 /// How many times a post's work may move to another queue pair.
-const MAX_MOVES: usize = 4;
+const MAX_MOVES: usize = 8;
 
 impl Xfer {
     /// A post of `plan` cut into `slices`, with `wrs` work requests in all,
@@ -83,11 +86,6 @@ impl Xfer {
         }
     }
 
-    /// `n` more work requests to wait for (counted before they are queued).
-    pub fn expect(&self, n: usize) {
-        self.left.fetch_add(n, Ordering::AcqRel);
-    }
-
     /// Sets how work of it moves after a link failure.
     pub fn set_mover(&self, mover: Mover) {
         *self.mover.lock() = Some(mover);
@@ -96,7 +94,7 @@ impl Xfer {
     /// Moves `sv` (what queue pair `from` left of this post when its link
     /// failed) to another queue pair. False when it cannot (stopped, moved
     /// too often, no healthy queue pair): the caller fails that work.
-    pub fn retry(self: &Arc<Self>, from: u32, sv: Salvage) -> bool {
+    pub fn retry(self: &Arc<Self>, from: (usize, u32), sv: Salvage) -> bool {
         if self.stopped() || self.moves.fetch_add(1, Ordering::AcqRel) >= MAX_MOVES {
             return false;
         }
@@ -135,12 +133,13 @@ impl Xfer {
         if let Some(after) = after
             && !self.stopped()
         {
-            let parts = after.qps.len();
+            let parts = after.groups.len();
             self.left.fetch_add(
                 super::qp::part_wrs(after.msg.len()) + parts - 1,
                 Ordering::AcqRel,
             );
-            for (k, q) in after.qps.iter().enumerate() {
+            for (k, group) in after.groups.iter().enumerate() {
+                let q = group.iter().find(|q| !q.is_broken()).unwrap_or(&group[0]);
                 let msg = (k == 0).then(|| after.msg.clone());
                 q.push_part(self, Part::new(after.id, parts as u16, k as u16, msg));
             }
@@ -160,6 +159,8 @@ impl Xfer {
         for r in &self.locals {
             r.leave();
         }
+        // It held the queue pairs of the post's generation.
+        self.mover.lock().take();
         let result = match self.error.lock().clone() {
             Some(e) => Err(e),
             None if self.cancelled.load(Ordering::Acquire) => {

@@ -291,3 +291,27 @@ fn under_auto_what_rdma_cannot_move_goes_over_tcp() {
         "no byte of it crossed the NIC"
     );
 }
+
+#[test]
+fn under_auto_a_peer_no_nic_pair_reaches_goes_over_tcp() {
+    let _alone = testing::exclusive();
+    let (a, b) = (auto_engine("A"), auto_engine("B"));
+    a.load_remote_conn_info(b"B", b.conn_info()).unwrap();
+    let src = vec![5u8; 1 << 20];
+    let dst = vec![0u8; 1 << 20];
+    let (dmd, smd) = expose(&a, &b, b"B", &dst, &src);
+    let id = a
+        .prep_xfer(Op::Read, &[whole(&dst, dmd)], &[whole(&src, smd)], b"B")
+        .unwrap();
+    // The queue pairs connect (over TCP), but no packet crosses the link.
+    testing::fake().drop_link("fake_mlx5_1", true);
+    let first = a.post_xfer(id, None).and_then(|_| wait(&a, id));
+    let second = a.post_xfer(id, None).and_then(|_| wait(&a, id));
+    testing::fake().drop_link("fake_mlx5_1", false);
+    assert!(
+        matches!(first, Err(Error::RemoteDisconnect(_))),
+        "the transfer on the dead link fails: {first:?}"
+    );
+    assert_eq!(second, Ok(Status::Success), "the next goes over TCP");
+    assert!(dst == src);
+}
