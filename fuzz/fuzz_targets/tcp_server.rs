@@ -142,7 +142,11 @@ fn check_answers(answers: &[u8]) {
         assert!(
             matches!(
                 h.kind,
-                Kind::HelloOk | Kind::WriteAck | Kind::ReadResp | Kind::NotifRefused
+                Kind::HelloOk
+                    | Kind::WriteAck
+                    | Kind::ReadResp
+                    | Kind::NotifRefused
+                    | Kind::ControlResp
             ),
             "the server sent a {:?} frame",
             h.kind

@@ -299,6 +299,40 @@ def case_failover(args) -> None:
         tgt.quit()
 
 
+def case_numa(args) -> None:
+    """Our NICs on two NUMA nodes (FAKE_IBV_DEVICES: fake_mlx5_0 on node 1,
+    fake_mlx5_1 on node 0, where this machine's memory is): transfers of one
+    slice go over the NIC local to their memory; a large one still uses
+    both."""
+    nic = FakeNic()
+    assert "numa=1" in os.environ.get("FAKE_IBV_DEVICES", ""), "run with the NUMA layout"
+    size = 64 * MiB
+    with target(size) as tgt:
+        a = S.new_agent_with("rdma-init", "rdma")
+        src = S.fast_pattern(size, 79)
+        S.register(a, src)
+        a.add_remote_agent(tgt.md)
+        before = nic.sent()
+        for i in range(50):
+            off = i * 64 * KiB
+            h = a.initialize_xfer("WRITE", a.get_xfer_descs([(S.addr(src) + off, 64 * KiB, 0)],
+                                                            "DRAM"),
+                                  tgt.descs(a, "w", off, 64 * KiB), tgt.name)
+            S.post(a, h, f"small WRITE {i}")
+            a.release_xfer_handle(h)
+        small = {d: nic.sent()[d] - before[d] for d in DEVICES}
+        log(f"50 WRITEs of 64 KiB: bytes per NIC {small}")
+        assert small["fake_mlx5_0"] == 0 and small["fake_mlx5_1"] >= 50 * 64 * KiB, small
+        before = nic.sent()
+        h = a.initialize_xfer("WRITE", S.xfer_descs(a, src), tgt.descs(a, "w"), tgt.name)
+        S.post(a, h, "64 MiB WRITE")
+        big = {d: nic.sent()[d] - before[d] for d in DEVICES}
+        log(f"a 64 MiB WRITE: bytes per NIC {big}")
+        assert all(v >= size // 4 for v in big.values()), big
+        tgt.check("WRITEs", "rdma-init", [], (("w", 0, size, S.sha256(src)),))
+        tgt.quit()
+
+
 def case_noverbs(args) -> None:
     """No verbs library: the plugin loads, protocol=rdma refuses peers with
     NIXL_ERR_NOT_SUPPORTED and the reason, and TCP moves data."""
@@ -383,6 +417,7 @@ def main() -> None:
     s.set_defaults(fn=case_restarts)
     sub.add_parser("noverbs").set_defaults(fn=case_noverbs)
     sub.add_parser("failover").set_defaults(fn=case_failover)
+    sub.add_parser("numa").set_defaults(fn=case_numa)
     s = sub.add_parser("threads")
     s.add_argument("--rounds", type=int, default=8)
     s.set_defaults(fn=case_threads)

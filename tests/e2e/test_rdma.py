@@ -110,6 +110,11 @@ def test_rdma_a_failed_link_moves_the_transfer_to_the_other_nic_pair(runner, fak
     assert "move from queue pair" in text, text
 
 
+def test_rdma_small_transfers_take_the_numa_local_nic(runner, fake_nic):
+    layout = "fake_mlx5_0:numa=1,fake_mlx5_1:numa=0"
+    run_case(runner, "numa", env={**fake_nic, "FAKE_IBV_DEVICES": layout})
+
+
 def test_rdma_sigkill_during_a_read_fails_within_a_second(runner, fake_nic):
     out = run_case(runner, "kill", env=fake_nic)
     ms = float(re.search(r"^KILL-TO-FAILURE READ ([\d.]+) ms$", out, re.M).group(1))

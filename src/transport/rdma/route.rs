@@ -445,13 +445,39 @@ impl Inner {
         Ok(())
     }
 
+    /// The queue pairs a post takes, in order: rotated per post, and, when
+    /// it uses fewer than all and our NICs sit on different NUMA nodes,
+    /// those on the NUMA node of its local memory first.
+    fn qp_order(&self, c: &Conns, xfer: &Xfer, used: usize) -> Vec<usize> {
+        let n = c.qps.len();
+        let rot = self.next_qp.fetch_add(1, Ordering::Relaxed) % n;
+        let rotated: Vec<usize> = (0..n).map(|k| (rot + k) % n).collect();
+        let workers = &self.shared.workers;
+        let nodes = |i: usize| workers[c.qps[i].1].nic.numa;
+        let varies = (0..n).any(|i| nodes(i) != nodes(0));
+        if used >= n || !varies {
+            return rotated;
+        }
+        let Some(node) = xfer
+            .slices
+            .first()
+            .and_then(|s| super::device::numa_node_of(s.local_addr))
+        else {
+            return rotated;
+        };
+        let (mut local, other): (Vec<usize>, Vec<usize>) =
+            rotated.into_iter().partition(|&i| nodes(i) == Some(node));
+        local.extend(other);
+        local
+    }
+
     /// Spreads `xfer` over the queue pairs: slice `i` on queue pair
     /// `start + i % used`; a WRITE's notification in parts after the data
     /// on each queue pair used, a READ's after its data arrived.
     fn dispatch(self: &Arc<Self>, c: &Arc<Conns>, xfer: &Arc<Xfer>, notif: Option<Arc<Vec<u8>>>) {
         let n = c.qps.len();
-        let start = self.next_qp.fetch_add(1, Ordering::Relaxed) % n;
         let used = xfer.slices.len().min(n);
+        let order = self.qp_order(c, xfer, used);
         let id = self.shared.next_notif.fetch_add(1, Ordering::Relaxed);
         let route = Arc::downgrade(self);
         // The post holds its generation (until it ends): work moves within
@@ -462,8 +488,9 @@ impl Inner {
                 .upgrade()
                 .is_some_and(|r| r.move_work(&generation, x, from, sv))
         }));
-        let used_qps: Vec<(Arc<QpConn>, usize)> = (0..used.max(1))
-            .map(|k| c.qps[(start + k) % n].clone())
+        let used_qps: Vec<(Arc<QpConn>, usize)> = order[..used.max(1)]
+            .iter()
+            .map(|&i| c.qps[i].clone())
             .collect();
         if let Some(m) = notif {
             // Sent once every byte is confirmed: a WRITE's in parts, one per
