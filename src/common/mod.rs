@@ -9,6 +9,8 @@
 
 pub mod agent;
 pub mod completion;
+#[cfg(test)]
+pub mod fakes;
 pub mod fault;
 pub mod inbox;
 pub mod memory;

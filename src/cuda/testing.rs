@@ -7,7 +7,6 @@
 //! ([`FakeGpu::read`], [`FakeGpu::write`]), never the code under test.
 
 use std::ffi::{c_int, c_uint, c_void};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -38,21 +37,7 @@ static FAKE: OnceLock<FakeGpu> = OnceLock::new();
 /// (before anything loaded a driver).
 pub fn fake() -> &'static FakeGpu {
     FAKE.get_or_init(|| {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let out = Command::new(format!("{root}/scripts/build-fakes.sh"))
-            .output()
-            .expect("scripts/build-fakes.sh runs");
-        assert!(
-            out.status.success(),
-            "scripts/build-fakes.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let path = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("NIXL_MOONCAKE_CUDA_LIB="))
-            .expect("build-fakes.sh names the fake CUDA driver")
-            .to_owned();
+        let path = crate::common::fakes::fake_path("NIXL_MOONCAKE_CUDA_LIB");
         assert!(
             super::use_library(&path),
             "a CUDA driver was loaded before the fake was chosen"

@@ -578,19 +578,7 @@ impl Route for RdmaRoute {
     }
 
     fn close(&self) {
-        let old = std::mem::replace(&mut *self.inner.state.lock(), State::Closed);
-        match old {
-            State::Ready(c) => self.inner.retire(&c, true),
-            State::Connecting(waiting) => {
-                for w in waiting {
-                    w.xfer.fail_unposted(Error::RemoteDisconnect(format!(
-                        "disconnected from agent {}",
-                        self.inner.peer
-                    )));
-                }
-            }
-            _ => {}
-        }
+        self.inner.close();
         self.inner.control.close();
     }
 
@@ -757,6 +745,24 @@ impl RdmaRoute {
 }
 
 impl Inner {
+    /// Closes the route for good: its queue pairs go (their transfers
+    /// fail), the posts waiting for a connection fail.
+    fn close(&self) {
+        let old = std::mem::replace(&mut *self.state.lock(), State::Closed);
+        match old {
+            State::Ready(c) => self.retire(&c, true),
+            State::Connecting(waiting) => {
+                for w in waiting {
+                    w.xfer.fail_unposted(Error::RemoteDisconnect(format!(
+                        "disconnected from agent {}",
+                        self.peer
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// The peer is gone (its TCP link says so): the queue pairs go, and
     /// the transfers on them fail at once.
     fn close_conns(&self) {
@@ -778,18 +784,6 @@ impl Drop for RdmaRoute {
     /// connection finishing later finds the route closed and retires its
     /// queue pairs.
     fn drop(&mut self) {
-        let old = std::mem::replace(&mut *self.inner.state.lock(), State::Closed);
-        match old {
-            State::Ready(c) => self.inner.retire(&c, true),
-            State::Connecting(waiting) => {
-                for w in waiting {
-                    w.xfer.fail_unposted(Error::RemoteDisconnect(format!(
-                        "disconnected from agent {}",
-                        self.inner.peer
-                    )));
-                }
-            }
-            _ => {}
-        }
+        self.inner.close();
     }
 }

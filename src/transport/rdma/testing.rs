@@ -6,7 +6,6 @@
 //! NICs, `fake_mlx5_0` (127.0.0.1) and `fake_mlx5_1` (127.0.0.2).
 
 use std::ffi::{CString, c_char, c_int, c_uint};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -36,32 +35,11 @@ pub struct FakeNic {
 
 static FAKE: OnceLock<FakeNic> = OnceLock::new();
 
-/// Builds the fakes (when out of date) and returns the line of
-/// `build-fakes.sh`'s output that starts with `var=`.
-pub fn fake_path(var: &str) -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(format!("{root}/scripts/build-fakes.sh"))
-        .output()
-        .expect("scripts/build-fakes.sh runs");
-    assert!(
-        out.status.success(),
-        "scripts/build-fakes.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let prefix = format!("{var}=");
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .unwrap_or_else(|| panic!("build-fakes.sh prints {var}"))
-        .to_owned()
-}
-
 /// The fake verbs library, built on first use and made the library of
 /// this process (before anything loaded one).
 pub fn fake() -> &'static FakeNic {
     FAKE.get_or_init(|| {
-        let path = fake_path("NIXL_MOONCAKE_IBVERBS_LIB");
+        let path = crate::common::fakes::fake_path("NIXL_MOONCAKE_IBVERBS_LIB");
         assert!(
             super::verbs::use_library(&path),
             "a verbs library was loaded before the fake was chosen"
