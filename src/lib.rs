@@ -28,6 +28,7 @@ pub mod cuda;
 mod ffi;
 pub mod logging;
 pub mod transport;
+pub mod vendor_lib;
 pub mod wire;
 
 pub use ffi::{nixl_plugin_fini, nixl_plugin_init};

@@ -13,9 +13,9 @@
 //! panics when the library or a symbol is missing and takes no path.
 
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
-use std::sync::OnceLock;
 
 use crate::common::{Error, Result};
+use crate::vendor_lib::VendorLib;
 
 /// The environment variable that names another driver library file (a
 /// fake for tests, or a driver outside the loader's search path).
@@ -214,15 +214,14 @@ pub struct Driver {
     _lib: libloading::Library,
 }
 
-static OVERRIDE: OnceLock<String> = OnceLock::new();
-static DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
+static DRIVER: VendorLib<Driver> = VendorLib::new(LIBRARY_ENV, DEFAULT_LIBRARY, "CUDA driver");
 
 /// Makes the driver load from `path` instead of what the environment says,
 /// for harnesses that cannot set the environment before their threads
 /// start (Rust tests). Returns false when the driver was loaded (or
 /// another path chosen) already.
 pub fn use_library(path: &str) -> bool {
-    DRIVER.get().is_none() && OVERRIDE.set(path.to_owned()).is_ok()
+    DRIVER.use_library(path)
 }
 
 /// The driver, loaded and initialised (`cuInit`) on the first call.
@@ -233,7 +232,7 @@ pub fn use_library(path: &str) -> bool {
 /// of the first call is kept: later calls give the same answer.
 pub fn driver() -> Result<&'static Driver> {
     DRIVER
-        .get_or_init(load)
+        .get_or_load(load)
         .as_ref()
         .map_err(|why| Error::NotSupported(format!("GPU memory is unavailable: {why}")))
 }
@@ -243,17 +242,7 @@ pub fn loaded() -> bool {
     matches!(DRIVER.get(), Some(Ok(_)))
 }
 
-fn load() -> std::result::Result<Driver, String> {
-    let path = OVERRIDE
-        .get()
-        .cloned()
-        .or_else(|| std::env::var(LIBRARY_ENV).ok().filter(|p| !p.is_empty()))
-        .unwrap_or_else(|| DEFAULT_LIBRARY.to_owned());
-    // SAFETY: loading the CUDA driver runs its initialisers, which have no
-    // preconditions; a fake named by the environment is trusted as the
-    // driver would be.
-    let lib = unsafe { libloading::Library::new(&path) }
-        .map_err(|e| format!("the CUDA driver library {path} cannot be loaded ({e})"))?;
+fn load(path: String, lib: libloading::Library) -> std::result::Result<Driver, String> {
     let api = Api::load(&lib).map_err(|e| format!("{path} is not a usable CUDA driver: {e}"))?;
     let ipc = Ipc::load(&lib);
     let mut driver = Driver {

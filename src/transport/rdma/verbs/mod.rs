@@ -28,9 +28,10 @@ pub mod sys;
 mod tests;
 
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crate::common::{Error, Result};
+use crate::vendor_lib::VendorLib;
 
 /// The environment variable that names another verbs library file (a fake
 /// for tests, or an rdma-core outside the loader's search path).
@@ -119,14 +120,13 @@ pub struct Verbs {
     _lib: libloading::Library,
 }
 
-static OVERRIDE: OnceLock<String> = OnceLock::new();
-static VERBS: OnceLock<std::result::Result<Verbs, String>> = OnceLock::new();
+static VERBS: VendorLib<Verbs> = VendorLib::new(LIBRARY_ENV, DEFAULT_LIBRARY, "verbs");
 
 /// Makes the library load from `path` instead of what the environment
 /// says (for Rust tests, whose threads start before they could set it).
 /// Returns false when it was loaded (or another path chosen) already.
 pub fn use_library(path: &str) -> bool {
-    VERBS.get().is_none() && OVERRIDE.set(path.to_owned()).is_ok()
+    VERBS.use_library(path)
 }
 
 /// The verbs library, loaded on the first call.
@@ -138,28 +138,18 @@ pub fn verbs() -> Result<&'static Verbs> {
     // A test process loads only the fake, once a test chose it: engines of
     // other tests (protocol=auto) see a host without RDMA meanwhile.
     #[cfg(test)]
-    if VERBS.get().is_none() && OVERRIDE.get().is_none() {
+    if VERBS.get().is_none() && !VERBS.chosen() {
         return Err(Error::NotSupported(
             "RDMA is unavailable: no test chose the fake verbs library yet".into(),
         ));
     }
     VERBS
-        .get_or_init(load)
+        .get_or_load(load)
         .as_ref()
         .map_err(|why| Error::NotSupported(format!("RDMA is unavailable: {why}")))
 }
 
-fn load() -> std::result::Result<Verbs, String> {
-    let path = OVERRIDE
-        .get()
-        .cloned()
-        .or_else(|| std::env::var(LIBRARY_ENV).ok().filter(|p| !p.is_empty()))
-        .unwrap_or_else(|| DEFAULT_LIBRARY.to_owned());
-    // SAFETY: loading libibverbs runs its initialisers (provider discovery),
-    // which have no preconditions; a fake named by the environment is
-    // trusted as the real library would be.
-    let lib = unsafe { libloading::Library::new(&path) }
-        .map_err(|e| format!("the verbs library {path} cannot be loaded ({e})"))?;
+fn load(path: String, lib: libloading::Library) -> std::result::Result<Verbs, String> {
     let api = Api::load(&lib).map_err(|e| format!("{path} is not a usable verbs library: {e}"))?;
     log::info!("Mooncake: verbs library {path} loaded for RDMA");
     Ok(Verbs {
