@@ -75,7 +75,8 @@ fn ok(rc: CuResult, what: &str) {
 }
 
 impl FakeGpu {
-    /// Holds the fake's global knobs (delay, pause) for one test.
+    /// Holds the fake's global knobs (delay, pause) and counters (pending
+    /// copies) for one test.
     pub fn exclusive(&self) -> MutexGuard<'_, ()> {
         self.exclusive.lock()
     }

@@ -12,6 +12,18 @@ use crate::cuda::testing::{DeviceBuffer, fake};
 /// buffers on both ends).
 const PATHS: [&[(&str, &str)]; 2] = [&[], &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")]];
 
+/// Test `$name`: `$on(path)` for every path of [`PATHS`].
+macro_rules! on_every_path {
+    ($name:ident, $on:ident) => {
+        #[test]
+        fn $name() {
+            for path in PATHS {
+                $on(path);
+            }
+        }
+    };
+}
+
 /// Asserts `got == want` without printing megabytes: names the first
 /// differing byte. Extra arguments format the message.
 macro_rules! same_bytes {
@@ -115,12 +127,10 @@ fn registration_checks_device_memory_device_and_allocation_bounds() {
     e.deregister_mem(whole).unwrap();
 }
 
-#[test]
-fn vram_to_vram_and_vram_with_dram_both_directions() {
-    for path in PATHS {
-        vram_to_vram_and_vram_with_dram_both_directions_on(path);
-    }
-}
+on_every_path!(
+    vram_to_vram_and_vram_with_dram_both_directions,
+    vram_to_vram_and_vram_with_dram_both_directions_on
+);
 
 fn vram_to_vram_and_vram_with_dram_both_directions_on(path: &[(&str, &str)]) {
     let gpu = fake();
@@ -225,15 +235,16 @@ fn vram_to_vram_and_vram_with_dram_both_directions_on(path: &[(&str, &str)]) {
     a.release_req(id).unwrap();
 }
 
-#[test]
-fn a_mixed_plan_of_host_and_device_segments_moves_every_byte() {
-    for path in PATHS {
-        a_mixed_plan_of_host_and_device_segments_moves_every_byte_on(path);
-    }
-}
+on_every_path!(
+    a_mixed_plan_of_host_and_device_segments_moves_every_byte,
+    a_mixed_plan_of_host_and_device_segments_moves_every_byte_on
+);
 
 fn a_mixed_plan_of_host_and_device_segments_moves_every_byte_on(path: &[(&str, &str)]) {
     let gpu = fake();
+    // Alone: the fake's count of pending copies is global, and other tests
+    // wait for theirs to show.
+    let _knobs = gpu.exclusive();
     let (a, b) = connected("MA", "MB", path);
     let block = 4096 + 17;
     let n = 64;
@@ -296,12 +307,10 @@ fn a_mixed_plan_of_host_and_device_segments_moves_every_byte_on(path: &[(&str, &
     }
 }
 
-#[test]
-fn the_notification_arrives_only_after_the_device_finished_copying() {
-    for path in PATHS {
-        the_notification_arrives_only_after_the_device_finished_copying_on(path);
-    }
-}
+on_every_path!(
+    the_notification_arrives_only_after_the_device_finished_copying,
+    the_notification_arrives_only_after_the_device_finished_copying_on
+);
 
 fn the_notification_arrives_only_after_the_device_finished_copying_on(path: &[(&str, &str)]) {
     let gpu = fake();
@@ -414,17 +423,18 @@ fn release_in_flight_waits_for_copies_queued_on_the_device() {
     }
 }
 
-#[test]
-fn a_prepped_20000_block_read_with_a_notification_reposted() {
-    for path in PATHS {
-        a_prepped_20000_block_read_with_a_notification_reposted_on(path);
-    }
-}
+on_every_path!(
+    a_prepped_20000_block_read_with_a_notification_reposted,
+    a_prepped_20000_block_read_with_a_notification_reposted_on
+);
 
 fn a_prepped_20000_block_read_with_a_notification_reposted_on(path: &[(&str, &str)]) {
     // The vLLM shape: the decoder pulls many blocks with one READ and one
     // notification per request, reposting the prepped handle.
     let gpu = fake();
+    // Alone: the fake's count of pending copies is global, and other tests
+    // wait for theirs to show.
+    let _knobs = gpu.exclusive();
     let (a, b) = connected("DA", "DB", path);
     let (block, n) = (256, 20_000);
     let len = block * n;
