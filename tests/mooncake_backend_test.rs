@@ -44,3 +44,25 @@ fn mooncake_backend_test() {
         "the VRAM pass did not run"
     );
 }
+
+/// The stand-in `tests/nixl-upstream/mooncake_backend.h`, through which NIXL's own unmodified test builds against
+/// this plugin (`scripts/nixl-upstream-test.sh`), used the way that test uses it: see
+/// `tests/nixl_upstream_header.cc`.
+#[test]
+fn nixl_upstream_header_stand_in() {
+    let plugin = common::plugin_path();
+    let program = common::build_cxx_program("nixl_upstream_header");
+    let plugin_env = [(
+        "MOONCAKE_PLUGIN_PATH".to_string(),
+        plugin.display().to_string(),
+    )];
+    let (status, output) =
+        common::run_with_timeout_env(&program, &[], &plugin_env, Duration::from_secs(120));
+    print!("{output}");
+    assert_eq!(
+        status.map(|s| s.success()),
+        Some(true),
+        "the program failed (output above)"
+    );
+    assert!(output.contains("nixl_upstream_header: PASS"));
+}
