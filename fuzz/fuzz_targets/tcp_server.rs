@@ -146,6 +146,7 @@ fn check_answers(answers: &[u8]) {
                     | Kind::WriteAck
                     | Kind::ReadResp
                     | Kind::NotifRefused
+                    | Kind::NotifAck
                     | Kind::ControlResp
             ),
             "the server sent a {:?} frame",

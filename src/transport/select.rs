@@ -263,8 +263,7 @@ impl Transports {
             .map(|conn_info::Endpoint::Tcp(addr)| *addr)
             .next();
         let no_tcp = || Error::NotSupported(format!("agent {agent:?} publishes no TCP endpoint"));
-        let tcp_route =
-            |addr| -> Arc<dyn Route> { Arc::new(self.tcp.route(&name, remote.token, addr)) };
+        let tcp_route = |addr| -> Arc<dyn Route> { self.tcp.route(&name, remote.token, addr) };
         let same_host = self.info.host.same_host(&remote.host) && !self.other_host;
         // One TCP link per peer, shared by cross-memory attach (its control
         // messages) and by the plans it cannot serve (GPU memory).

@@ -5,13 +5,15 @@
 //! header: magic "MC" | version u8 | kind u8 | body_len u32 | tag u64 | aux u64   (little endian)
 //! Hello     aux = the generation of the sender's connection set (0: none; older clients send 0);
 //!           body: target token u128 | sender token u128 | name_len u16 | name
-//! HelloOk   body: empty
+//! HelloOk   aux = what the server does beyond version 2 (bit 0: acknowledges notifications); body: empty
 //! Write     aux = segment count; body: count x Seg | data (sum of segment lengths)
 //! WriteAck  aux = status (i64); body: empty, or the reason of a refusal (text)
 //! ReadReq   aux = segment count; body: count x Seg
 //! ReadResp  aux = status (i64); body: the data of every segment, or the reason
-//! Notif     body: the message bytes
-//! NotifRefused  aux = the refused message's length; body: the reason (text)
+//! Notif     tag = its number in the sender's link (0: no acknowledgement wanted); aux = that link's id;
+//!           body: the message bytes
+//! NotifAck  tag = the sequence number of the notification delivered (or delivered before); body: empty
+//! NotifRefused  tag = the refused notification's sequence number; aux = its length; body: the reason (text)
 //! Control   aux = the service (1: RDMA connection setup); body: the service's request
 //! ControlResp   aux = status (i64, 0 = done); body: the service's answer, or the reason
 //! Seg: key u64 | addr u64 | len u32   (20 bytes)
@@ -67,7 +69,14 @@ pub enum Kind {
     Control = 9,
     /// Server to client: the answer to a Control.
     ControlResp = 10,
+    /// Server to client: a notification with a sequence number was delivered.
+    NotifAck = 11,
 }
+
+/// [`Kind::HelloOk`]'s `aux` bit: the server acknowledges every [`Kind::Notif`]
+/// with a nonzero tag (its number) by a [`Kind::NotifAck`] or a
+/// [`Kind::NotifRefused`], and delivers each number of a sender's link once.
+pub const HELLO_ACKS_NOTIFS: u64 = 1;
 
 impl Kind {
     fn from_u8(b: u8) -> Option<Kind> {
@@ -82,6 +91,7 @@ impl Kind {
             8 => Kind::NotifRefused,
             9 => Kind::Control,
             10 => Kind::ControlResp,
+            11 => Kind::NotifAck,
             _ => return None,
         })
     }
@@ -177,6 +187,7 @@ impl Header {
         match kind {
             Kind::Hello => limit(MAX_HELLO, "hello")?,
             Kind::HelloOk => limit(0, "hello-ok")?,
+            Kind::NotifAck => limit(0, "notification acknowledgement")?,
             Kind::Notif => limit(MAX_NOTIF, "notification")?,
             Kind::WriteAck => limit(MAX_REASON, "write-ack")?,
             Kind::NotifRefused => limit(MAX_REASON, "notification refusal")?,

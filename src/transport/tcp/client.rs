@@ -23,6 +23,12 @@
 //! a backoff (2 s, doubling to 30 s while reconnecting fails) opens new
 //! connections; one whose peer closed it cleanly while idle reconnects on
 //! the next post at once.
+//!
+//! Notifications are acknowledged by targets that say they do (see
+//! [`super::outbox`]): one still unacknowledged when its connections fail
+//! is sent again on the next connection set, which a background thread
+//! opens after the backoff when nobody else does (for up to
+//! [`REDELIVER_FOR`]; then each one left is reported in a log line).
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -37,6 +43,7 @@ use log::{debug, error, warn};
 use parking_lot::{Condvar, Mutex, RwLock, RwLockReadGuard};
 
 use super::io::{self, Access, RawRange, Waits};
+use super::outbox::Outbox;
 use super::staging;
 use crate::common::{AgentName, Completion, Error, MemKind, Pin, Result, Status};
 use crate::cuda::HostBuffer;
@@ -76,6 +83,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// to reconnect; doubled after each failed reconnect, up to [`MAX_BACKOFF`].
 const BACKOFF: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long unacknowledged notifications are kept for a link that cannot
+/// reconnect, before they are given up (with a log line).
+const REDELIVER_FOR: Duration = Duration::from_secs(60);
+/// How long closing a healthy link waits for the acknowledgements of the
+/// notifications it sent.
+const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// One piece of a frame: a contiguous range on both sides.
 #[derive(Debug, Clone, Copy)]
@@ -109,7 +122,7 @@ pub struct TcpPost {
     /// The connections the post runs on.
     conns: Weak<Conns>,
     completion: Completion,
-    notif: Option<Vec<u8>>,
+    notif: Option<Arc<[u8]>>,
     /// The stream a small post was sent on by the posting thread (see
     /// [`Receiver`]); `NO_STREAM` otherwise.
     inline_stream: AtomicUsize,
@@ -170,7 +183,7 @@ impl TcpPost {
             io: RwLock::new(()),
             conns,
             completion: Completion::default(),
-            notif,
+            notif: notif.map(Arc::from),
             inline_stream: AtomicUsize::new(NO_STREAM),
             frame_limit: frame_bytes,
         }
@@ -270,10 +283,7 @@ impl TcpPost {
             return; // cancelled: finished already
         }
         match &self.notif {
-            Some(msg) => conns.enqueue(Out::Notif {
-                msg: msg.clone(),
-                post: Some(self.clone()),
-            }),
+            Some(msg) => conns.enqueue_notif(msg.clone(), Some(self.clone()), None),
             None => self.finish(Ok(())),
         }
     }
@@ -339,7 +349,9 @@ enum Out {
         frame: usize,
     },
     Notif {
-        msg: Vec<u8>,
+        msg: Arc<[u8]>,
+        /// Its sequence number (see [`super::outbox`]).
+        seq: u64,
         post: Option<Arc<TcpPost>>,
     },
     /// The rest of a frame a poster started sending inline.
@@ -455,6 +467,14 @@ struct Conns {
     clean_close: AtomicBool,
     /// Failed connections of the link in a row before these.
     failures_before: u32,
+    /// The link's unacknowledged notifications.
+    outbox: Arc<Outbox>,
+    /// This connection set's generation (as sent in its hellos).
+    generation: u64,
+    /// The link, to reconnect it for them.
+    link: Weak<PeerLink>,
+    /// The peer acknowledges notifications (its HelloOk on stream 0 said so).
+    acks_notifs: AtomicBool,
     last_progress: Mutex<Instant>,
     /// See [`TcpConfig::stall_timeout`].
     stall_timeout: Duration,
@@ -504,6 +524,51 @@ impl Conns {
         cv.notify_one();
     }
 
+    /// Queues a notification on stream 0 (behind everything queued there, so
+    /// in sequence order), with a new sequence number unless `seq` gives
+    /// the one it had (sent again). One outside any transfer (`post` none)
+    /// is kept in the outbox from now on, so connections that fail before
+    /// it was acknowledged do not lose it.
+    fn enqueue_notif(&self, msg: Arc<[u8]>, post: Option<Arc<TcpPost>>, seq: Option<u64>) {
+        let (queue, cv) = &self.queues[0];
+        let mut q = queue.lock();
+        let seq = seq.unwrap_or_else(|| self.outbox.next_seq());
+        if post.is_none() {
+            self.outbox.keep(seq, &msg, self.generation);
+        }
+        if q.closed {
+            drop(q);
+            match post {
+                Some(post) => post.finish(Err(self.down_error())),
+                None => self.redeliver_later(),
+            }
+            return;
+        }
+        q.items.push_back(Out::Notif { msg, seq, post });
+        drop(q);
+        cv.notify_one();
+    }
+
+    /// Starts bringing the link back for the notifications its failed
+    /// connections left unacknowledged (unless nothing waits, or a thread
+    /// does so already): see [`redeliver`].
+    fn redeliver_later(&self) {
+        if self.outbox.is_empty() || self.outbox.redelivering.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (link, outbox) = (self.link.clone(), self.outbox.clone());
+        let spawned = std::thread::Builder::new()
+            .name("mooncake-renotif".into())
+            .spawn(move || redeliver(&link, &outbox));
+        if let Err(e) = spawned {
+            self.outbox.redelivering.store(false, Ordering::Release);
+            warn!(
+                "Mooncake: cannot start a thread to send notifications to agent {} again: {e}",
+                self.peer
+            );
+        }
+    }
+
     /// Sends `out` on stream `i` from the calling thread if nobody else is
     /// sending there and nothing is queued; otherwise hands it back.
     fn send_inline(&self, i: usize, out: Out) -> std::result::Result<(), Out> {
@@ -523,7 +588,7 @@ impl Conns {
         }
         // Never wait for room in the socket: what does not fit now is left
         // to the writer thread, ahead of anything queued meanwhile.
-        let mut outgoing = Outgoing::new(out);
+        let mut outgoing = Outgoing::new(self, out);
         let result = send(self, sock, &mut outgoing, false);
         let queued = {
             let mut q = queue.lock();
@@ -696,6 +761,7 @@ impl Conns {
         for rx in &self.receivers {
             rx.hand_back();
         }
+        self.redeliver_later();
     }
 
     fn progress(&self) {
@@ -725,13 +791,67 @@ fn fail_out(conns: &Conns, out: Out, err: &Error) {
             }
         }
         Out::Rest(outgoing) => fail_out(conns, outgoing.out, err),
+        // Its transfer fails: it is not to be delivered.
         Out::Notif {
-            post: Some(post), ..
-        } => post.finish(Err(err.clone())),
-        Out::Notif { post: None, msg } => warn!(
-            "Mooncake: a notification of {} bytes was not delivered: {err}",
-            msg.len()
-        ),
+            post: Some(post),
+            seq,
+            ..
+        } => {
+            conns.outbox.forget(seq);
+            post.finish(Err(err.clone()));
+        }
+        // Kept in the outbox: sent again on the next connections.
+        Out::Notif { post: None, .. } => {}
+    }
+}
+
+/// Brings `link` back for the notifications in `outbox` (runs on a thread
+/// of its own): waits out the link's backoff and reconnects it, the new
+/// connection set sending them first ([`PeerLink::start`]). Gives up after
+/// [`REDELIVER_FOR`] of failed attempts, or when the link was closed or
+/// dropped, and reports what was not delivered.
+fn redeliver(link: &Weak<PeerLink>, outbox: &Outbox) {
+    let give_up = Instant::now() + REDELIVER_FOR;
+    loop {
+        let Some(link) = link.upgrade() else {
+            outbox.redelivering.store(false, Ordering::Release);
+            return; // dropped: its close reported them
+        };
+        let wait = match link.conns() {
+            Ok(conns) => {
+                // Queued on these connections unless they were (a notification
+                // kept while the set before failed, after these were opened).
+                for (seq, msg) in outbox.claim(conns.generation) {
+                    conns.enqueue_notif(msg, None, Some(seq));
+                }
+                outbox.redelivering.store(false, Ordering::Release);
+                // Failed again before this thread let go: go on.
+                if conns.is_down()
+                    && !outbox.is_empty()
+                    && !outbox.redelivering.swap(true, Ordering::AcqRel)
+                {
+                    continue;
+                }
+                return;
+            }
+            Err(e) => match link.retry_in() {
+                Some(wait) if Instant::now() + wait < give_up => wait,
+                _ => {
+                    let (n, bytes) = outbox.take_all();
+                    outbox.redelivering.store(false, Ordering::Release);
+                    if n > 0 {
+                        warn!(
+                            "Mooncake: {n} notification(s) ({bytes} bytes) to agent {} were not \
+                             delivered: {e}",
+                            link.peer
+                        );
+                    }
+                    return;
+                }
+            },
+        };
+        drop(link);
+        std::thread::sleep(wait.max(Duration::from_millis(10)));
     }
 }
 
@@ -867,7 +987,12 @@ impl Dial {
             ))
         })?;
         match Header::decode(&raw) {
-            Ok(h) if h.kind == Kind::HelloOk => {}
+            Ok(h) if h.kind == Kind::HelloOk => {
+                if i == 0 {
+                    let acks = h.aux & frame::HELLO_ACKS_NOTIFS != 0;
+                    conns.acks_notifs.store(acks, Ordering::Release);
+                }
+            }
             _ => {
                 return Err(Error::RemoteDisconnect(format!(
                     "agent {} at {} answered the hello with garbage",
@@ -916,6 +1041,10 @@ pub struct PeerLink {
     addr: SocketAddr,
     config: TcpConfig,
     state: Mutex<LinkState>,
+    /// Notifications not acknowledged yet, across connection sets.
+    outbox: Arc<Outbox>,
+    /// This link, for the thread that reconnects it for them.
+    this: Weak<PeerLink>,
 }
 
 impl PeerLink {
@@ -927,8 +1056,8 @@ impl PeerLink {
         peer_token: u128,
         addr: SocketAddr,
         config: TcpConfig,
-    ) -> PeerLink {
-        PeerLink {
+    ) -> Arc<PeerLink> {
+        Arc::new_cyclic(|this| PeerLink {
             me,
             my_token,
             peer,
@@ -936,6 +1065,20 @@ impl PeerLink {
             addr,
             config,
             state: Mutex::new(LinkState::Idle),
+            outbox: Arc::default(),
+            this: this.clone(),
+        })
+    }
+
+    /// How long until the next use may reconnect: zero when it may now,
+    /// none once the link is closed.
+    fn retry_in(&self) -> Option<Duration> {
+        match &*self.state.lock() {
+            LinkState::Closed(_) => None,
+            LinkState::Down { retry_at, .. } => {
+                Some(retry_at.saturating_duration_since(Instant::now()))
+            }
+            _ => Some(Duration::ZERO),
         }
     }
 
@@ -1000,6 +1143,8 @@ impl PeerLink {
     /// writer thread opens its stream (see [`dial`]).
     fn start(&self, failures_before: u32) -> Result<Arc<Conns>> {
         let n = self.config.streams.max(1);
+        // A new generation for each connection set.
+        let generation = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
         let conns = Arc::new(Conns {
             peer: self.peer.clone(),
             socks: (0..n).map(|_| OnceLock::new()).collect(),
@@ -1019,6 +1164,10 @@ impl PeerLink {
             down: Mutex::new(None),
             clean_close: AtomicBool::new(false),
             failures_before,
+            outbox: self.outbox.clone(),
+            generation,
+            link: self.this.clone(),
+            acks_notifs: AtomicBool::new(false),
             last_progress: Mutex::new(Instant::now()),
             stall_timeout: self.config.stall_timeout,
             threads: Mutex::new(Vec::new()),
@@ -1031,10 +1180,21 @@ impl PeerLink {
                 name: self.me.as_bytes().to_vec(),
             }
             .encode(),
-            // A new generation for each connection set.
-            link: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
+            link: generation,
             stall: (!self.config.stall_timeout.is_zero()).then_some(self.config.stall_timeout),
         });
+        // What the connections before these left unacknowledged goes first.
+        let again = self.outbox.claim(generation);
+        if !again.is_empty() {
+            log::info!(
+                "Mooncake: sending {} unacknowledged notification(s) to agent {} again",
+                again.len(),
+                self.peer
+            );
+        }
+        for (seq, msg) in again {
+            conns.enqueue_notif(msg, None, Some(seq));
+        }
         for i in 0..n {
             for writer in [true, false] {
                 let (c, dial) = (conns.clone(), dial.clone());
@@ -1135,8 +1295,14 @@ impl PeerLink {
     /// [`Error::RemoteDisconnect`] when the peer is unreachable or dead.
     pub fn send_notif(&self, msg: Vec<u8>) -> Result<()> {
         let conns = self.conns()?;
-        conns.enqueue(Out::Notif { msg, post: None });
+        conns.enqueue_notif(Arc::from(msg), None, None);
         Ok(())
+    }
+
+    /// Notifications sent and not acknowledged yet (for tests).
+    #[cfg(test)]
+    pub(crate) fn unacked_notifs(&self) -> usize {
+        self.outbox.len()
     }
 
     /// Frames sent and not yet answered (for tests).
@@ -1193,9 +1359,25 @@ impl PeerLink {
     }
 
     /// Closes the connections; requests in flight fail with `RemoteDisconnect`.
+    /// Waits a little ([`CLOSE_DRAIN`]) for the acknowledgements of the
+    /// notifications sent on healthy connections; those still unacknowledged
+    /// then are reported in a log line.
     pub fn close(&self) {
+        let healthy = matches!(&*self.state.lock(), LinkState::Up(c) if !c.is_down());
+        if healthy {
+            self.outbox.wait_drained(CLOSE_DRAIN);
+        }
         let closed = Error::RemoteDisconnect(format!("disconnected from agent {}", self.peer));
-        let conns = match std::mem::replace(&mut *self.state.lock(), LinkState::Closed(closed)) {
+        let state = std::mem::replace(&mut *self.state.lock(), LinkState::Closed(closed));
+        let (n, bytes) = self.outbox.take_all();
+        if n > 0 {
+            warn!(
+                "Mooncake: {n} notification(s) ({bytes} bytes) to agent {} may not have been \
+                 delivered: the link was closed before the agent acknowledged them",
+                self.peer
+            );
+        }
+        let conns = match state {
             LinkState::Up(c) => c,
             _ => return,
         };
@@ -1283,21 +1465,23 @@ fn write_loop(conns: &Conns, i: usize) {
                 cv.wait(&mut q);
             }
         };
-        let result = send(conns, sock, &mut Outgoing::new(out), true);
+        let mut outgoing = Outgoing::new(conns, out);
+        let result = send(conns, sock, &mut outgoing, true);
         queue.lock().busy = false;
         if let Err(e) = result {
-            conns.fail_all(Error::RemoteDisconnect(format!(
-                "sending to agent {} failed: {e}",
-                conns.peer
-            )));
+            let err =
+                Error::RemoteDisconnect(format!("sending to agent {} failed: {e}", conns.peer));
+            conns.fail_all(err.clone());
+            // What was being sent (a frame was settled above with the rest).
+            fail_out(conns, outgoing.out, &err);
             return;
         }
     }
 }
 
 impl Outgoing {
-    /// The bytes of `out`.
-    fn new(out: Out) -> Outgoing {
+    /// The bytes of `out` (a notification numbered in `conns`' link).
+    fn new(conns: &Conns, out: Out) -> Outgoing {
         let (head, ranges) = match &out {
             Out::Rest(_) => {
                 let Out::Rest(rest) = out else { unreachable!() };
@@ -1319,8 +1503,8 @@ impl Outgoing {
                 head.extend_from_slice(&table);
                 (head, ranges)
             }
-            Out::Notif { msg, .. } => {
-                let mut head = Header::new(Kind::Notif, msg.len() as u32, 0, 0)
+            Out::Notif { msg, seq, .. } => {
+                let mut head = Header::new(Kind::Notif, msg.len() as u32, *seq, conns.outbox.id)
                     .encode()
                     .to_vec();
                 head.extend_from_slice(msg);
@@ -1367,6 +1551,15 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
             Out::Notif {
                 post: Some(post), ..
             } if post.is_stopped() => return Ok(true), // cancelled or failed
+            // A transfer's notification is kept from its first byte on (its
+            // acknowledgement may come before the last byte's write returns).
+            Out::Notif {
+                post: Some(_),
+                seq,
+                msg,
+            } if conns.acks_notifs.load(Ordering::Acquire) => {
+                conns.outbox.keep(*seq, msg, conns.generation);
+            }
             _ => {}
         }
     }
@@ -1394,12 +1587,13 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
         // SAFETY: no memory ranges, only `head`.
         _ => unsafe { io::send_frame::<()>(fd, head, &[], sent, &mut || Access::Zeros, waits) }?,
     };
-    if done
-        && let Out::Notif {
-            post: Some(post), ..
-        } = out
-    {
-        post.finish(Ok(()));
+    if done && let Out::Notif { post, seq, .. } = out {
+        if !conns.acks_notifs.load(Ordering::Acquire) {
+            conns.outbox.forget(*seq); // an older peer: written is all we know
+        }
+        if let Some(post) = post {
+            post.finish(Ok(()));
+        }
     }
     Ok(done)
 }
@@ -1548,6 +1742,7 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
             let mut reason = vec![0u8; h.body_len as usize];
             io::read_exact(sock, &mut reason).map_err(lost)?;
             conns.refused_notifs.fetch_add(1, Ordering::Relaxed);
+            conns.outbox.forget(h.tag); // refused for good: not sent again
             error!(
                 "Mooncake: agent {} refused a notification of {} bytes: {}",
                 conns.peer,
@@ -1555,6 +1750,7 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
                 String::from_utf8_lossy(&reason)
             );
         }
+        Kind::NotifAck => conns.outbox.forget(h.tag),
         Kind::WriteAck => {
             if h.body_len != 0 {
                 return Err(Error::RemoteDisconnect(format!(

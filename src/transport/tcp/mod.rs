@@ -3,6 +3,8 @@
 //!
 //! - `server`: accepts connections that present our token and serves them.
 //! - `client`: [`PeerLink`], the initiator's connections to one peer.
+//! - `outbox`: the notifications a link sent and its peer has not
+//!   acknowledged yet, sent again after a broken connection.
 //! - `io`: vectored socket I/O straight from and into registered memory.
 //! - [`ControlService`]: request/answer services other transports offer
 //!   through the listener (RDMA's connection setup).
@@ -11,6 +13,7 @@
 
 mod client;
 mod io;
+mod outbox;
 mod server;
 mod staging;
 
@@ -68,7 +71,7 @@ impl TcpTransport {
 
     /// A link to agent `peer` (whose engine has `token`) listening at
     /// `addr`; nothing connects yet.
-    pub fn route(&self, peer: &AgentName, token: u128, addr: SocketAddr) -> PeerLink {
+    pub fn route(&self, peer: &AgentName, token: u128, addr: SocketAddr) -> Arc<PeerLink> {
         PeerLink::new(
             self.me.clone(),
             self.my_token,
@@ -103,7 +106,7 @@ impl TcpTransport {
     }
 
     /// The listener (for tests).
-    pub fn server(&self) -> &TcpServer {
+    pub fn server(&self) -> &Arc<TcpServer> {
         &self.server
     }
 }

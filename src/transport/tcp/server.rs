@@ -111,6 +111,9 @@ pub struct TcpServer {
     spinners: AtomicUsize,
     /// Served connections by sender engine token, for fencing.
     links: Mutex<HashMap<u128, Links>>,
+    /// The numbered notifications delivered lately: one sent again after a
+    /// broken connection is only acknowledged.
+    delivered: super::outbox::Delivered,
     /// Control services other transports offer through this listener, by
     /// service number (see [`super::ControlService`]).
     services: RwLock<HashMap<u64, Arc<dyn super::ControlService>>>,
@@ -143,6 +146,7 @@ impl TcpServer {
             spin,
             spinners: AtomicUsize::new(0),
             links: Mutex::new(HashMap::new()),
+            delivered: Default::default(),
             services: RwLock::new(HashMap::new()),
             accept: Mutex::new(None),
             threads: Mutex::new(Vec::new()),
@@ -467,8 +471,8 @@ fn handshake(
     admit(endpoint, &name, hello.sender_token)?;
     // Fenced (or refused) before the client hears HelloOk and sends frames.
     let fence = server.join_link(hello.sender_token, header.aux, stream)?;
-    io::send_bytes(stream, &[&Header::new(Kind::HelloOk, 0, 0, 0).encode()])
-        .map_err(|e| e.to_string())?;
+    let ok = Header::new(Kind::HelloOk, 0, 0, frame::HELLO_ACKS_NOTIFS);
+    io::send_bytes(stream, &[&ok.encode()]).map_err(|e| e.to_string())?;
     Ok((name, hello.sender_token, fence))
 }
 
@@ -653,11 +657,31 @@ fn serve_one(
         }
         Kind::Notif => {
             let len = h.body_len as usize;
+            // A sequence number (nonzero) of the sender's link `aux` asks for
+            // an acknowledgement.
+            let (seq, link) = (h.tag, h.aux);
+            let ack = || {
+                io::send_bytes(stream, &[&Header::new(Kind::NotifAck, 0, seq, 0).encode()])
+                    .map_err(|e| e.to_string())
+            };
+            if seq != 0 && server.delivered.seen(peer_token, link, seq) {
+                io::discard(stream, len as u64).map_err(|e| e.to_string())?;
+                return ack().map(|()| true);
+            }
             match endpoint.inbox.reserve(peer, len) {
                 Ok(room) => {
                     let mut msg = vec![0u8; len];
                     io::read_exact(stream, &mut msg).map_err(|e| e.to_string())?;
-                    room.deliver(msg);
+                    // Checked again with the delivery, at once: an older
+                    // connection of the sender may carry the same number.
+                    let deliver = || room.deliver(msg);
+                    server
+                        .delivered
+                        .deliver_once(peer_token, link, seq, deliver);
+                    fault::point("tcp.server.notif_delivered", server.token);
+                    if seq != 0 {
+                        ack()?;
+                    }
                 }
                 Err(why) => {
                     warn!(
@@ -670,7 +694,7 @@ fn serve_one(
                     io::send_bytes(
                         stream,
                         &[
-                            &Header::new(Kind::NotifRefused, reason.len() as u32, 0, len as u64)
+                            &Header::new(Kind::NotifRefused, reason.len() as u32, seq, len as u64)
                                 .encode(),
                             reason,
                         ],

@@ -789,3 +789,79 @@ fn a_live_agent_s_name_cannot_be_taken_but_a_restart_is_accepted() {
     assert!(link(&impostor, "B").ensure_connected().is_err());
     drop(impostor);
 }
+
+/// Engine `e`'s TCP listener, shared (for hooks that outlive a borrow).
+fn tcp_server_of(e: &Engine) -> Arc<crate::transport::tcp::TcpServer> {
+    e.transports
+        .get::<TcpTransport>()
+        .expect("a TCP transport")
+        .server()
+        .clone()
+}
+
+#[test]
+fn a_notification_whose_acknowledgement_is_lost_is_sent_again_and_delivered_once() {
+    let p = pair_with(4096, true, TCP);
+    // The first delivery's connection breaks before its acknowledgement.
+    let server = tcp_server_of(&p.b);
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _hook = {
+        let fired = fired.clone();
+        crate::common::fault::set(
+            "tcp.server.notif_delivered",
+            p.b.endpoint.token,
+            move || {
+                if !fired.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    server.close_from(&AgentName::from("A"));
+                }
+            },
+        )
+    };
+    p.a.gen_notif(b"B", b"once").unwrap();
+    let l = link(&p.a, "B");
+    // Sent again on new connections, recognised there, acknowledged.
+    wait_for("the notification to be acknowledged", || {
+        fired.load(std::sync::atomic::Ordering::Acquire) && l.unacked_notifs() == 0
+    });
+    p.a.gen_notif(b"B", b"after").unwrap();
+    let got = notifs_until(&p.b, 2);
+    let msgs: Vec<&[u8]> = got.iter().map(|(_, m)| m.as_slice()).collect();
+    assert_eq!(msgs, [&b"once"[..], b"after"], "delivered once, in order");
+    wait_for("the second acknowledgement", || l.unacked_notifs() == 0);
+    assert!(p.b.get_notifs().is_empty(), "a copy came later");
+}
+
+#[test]
+fn a_transfer_s_notification_whose_acknowledgement_is_lost_is_delivered_once() {
+    let p = pair_with(64 << 10, true, TCP);
+    let server = tcp_server_of(&p.b);
+    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let _hook = {
+        let fired = fired.clone();
+        crate::common::fault::set(
+            "tcp.server.notif_delivered",
+            p.b.endpoint.token,
+            move || {
+                if !fired.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    server.close_from(&AgentName::from("A"));
+                }
+            },
+        )
+    };
+    let id = p.whole(Op::Write);
+    p.a.post_xfer(id, Some(b"xfer")).unwrap();
+    assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    let l = link(&p.a, "B");
+    wait_for("the notification to be acknowledged", || {
+        fired.load(std::sync::atomic::Ordering::Acquire) && l.unacked_notifs() == 0
+    });
+    // The next transfer's notification follows the first, which came once.
+    p.a.post_xfer(id, Some(b"next")).unwrap();
+    assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    let got = notifs_until(&p.b, 2);
+    let msgs: Vec<&[u8]> = got.iter().map(|(_, m)| m.as_slice()).collect();
+    assert_eq!(msgs, [&b"xfer"[..], b"next"]);
+    wait_for("the second acknowledgement", || l.unacked_notifs() == 0);
+    assert!(p.b.get_notifs().is_empty(), "a copy came later");
+    assert_eq!(p.bbuf, p.abuf);
+}
