@@ -87,6 +87,7 @@ fn wire(c: &mut Criterion) {
         dev_id: 0,
         ipc: None,
         rdma: None,
+        vmm: None,
     };
     let region_blob = region.encode();
     assert_eq!(RegionPublic::decode(&region_blob).unwrap(), region);

@@ -16,6 +16,7 @@
 #   inproc     VRAM->VRAM, VRAM<->DRAM in one process (device copies)
 #   xp tcp     two processes, VRAM over TCP loopback (pinned staging)
 #   xp auto    the same with protocol=auto (same host: CUDA IPC for VRAM, CMA for DRAM)
+#   xp vmm     the same with the target's memory in 2 MiB VMM chunks shared by file descriptor
 #   prepped    a prepped 20,000-block VRAM READ with a notification (vLLM's shape)
 #   release    release and deregistration while device copies run
 #   bad        registration mismatches refused
@@ -80,6 +81,8 @@ for mib in 1 8 64; do
     run UCX "one process, ${mib} MiB" inproc --size-mib "$mib"
     run Mooncake "two processes tcp, ${mib} MiB" xp --protocol tcp --size-mib "$mib" --blocks 256
     run Mooncake "two processes CUDA IPC, ${mib} MiB" xp --protocol auto --size-mib "$mib" --blocks 256
+    run Mooncake "two processes VMM by fd, ${mib} MiB" xp --protocol auto --vmm shared \
+        --size-mib "$mib" --blocks 256
     run UCX "two processes, ${mib} MiB" xp --size-mib "$mib" --blocks 256
 done
 run Mooncake "prepped 20000-block READ" prepped

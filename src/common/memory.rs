@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use super::status::{Error, Result};
-use crate::wire::region::{IpcExport, RdmaKeys, RegionPublic, range_within};
+use crate::wire::region::{IpcExport, RdmaKeys, RegionPublic, VmmExport, range_within};
 
 /// `nixl_mem_t::DRAM_SEG`.
 pub const DRAM_SEG: u32 = 0;
@@ -127,7 +127,30 @@ pub struct DeviceAlloc {
     /// How a process on this host can map it (one `cuMemAlloc` allocation
     /// whose IPC handle the driver gave), published with the region.
     pub ipc: Option<IpcExport>,
+    /// Or, for VMM chunks exported by file descriptor: the chunks and the
+    /// descriptors, published with the region and closed with it.
+    pub vmm: Option<Arc<VmmShared>>,
 }
+
+/// The VMM chunks of a GPU region exported by POSIX file descriptor: what
+/// peers are told, and the descriptors they take from this process (open
+/// while the region is registered; closed when this is dropped, after its
+/// deregistration waited for every peer access).
+#[derive(Debug)]
+pub struct VmmShared {
+    /// The chunks and their descriptor numbers.
+    pub export: Arc<VmmExport>,
+    /// The descriptors, in the order of `export.pieces`.
+    pub fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl PartialEq for VmmShared {
+    fn eq(&self, other: &Self) -> bool {
+        self.export == other.export
+    }
+}
+
+impl Eq for VmmShared {}
 
 /// One registered local region. Address, length and key never change.
 #[derive(Debug)]
@@ -209,6 +232,11 @@ impl LocalRegion {
             dev_id: self.dev_id,
             ipc: self.device.as_ref().and_then(|d| d.ipc),
             rdma: self.rdma.get().cloned(),
+            vmm: self
+                .device
+                .as_ref()
+                .and_then(|d| d.vmm.as_ref())
+                .map(|v| v.export.clone()),
         }
     }
 }
@@ -517,6 +545,7 @@ mod tests {
             context: 0,
             pieces: vec![],
             ipc: None,
+            vmm: None,
         };
         let r = reg.register_device(0x1000, 1, gpu.clone()).unwrap();
         assert_eq!(r.kind(), MemKind::Vram { device: 1 });

@@ -152,6 +152,105 @@ pub struct Ipc {
     pub close_mem_handle: IpcClose,
 }
 
+/// `CUmemGenericAllocationHandle`.
+pub type MemHandle = u64;
+/// `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR`.
+pub const HANDLE_TYPE_POSIX_FD: c_int = 1;
+/// `CU_MEM_LOCATION_TYPE_DEVICE`.
+pub const LOCATION_TYPE_DEVICE: c_int = 1;
+/// `CU_MEM_ACCESS_FLAGS_PROT_READWRITE`.
+pub const ACCESS_READWRITE: c_int = 3;
+
+/// `CUmemAccessDesc`: who may access a mapped range, and how.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct AccessDesc {
+    /// `CUmemLocation.type`.
+    pub location_type: c_int,
+    /// `CUmemLocation.id` (the device ordinal).
+    pub location_id: c_int,
+    /// `CUmemAccess_flags`.
+    pub flags: c_int,
+}
+
+/// `cuMemRetainAllocationHandle(handle*, addr)`.
+type VmmRetain = unsafe extern "C" fn(*mut MemHandle, *mut c_void) -> CuResult;
+/// `cuMemExportToShareableHandle(out, handle, type, flags)`.
+type VmmExport = unsafe extern "C" fn(*mut c_void, MemHandle, c_int, u64) -> CuResult;
+/// `cuMemImportFromShareableHandle(handle*, os handle, type)`.
+type VmmImport = unsafe extern "C" fn(*mut MemHandle, *mut c_void, c_int) -> CuResult;
+/// `cuMemRelease(handle)`.
+type VmmRelease = unsafe extern "C" fn(MemHandle) -> CuResult;
+/// `cuMemAddressReserve(ptr*, size, alignment, addr, flags)`.
+type VmmReserve =
+    unsafe extern "C" fn(*mut CuDevicePtr, usize, usize, CuDevicePtr, u64) -> CuResult;
+/// `cuMemAddressFree(ptr, size)`.
+type VmmFree = unsafe extern "C" fn(CuDevicePtr, usize) -> CuResult;
+/// `cuMemMap(ptr, size, offset, handle, flags)`.
+type VmmMap = unsafe extern "C" fn(CuDevicePtr, usize, usize, MemHandle, u64) -> CuResult;
+/// `cuMemUnmap(ptr, size)`.
+type VmmUnmap = unsafe extern "C" fn(CuDevicePtr, usize) -> CuResult;
+/// `cuMemSetAccess(ptr, size, desc*, count)`.
+type VmmSetAccess = unsafe extern "C" fn(CuDevicePtr, usize, *const AccessDesc, usize) -> CuResult;
+
+/// The virtual memory management entry points used to share VMM memory
+/// across processes by POSIX file descriptors: optional, like [`Ipc`].
+pub struct Vmm {
+    /// `cuMemRetainAllocationHandle(handle*, addr)`.
+    pub retain: VmmRetain,
+    /// `cuMemExportToShareableHandle(out, handle, type, flags)`.
+    pub export: VmmExport,
+    /// `cuMemImportFromShareableHandle(handle*, os handle, type)`.
+    pub import: VmmImport,
+    /// `cuMemRelease(handle)`.
+    pub release: VmmRelease,
+    /// `cuMemAddressReserve(ptr*, size, alignment, addr, flags)`.
+    pub reserve: VmmReserve,
+    /// `cuMemAddressFree(ptr, size)`.
+    pub free: VmmFree,
+    /// `cuMemMap(ptr, size, offset, handle, flags)`.
+    pub map: VmmMap,
+    /// `cuMemUnmap(ptr, size)`.
+    pub unmap: VmmUnmap,
+    /// `cuMemSetAccess(ptr, size, desc*, count)`.
+    pub set_access: VmmSetAccess,
+}
+
+impl Vmm {
+    fn load(lib: &libloading::Library) -> Option<Vmm> {
+        let get = |name: &str| optional(lib, name, name);
+        let (retain, export, import) = (
+            get("cuMemRetainAllocationHandle")?,
+            get("cuMemExportToShareableHandle")?,
+            get("cuMemImportFromShareableHandle")?,
+        );
+        let (release, reserve, free) = (
+            get("cuMemRelease")?,
+            get("cuMemAddressReserve")?,
+            get("cuMemAddressFree")?,
+        );
+        let (map, unmap, set_access) =
+            (get("cuMemMap")?, get("cuMemUnmap")?, get("cuMemSetAccess")?);
+        // SAFETY: the pointers are the driver's entry points of these names
+        // for CUDA 12 (none has a versioned variant), whose signatures the
+        // field types declare.
+        unsafe {
+            use std::mem::transmute as t;
+            Some(Vmm {
+                retain: t::<*mut c_void, VmmRetain>(retain),
+                export: t::<*mut c_void, VmmExport>(export),
+                import: t::<*mut c_void, VmmImport>(import),
+                release: t::<*mut c_void, VmmRelease>(release),
+                reserve: t::<*mut c_void, VmmReserve>(reserve),
+                free: t::<*mut c_void, VmmFree>(free),
+                map: t::<*mut c_void, VmmMap>(map),
+                unmap: t::<*mut c_void, VmmUnmap>(unmap),
+                set_access: t::<*mut c_void, VmmSetAccess>(set_access),
+            })
+        }
+    }
+}
+
 /// The CUDA version whose entry points `cuGetProcAddress` is asked for.
 const PROC_VERSION: c_int = 12000;
 
@@ -207,6 +306,8 @@ pub struct Driver {
     pub api: Api,
     /// The IPC entry points, when the driver has them.
     pub ipc: Option<Ipc>,
+    /// The VMM sharing entry points, when the driver has them.
+    pub vmm: Option<Vmm>,
     /// Number of devices `cuDeviceGetCount` reported.
     pub devices: i32,
     /// The file that was loaded.
@@ -245,9 +346,11 @@ pub fn loaded() -> bool {
 fn load(path: String, lib: libloading::Library) -> std::result::Result<Driver, String> {
     let api = Api::load(&lib).map_err(|e| format!("{path} is not a usable CUDA driver: {e}"))?;
     let ipc = Ipc::load(&lib);
+    let vmm = Vmm::load(&lib);
     let mut driver = Driver {
         api,
         ipc,
+        vmm,
         devices: 0,
         path,
         _lib: lib,

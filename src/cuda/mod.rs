@@ -27,10 +27,12 @@ pub use driver::{driver, use_library};
 pub use host::HostBuffer;
 
 use std::ffi::{c_int, c_void};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 
-use crate::common::memory::{DeviceAlloc, DevicePiece};
+use crate::common::memory::{DeviceAlloc, DevicePiece, VmmShared};
 use crate::common::{Error, Result};
-use crate::wire::region::IpcExport;
+use crate::wire::region::{IpcExport, MAX_VMM_PIECES, VmmExport, VmmPiece};
 use driver::{Driver, attr};
 
 /// `NIXL_MOONCAKE_CUDA_IPC=0` publishes no CUDA IPC handle with our GPU
@@ -182,24 +184,107 @@ pub fn inspect(addr: u64, len: u64, dev_id: u64) -> Result<DeviceAlloc> {
         [one] if one.legacy_ipc => export(driver, context, one),
         _ => None,
     };
+    let vmm = match pieces.first() {
+        Some(first) if !first.legacy_ipc => export_vmm(driver, context, &pieces).map(Arc::new),
+        _ => None,
+    };
     Ok(DeviceAlloc {
         ordinal,
         context,
         pieces,
         ipc,
+        vmm,
     })
+}
+
+/// True when CUDA IPC was turned off ([`IPC_ENV`]`=0`), with a line saying so.
+fn ipc_disabled(base: u64, size: u64) -> bool {
+    let off = std::env::var(IPC_ENV).is_ok_and(|v| v == "0");
+    if off {
+        log::info!(
+            "GPU memory {base:#x}+{size}: CUDA IPC disabled ({IPC_ENV}=0); peers on this host \
+             will stage it through TCP"
+        );
+    }
+    off
+}
+
+/// The VMM chunks `pieces` exported as POSIX file descriptors, or `None`
+/// (with a line saying why) when the driver gives none: the chunks were
+/// created without that handle type, too many chunks, or no VMM entry
+/// points. Peers then stage through TCP.
+fn export_vmm(driver: &Driver, context: usize, pieces: &[DevicePiece]) -> Option<VmmShared> {
+    let (base, size) = (pieces[0].base, pieces.iter().map(|p| p.size).sum::<u64>());
+    if ipc_disabled(base, size) {
+        return None;
+    }
+    let vmm = driver.vmm.as_ref()?;
+    if pieces.len() > MAX_VMM_PIECES {
+        log::info!(
+            "GPU memory {base:#x}+{size} spans {} VMM chunks, more than the {MAX_VMM_PIECES} \
+             shared by file descriptor; peers on this host will stage it through TCP",
+            pieces.len()
+        );
+        return None;
+    }
+    let _current = context::Current::enter(driver, context).ok()?;
+    let mut shared = VmmShared {
+        export: Arc::new(VmmExport { pieces: Vec::new() }),
+        fds: Vec::with_capacity(pieces.len()),
+    };
+    let mut chunks = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        let mut handle: driver::MemHandle = 0;
+        let mut fd: c_int = -1;
+        // SAFETY: live out-pointers; `p.base` is the start of a mapping the
+        // driver just described. The retained handle is released at once:
+        // the exported descriptor keeps its own reference.
+        let rc = unsafe {
+            let rc = (vmm.retain)(&mut handle, p.base as *mut c_void);
+            if rc == driver::SUCCESS {
+                let exported = (vmm.export)(
+                    (&raw mut fd).cast(),
+                    handle,
+                    driver::HANDLE_TYPE_POSIX_FD,
+                    0,
+                );
+                (vmm.release)(handle);
+                exported
+            } else {
+                rc
+            }
+        };
+        if rc != driver::SUCCESS || fd < 0 {
+            log::info!(
+                "GPU memory {base:#x}+{size}: VMM chunk {:#x}+{} cannot be shared by file \
+                 descriptor ({}; it must be created with CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR); \
+                 peers on this host will stage it through TCP",
+                p.base,
+                p.size,
+                driver.describe(rc)
+            );
+            return None; // the descriptors so far are closed with `shared`
+        }
+        // SAFETY: a fresh descriptor the driver gave us to own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Not inherited by programs the application runs.
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        chunks.push(VmmPiece {
+            base: p.base,
+            size: p.size,
+            fd: fd.as_raw_fd(),
+        });
+        shared.fds.push(fd);
+    }
+    shared.export = Arc::new(VmmExport { pieces: chunks });
+    Some(shared)
 }
 
 /// The IPC handle of allocation `piece`, or `None` (with a line saying
 /// why) when the driver gives none: peers then stage through TCP.
 fn export(driver: &Driver, context: usize, piece: &DevicePiece) -> Option<IpcExport> {
-    if std::env::var(IPC_ENV).is_ok_and(|v| v == "0") {
-        log::info!(
-            "GPU allocation {:#x}+{}: CUDA IPC disabled ({IPC_ENV}=0); peers on this host will \
-             stage it through TCP",
-            piece.base,
-            piece.size
-        );
+    if ipc_disabled(piece.base, piece.size) {
         return None;
     }
     let ipc = driver.ipc.as_ref()?;
@@ -230,15 +315,29 @@ fn export(driver: &Driver, context: usize, piece: &DevicePiece) -> Option<IpcExp
     })
 }
 
-/// Another process's GPU allocation mapped into ours by CUDA IPC; the
-/// mapping is closed when this is dropped.
+/// Another process's GPU memory mapped into ours: one `cuMemAlloc`
+/// allocation by its legacy IPC handle, or VMM chunks by their file
+/// descriptors. The mapping is closed when this is dropped.
 pub struct Imported {
     driver: &'static Driver,
     context: usize,
-    /// Where the allocation's first byte is mapped here.
-    pub ptr: u64,
-    /// What was mapped.
-    pub export: IpcExport,
+    /// Where the peer's address `base` is mapped here.
+    ptr: u64,
+    /// The first address of the peer's memory that is mapped.
+    base: u64,
+    kind: Mapping,
+}
+
+enum Mapping {
+    /// By `cuIpcOpenMemHandle`.
+    Legacy(IpcExport),
+    /// By `cuMemImportFromShareableHandle`: a reservation of `size` bytes at
+    /// `ptr`, the imported handles and the ranges mapped so far.
+    Vmm {
+        size: u64,
+        handles: Vec<driver::MemHandle>,
+        mapped: Vec<(u64, u64)>,
+    },
 }
 
 impl Imported {
@@ -276,24 +375,160 @@ impl Imported {
             driver,
             context,
             ptr,
-            export: *ipc,
+            base: ipc.base,
+            kind: Mapping::Legacy(*ipc),
         })
+    }
+
+    /// Maps the peer's VMM chunks `export` (adjacent, as in the peer) into
+    /// one reservation of ours, readable and writable by device `ordinal`,
+    /// with `context` current. `take_fd` gives us our own descriptor for a
+    /// descriptor number of the peer (closed once imported).
+    ///
+    /// # Errors
+    /// [`Error::NotSupported`] without a driver or its VMM entry points, or
+    /// when a descriptor cannot be taken or the driver refuses a step.
+    pub fn open_vmm(
+        context: usize,
+        ordinal: i32,
+        export: &VmmExport,
+        take_fd: impl Fn(i32) -> Result<OwnedFd>,
+    ) -> Result<Imported> {
+        let driver = driver()?;
+        let vmm = driver.vmm.as_ref().ok_or_else(|| {
+            Error::NotSupported("the CUDA driver has no VMM sharing entry points".into())
+        })?;
+        let _current = context::Current::enter(driver, context)?;
+        let (base, size) = (export.base(), export.size());
+        let refused = |what: &str, rc| {
+            Error::NotSupported(format!(
+                "cannot map the peer's VMM memory {base:#x}+{size}: {what}: {}",
+                driver.describe(rc)
+            ))
+        };
+        let mut ptr = 0;
+        // SAFETY: the out-pointer is a live local; size, alignment (0: the
+        // default), no fixed address and no flags are plain values.
+        let rc = unsafe { (vmm.reserve)(&mut ptr, size as usize, 0, 0, 0) };
+        if rc != driver::SUCCESS {
+            return Err(refused("cuMemAddressReserve", rc));
+        }
+        // From here on, dropping `mapping` undoes what was done.
+        let mut mapping = Imported {
+            driver,
+            context,
+            ptr,
+            base,
+            kind: Mapping::Vmm {
+                size,
+                handles: Vec::with_capacity(export.pieces.len()),
+                mapped: Vec::with_capacity(export.pieces.len()),
+            },
+        };
+        let Mapping::Vmm {
+            handles, mapped, ..
+        } = &mut mapping.kind
+        else {
+            unreachable!("made as VMM above")
+        };
+        for p in &export.pieces {
+            let fd = take_fd(p.fd)?;
+            let mut handle = 0;
+            // SAFETY: the out-pointer is a live local; the descriptor is ours
+            // and open (the driver takes its own reference to the memory).
+            let rc = unsafe {
+                (vmm.import)(
+                    &mut handle,
+                    fd.as_raw_fd() as isize as *mut c_void,
+                    driver::HANDLE_TYPE_POSIX_FD,
+                )
+            };
+            drop(fd);
+            if rc != driver::SUCCESS {
+                return Err(refused("cuMemImportFromShareableHandle", rc));
+            }
+            handles.push(handle);
+            let at = ptr + (p.base - base);
+            // SAFETY: `[at, at + p.size)` lies in our reservation (the chunks
+            // are adjacent and sum to its size); the handle was just imported.
+            let rc = unsafe { (vmm.map)(at, p.size as usize, 0, handle, 0) };
+            if rc != driver::SUCCESS {
+                return Err(refused("cuMemMap", rc));
+            }
+            mapped.push((at, p.size));
+        }
+        let access = driver::AccessDesc {
+            location_type: driver::LOCATION_TYPE_DEVICE,
+            location_id: ordinal,
+            flags: driver::ACCESS_READWRITE,
+        };
+        // SAFETY: the whole reservation is mapped; one live descriptor.
+        let rc = unsafe { (vmm.set_access)(ptr, size as usize, &access, 1) };
+        if rc != driver::SUCCESS {
+            return Err(refused("cuMemSetAccess", rc));
+        }
+        Ok(mapping)
+    }
+
+    /// Where the peer's address `addr` (inside the mapped memory) is here.
+    pub fn local(&self, addr: u64) -> u64 {
+        self.ptr + (addr - self.base)
+    }
+
+    /// True when this maps the allocation of legacy handle `ipc`.
+    pub fn maps(&self, ipc: &IpcExport) -> bool {
+        matches!(&self.kind, Mapping::Legacy(m) if m == ipc)
     }
 }
 
 impl Drop for Imported {
     fn drop(&mut self) {
-        let Some(api) = self.driver.ipc.as_ref() else {
-            return;
-        };
         let Ok(_current) = context::Current::enter(self.driver, self.context) else {
             return;
         };
-        // SAFETY: our own mapping, closed once; no copy of ours uses it any
-        // more (every copy is waited for before its lane is released).
-        let rc = unsafe { (api.close_mem_handle)(self.ptr) };
-        if rc != driver::SUCCESS {
-            log::warn!("cuIpcCloseMemHandle failed: {}", self.driver.describe(rc));
+        // No copy of ours uses the mapping any more: every copy is waited
+        // for before its lane is released.
+        match &self.kind {
+            Mapping::Legacy(_) => {
+                let Some(api) = self.driver.ipc.as_ref() else {
+                    return;
+                };
+                // SAFETY: our own mapping, closed once.
+                let rc = unsafe { (api.close_mem_handle)(self.ptr) };
+                if rc != driver::SUCCESS {
+                    log::warn!("cuIpcCloseMemHandle failed: {}", self.driver.describe(rc));
+                }
+            }
+            Mapping::Vmm {
+                size,
+                handles,
+                mapped,
+            } => {
+                let Some(vmm) = self.driver.vmm.as_ref() else {
+                    return;
+                };
+                // SAFETY: our own ranges, handles and reservation, each undone
+                // once, in the reverse order of their making.
+                let failed = unsafe {
+                    // Every step is tried, whatever failed before it.
+                    let unmap_failures = mapped
+                        .iter()
+                        .filter(|&&(at, len)| (vmm.unmap)(at, len as usize) != driver::SUCCESS)
+                        .count();
+                    let release_failures = handles
+                        .iter()
+                        .filter(|&&h| (vmm.release)(h) != driver::SUCCESS)
+                        .count();
+                    let freed = (vmm.free)(self.ptr, *size as usize) == driver::SUCCESS;
+                    unmap_failures + release_failures > 0 || !freed
+                };
+                if failed {
+                    log::warn!(
+                        "unmapping a peer's VMM memory at {:#x}+{size} failed in part",
+                        self.ptr
+                    );
+                }
+            }
         }
     }
 }

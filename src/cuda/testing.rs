@@ -11,7 +11,18 @@ use std::sync::OnceLock;
 
 use parking_lot::{Mutex, MutexGuard};
 
-use super::driver::{CuDevice, CuDevicePtr, CuResult, Handle};
+use super::driver::{self as api, CuDevice, CuDevicePtr, CuResult, Handle, MemHandle};
+
+/// `CUmemAllocationProp` (32 bytes), for `cuMemCreate`.
+#[repr(C)]
+struct AllocProp {
+    kind: c_int,
+    handle_types: c_int,
+    location_type: c_int,
+    location_id: c_int,
+    win32: *mut c_void,
+    flags: [u8; 8],
+}
 
 /// The fake driver's calls used by tests.
 pub struct FakeGpu {
@@ -26,6 +37,8 @@ pub struct FakeGpu {
     copies: unsafe extern "C" fn() -> u64,
     pending_copies: unsafe extern "C" fn() -> u64,
     live_streams: unsafe extern "C" fn() -> u64,
+    live_vmm_imports: unsafe extern "C" fn() -> u64,
+    mem_create: unsafe extern "C" fn(*mut MemHandle, usize, *const AllocProp, u64) -> CuResult,
     /// Serialises tests that change the fake's global knobs (delay, pause).
     exclusive: Mutex<()>,
     _lib: libloading::Library,
@@ -64,6 +77,8 @@ pub fn fake() -> &'static FakeGpu {
             copies: sym!("fake_cuda_copies"),
             pending_copies: sym!("fake_cuda_pending_copies"),
             live_streams: sym!("fake_cuda_live_streams"),
+            live_vmm_imports: sym!("fake_cuda_live_vmm_imports"),
+            mem_create: sym!("cuMemCreate"),
             exclusive: Mutex::new(()),
             _lib: lib,
         }
@@ -103,6 +118,67 @@ impl FakeGpu {
         // SAFETY: the out-pointer is a live local; a context is current.
         ok(unsafe { (self.mem_alloc)(&mut ptr, len) }, "cuMemAlloc_v2");
         DeviceBuffer { ptr, len }
+    }
+
+    /// Allocates `chunks` VMM chunks of `chunk` bytes each (a multiple of
+    /// 2 MiB) on device `ordinal`, mapped side by side and accessible by
+    /// that device; `shareable`: created with the POSIX file descriptor
+    /// handle type (so they can be exported).
+    pub fn alloc_vmm(
+        &self,
+        ordinal: i32,
+        chunk: usize,
+        chunks: usize,
+        shareable: bool,
+    ) -> VmmBuffer {
+        self.enter(ordinal);
+        let vmm = super::driver()
+            .expect("the fake")
+            .vmm
+            .as_ref()
+            .expect("VMM calls");
+        let prop = AllocProp {
+            kind: 1, // CU_MEM_ALLOCATION_TYPE_PINNED
+            handle_types: if shareable {
+                api::HANDLE_TYPE_POSIX_FD
+            } else {
+                0
+            },
+            location_type: api::LOCATION_TYPE_DEVICE,
+            location_id: ordinal,
+            win32: std::ptr::null_mut(),
+            flags: [0; 8],
+        };
+        let len = chunk * chunks;
+        let mut ptr = 0;
+        // SAFETY: live out-pointers and property struct; the calls make,
+        // map and open our own fresh memory.
+        unsafe {
+            ok((vmm.reserve)(&mut ptr, len, 0, 0, 0), "cuMemAddressReserve");
+            for i in 0..chunks {
+                let mut h = 0;
+                ok((self.mem_create)(&mut h, chunk, &prop, 0), "cuMemCreate");
+                ok(
+                    (vmm.map)(ptr + (i * chunk) as u64, chunk, 0, h, 0),
+                    "cuMemMap",
+                );
+                ok((vmm.release)(h), "cuMemRelease"); // the mapping holds it
+            }
+            let access = api::AccessDesc {
+                location_type: api::LOCATION_TYPE_DEVICE,
+                location_id: ordinal,
+                flags: api::ACCESS_READWRITE,
+            };
+            ok((vmm.set_access)(ptr, len, &access, 1), "cuMemSetAccess");
+        }
+        VmmBuffer { ptr, len }
+    }
+
+    /// Mappings of VMM chunks imported from another process (or from a
+    /// descriptor of ours) alive now.
+    pub fn live_vmm_imports(&self) -> u64 {
+        // SAFETY: a plain getter of the fake.
+        unsafe { (self.live_vmm_imports)() }
     }
 
     fn shadow_of(&self, ptr: u64, len: usize) -> *mut u8 {
@@ -179,6 +255,29 @@ pub struct DeviceBuffer {
     pub ptr: u64,
     /// Its length.
     pub len: usize,
+}
+
+/// VMM chunks of the fake mapped side by side; unmapped and freed on drop.
+pub struct VmmBuffer {
+    /// The device address of the first chunk.
+    pub ptr: u64,
+    /// The length of all chunks.
+    pub len: usize,
+}
+
+impl Drop for VmmBuffer {
+    fn drop(&mut self) {
+        let vmm = super::driver()
+            .expect("the fake")
+            .vmm
+            .as_ref()
+            .expect("VMM calls");
+        // SAFETY: our own mappings and reservation, undone once.
+        unsafe {
+            ok((vmm.unmap)(self.ptr, self.len), "cuMemUnmap");
+            ok((vmm.free)(self.ptr, self.len), "cuMemAddressFree");
+        }
+    }
 }
 
 impl Drop for DeviceBuffer {

@@ -28,6 +28,18 @@ const ENVELOPE_RDMA: Envelope = Envelope {
     kind: "region public data",
 };
 
+/// Version 4: the fields of version 1, then a [`VmmExport`]. Written only
+/// for GPU memory in VMM chunks that can be shared by file descriptor.
+const ENVELOPE_VMM: Envelope = Envelope {
+    magic: b"MCrg",
+    version: 4,
+    kind: "region public data",
+};
+
+/// Most VMM chunks a region shared by file descriptors may span (each is an
+/// open file descriptor in the owner's process while registered).
+pub const MAX_VMM_PIECES: usize = 1024;
+
 /// Most pieces one region may be registered in on one NIC.
 pub const MAX_RDMA_PIECES: usize = 4096;
 
@@ -73,6 +85,39 @@ pub struct IpcExport {
     pub handle: [u64; 8],
 }
 
+/// One VMM chunk of a GPU region shared by file descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPiece {
+    /// Where the chunk is mapped in the owner's process.
+    pub base: u64,
+    /// Its mapped size.
+    pub size: u64,
+    /// The owner's file descriptor of the chunk's allocation
+    /// (`cuMemExportToShareableHandle`, POSIX file descriptor), open while
+    /// the region is registered; a peer takes it with `pidfd_getfd`.
+    pub fd: i32,
+}
+
+/// How a process on the same host can map a GPU region of ours made of VMM
+/// chunks: adjacent chunks, in address order, covering the region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmExport {
+    /// The chunks.
+    pub pieces: Vec<VmmPiece>,
+}
+
+impl VmmExport {
+    /// Where the first chunk starts in the owner's process.
+    pub fn base(&self) -> u64 {
+        self.pieces.first().map_or(0, |p| p.base)
+    }
+
+    /// The bytes the chunks span.
+    pub fn size(&self) -> u64 {
+        self.pieces.iter().map(|p| p.size).sum()
+    }
+}
+
 /// What a peer needs to address one of our registered regions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegionPublic {
@@ -94,15 +139,19 @@ pub struct RegionPublic {
     /// For a region registered on RDMA NICs: its keys there.
     #[serde(skip)]
     pub rdma: Option<std::sync::Arc<RdmaKeys>>,
+    /// For GPU memory in VMM chunks shareable on this host: the chunks.
+    #[serde(skip)]
+    pub vmm: Option<std::sync::Arc<VmmExport>>,
 }
 
 impl RegionPublic {
     /// Encodes into the blob NIXL carries.
     pub fn encode(&self) -> Vec<u8> {
-        match (&self.ipc, &self.rdma) {
-            (Some(ipc), _) => ENVELOPE_IPC.encode(&(self, ipc)),
-            (None, Some(keys)) => ENVELOPE_RDMA.encode(&(self, &**keys)),
-            (None, None) => ENVELOPE.encode(self),
+        match (&self.ipc, &self.vmm, &self.rdma) {
+            (Some(ipc), _, _) => ENVELOPE_IPC.encode(&(self, ipc)),
+            (None, Some(vmm), _) => ENVELOPE_VMM.encode(&(self, &**vmm)),
+            (None, None, Some(keys)) => ENVELOPE_RDMA.encode(&(self, &**keys)),
+            (None, None, None) => ENVELOPE.encode(self),
         }
     }
 
@@ -127,6 +176,14 @@ impl RegionPublic {
                 }
                 RegionPublic {
                     ipc: Some(ipc),
+                    ..region
+                }
+            }
+            Some(&v) if v == ENVELOPE_VMM.version => {
+                let (region, vmm): (RegionPublic, VmmExport) = ENVELOPE_VMM.decode(blob)?;
+                check_vmm(&region, &vmm)?;
+                RegionPublic {
+                    vmm: Some(std::sync::Arc::new(vmm)),
                     ..region
                 }
             }
@@ -156,6 +213,45 @@ impl RegionPublic {
     pub fn contains(&self, addr: u64, len: u64) -> bool {
         range_within(self.addr, self.len, addr, len)
     }
+}
+
+/// Checks that `vmm` is 1 to [`MAX_VMM_PIECES`] adjacent chunks, none
+/// empty, with file descriptors, that together contain `region`.
+fn check_vmm(region: &RegionPublic, vmm: &VmmExport) -> Result<(), WireError> {
+    let bad = |why: String| {
+        Err(WireError::Body {
+            kind: ENVELOPE.kind,
+            why,
+        })
+    };
+    if vmm.pieces.is_empty() || vmm.pieces.len() > MAX_VMM_PIECES {
+        return bad(format!(
+            "{} VMM chunks (1..={MAX_VMM_PIECES})",
+            vmm.pieces.len()
+        ));
+    }
+    let mut end = vmm.base();
+    for p in &vmm.pieces {
+        if p.base != end || p.size == 0 || p.fd < 0 {
+            return bad(format!(
+                "VMM chunk {:#x}+{} (fd {}) does not follow the one before at {end:#x}",
+                p.base, p.size, p.fd
+            ));
+        }
+        end = match p.base.checked_add(p.size) {
+            Some(e) => e,
+            None => return bad("VMM chunks wrap around the address space".into()),
+        };
+    }
+    if !range_within(vmm.base(), end - vmm.base(), region.addr, region.len) {
+        return bad(format!(
+            "region {:#x}+{} lies outside its VMM chunks {:#x}..{end:#x}",
+            region.addr,
+            region.len,
+            vmm.base()
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that `keys` name every piece of `region` on 1 to 64 NICs.
@@ -203,6 +299,7 @@ mod tests {
         dev_id: 0,
         ipc: None,
         rdma: None,
+        vmm: None,
     };
 
     #[test]
@@ -226,7 +323,26 @@ mod tests {
             ..SAMPLE
         };
         assert_eq!(rdma.encode()[4], 3);
-        for region in [SAMPLE, gpu.clone(), rdma] {
+        let vmm = RegionPublic {
+            mem_type: 1,
+            vmm: Some(std::sync::Arc::new(VmmExport {
+                pieces: vec![
+                    VmmPiece {
+                        base: SAMPLE.addr - 4096,
+                        size: 1 << 19,
+                        fd: 17,
+                    },
+                    VmmPiece {
+                        base: SAMPLE.addr - 4096 + (1 << 19),
+                        size: 1 << 20,
+                        fd: 3,
+                    },
+                ],
+            })),
+            ..SAMPLE
+        };
+        assert_eq!(vmm.encode()[4], 4);
+        for region in [SAMPLE, gpu.clone(), rdma, vmm] {
             let blob = region.encode();
             assert_eq!(RegionPublic::decode(&blob).unwrap(), region);
             for cut in 0..blob.len() {
@@ -286,6 +402,33 @@ mod tests {
             handle: [0; 8],
         });
         assert!(RegionPublic::decode(&region.encode()).is_err());
+    }
+
+    #[test]
+    fn vmm_chunks_must_be_adjacent_and_contain_the_region() {
+        let with = |pieces: Vec<(u64, u64, i32)>| RegionPublic {
+            vmm: Some(std::sync::Arc::new(VmmExport {
+                pieces: pieces
+                    .into_iter()
+                    .map(|(base, size, fd)| VmmPiece { base, size, fd })
+                    .collect(),
+            })),
+            ..SAMPLE
+        };
+        let (a, half) = (SAMPLE.addr, SAMPLE.len / 2);
+        let ok = |p| RegionPublic::decode(&with(p).encode()).is_ok();
+        assert!(ok(vec![(a, half, 5), (a + half, half, 6)]));
+        assert!(!ok(vec![]), "no chunk");
+        assert!(!ok(vec![(a, half, 5), (a + half + 1, half, 6)]), "a gap");
+        assert!(!ok(vec![(a, half, 5)]), "too short");
+        assert!(!ok(vec![(a + 1, SAMPLE.len, 5)]), "starts after the region");
+        assert!(!ok(vec![(a, half, -1), (a + half, half, 6)]), "no fd");
+        assert!(!ok(vec![(a, 0, 5), (a, SAMPLE.len, 6)]), "an empty chunk");
+        assert!(!ok(vec![(u64::MAX - 1, 10, 5)]), "wraps");
+        let many = (0..=MAX_VMM_PIECES as u64)
+            .map(|i| (a + i * 4096, 4096, 3))
+            .collect();
+        assert!(!ok(many), "too many chunks");
     }
 
     #[test]

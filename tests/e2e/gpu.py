@@ -58,6 +58,7 @@ class Gpu:
         self._ok(self.lib.cuDeviceGetCount(ctypes.byref(n)), "cuDeviceGetCount")
         self.devices = n.value
         self.ctx = {}
+        self.vmm = {}  # base -> (size, chunk) of our VMM allocations
         log(f"CUDA driver {path}: {self.devices} device(s){' (fake)' if self.fake else ''}")
 
     @staticmethod
@@ -79,14 +80,62 @@ class Gpu:
         self._ok(self.lib.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(nbytes)), "cuMemAlloc_v2")
         return p.value
 
+    def alloc_vmm(self, dev: int, nbytes: int, shareable: bool, chunk: int = 2 * MiB) -> int:
+        """`nbytes` (rounded up to chunks) of VMM memory of device `dev`: chunks
+        of `chunk` bytes made by cuMemCreate (with the POSIX file descriptor
+        handle type when `shareable`), mapped side by side in one reservation."""
+
+        class Prop(ctypes.Structure):  # CUmemAllocationProp
+            _fields_ = [("type", ctypes.c_int), ("handle_types", ctypes.c_int),
+                        ("loc_type", ctypes.c_int), ("loc_id", ctypes.c_int),
+                        ("win32", ctypes.c_void_p), ("flags", ctypes.c_uint8 * 8)]
+
+        class Access(ctypes.Structure):  # CUmemAccessDesc
+            _fields_ = [("loc_type", ctypes.c_int), ("loc_id", ctypes.c_int),
+                        ("flags", ctypes.c_int)]
+
+        self.enter(dev)
+        n = (nbytes + chunk - 1) // chunk * chunk
+        ptr = ctypes.c_uint64()
+        self._ok(self.lib.cuMemAddressReserve(ctypes.byref(ptr), ctypes.c_size_t(n),
+                                              ctypes.c_size_t(0), ctypes.c_uint64(0),
+                                              ctypes.c_ulonglong(0)), "cuMemAddressReserve")
+        prop = Prop(1, 1 if shareable else 0, 1, dev, None)
+        for i in range(n // chunk):
+            h = ctypes.c_uint64()
+            self._ok(self.lib.cuMemCreate(ctypes.byref(h), ctypes.c_size_t(chunk),
+                                          ctypes.byref(prop), ctypes.c_ulonglong(0)), "cuMemCreate")
+            self._ok(self.lib.cuMemMap(ctypes.c_uint64(ptr.value + i * chunk),
+                                       ctypes.c_size_t(chunk), ctypes.c_size_t(0), h,
+                                       ctypes.c_ulonglong(0)), "cuMemMap")
+            self._ok(self.lib.cuMemRelease(h), "cuMemRelease")  # the mapping holds it
+        access = Access(1, dev, 3)  # device `dev`, read and write
+        self._ok(self.lib.cuMemSetAccess(ctypes.c_uint64(ptr.value), ctypes.c_size_t(n),
+                                         ctypes.byref(access), ctypes.c_size_t(1)),
+                 "cuMemSetAccess")
+        self.vmm[ptr.value] = (n, chunk)
+        return ptr.value
+
+    def _spans(self, ptr: int, nbytes: int):
+        """(address, offset, length) pieces of [ptr, ptr+nbytes) that do not
+        cross a VMM chunk (the fake's CPU view is per chunk)."""
+        chunk = next((c for base, (size, c) in self.vmm.items() if base <= ptr < base + size),
+                     None)
+        off = 0
+        while off < nbytes:
+            n = nbytes - off if chunk is None else min(nbytes - off, chunk - (ptr + off) % chunk)
+            yield ptr + off, off, n
+            off += n
+
     def free(self, ptr: int) -> None:
         self._ok(self.lib.cuMemFree_v2(ctypes.c_uint64(ptr)), "cuMemFree_v2")
 
     def write(self, ptr: int, data: np.ndarray) -> None:
         if self.fake:
-            view = np.ctypeslib.as_array((ctypes.c_uint8 * data.nbytes).from_address(
-                self.lib.fake_cuda_shadow(ctypes.c_uint64(ptr))))
-            view[:] = data
+            for p, off, n in self._spans(ptr, data.nbytes):
+                view = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(
+                    self.lib.fake_cuda_shadow(ctypes.c_uint64(p))))
+                view[:] = data[off:off + n]
         else:
             self._ok(self.lib.cuMemcpyHtoD_v2(ctypes.c_uint64(ptr), ctypes.c_void_p(S.addr(data)),
                                               ctypes.c_size_t(data.nbytes)), "cuMemcpyHtoD_v2")
@@ -94,9 +143,10 @@ class Gpu:
     def read(self, ptr: int, nbytes: int) -> np.ndarray:
         out = np.empty(nbytes, dtype=np.uint8)
         if self.fake:
-            view = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(
-                self.lib.fake_cuda_shadow(ctypes.c_uint64(ptr))))
-            out[:] = view
+            for p, off, n in self._spans(ptr, nbytes):
+                view = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(
+                    self.lib.fake_cuda_shadow(ctypes.c_uint64(p))))
+                out[off:off + n] = view
         else:
             self._ok(self.lib.cuMemcpyDtoH_v2(ctypes.c_void_p(S.addr(out)), ctypes.c_uint64(ptr),
                                               ctypes.c_size_t(nbytes)), "cuMemcpyDtoH_v2")
@@ -105,6 +155,10 @@ class Gpu:
     def ipc_imports(self) -> Optional[int]:
         """Live CUDA IPC mappings in this process (fake only; None on a real driver)."""
         return int(self.lib.fake_cuda_live_ipc_imports()) if self.fake else None
+
+    def vmm_imports(self) -> Optional[int]:
+        """Live mappings of imported VMM chunks in this process (fake only)."""
+        return int(self.lib.fake_cuda_live_vmm_imports()) if self.fake else None
 
     def set_copy_delay_us(self, us: int) -> None:
         """Make each asynchronous copy take `us` longer (fake only)."""
@@ -392,7 +446,10 @@ def xp_target(args) -> None:
     dev = 1 % gpu.devices
     t = S.new_agent_with("gpu-target", args.protocol)
     size = args.size
-    bufs = {name: gpu.alloc(dev, size) for name in ("wbuf", "rbuf")}
+    if args.vmm == "none":
+        bufs = {name: gpu.alloc(dev, size) for name in ("wbuf", "rbuf")}
+    else:
+        bufs = {name: gpu.alloc_vmm(dev, size, args.vmm == "shared") for name in ("wbuf", "rbuf")}
     gpu.write(bufs["wbuf"], np.zeros(size, dtype=np.uint8))
     rdata = S.fast_pattern(size, 60)
     gpu.write(bufs["rbuf"], rdata)
@@ -436,9 +493,9 @@ def xp_target(args) -> None:
             chan.send(ok=False, error=f"{type(e).__name__}: {e}")
 
 
-def spawn_target(protocol: str, size: int, env: Optional[dict] = None):
+def spawn_target(protocol: str, size: int, env: Optional[dict] = None, vmm: str = "none"):
     cmd = [sys.executable, os.path.abspath(__file__), "_xp_gpu_target",
-           "--protocol", protocol, "--size", str(size)]
+           "--protocol", protocol, "--size", str(size), "--vmm", vmm]
     child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env={**os.environ, **(env or {})})
     return child, S.Channel(child.stdout, child.stdin)
@@ -452,7 +509,8 @@ def case_xp(args) -> None:
     size = args.size_mib * MiB
     # With --no-ipc the target publishes no IPC handle.
     child, chan = spawn_target(args.protocol, size,
-                               {"NIXL_MOONCAKE_CUDA_IPC": "0"} if args.no_ipc else None)
+                               {"NIXL_MOONCAKE_CUDA_IPC": "0"} if args.no_ipc else None,
+                               args.vmm)
     try:
         hello = chan.recv()
         a = S.new_agent_with("gpu-initiator", args.protocol)
@@ -578,12 +636,16 @@ def case_xp(args) -> None:
             except Exception as e:
                 assert S.is_nixl_error(e), repr(e)
         check("after the deregistration", [], "wbuf", before)
-        imports = gpu.ipc_imports()
-        log(f"CUDA IPC mappings of the target's memory in this process: {imports}")
+        imports, vmm_imports = gpu.ipc_imports(), gpu.vmm_imports()
+        log(f"mappings of the target's memory in this process: CUDA IPC {imports}, "
+            f"VMM chunks {vmm_imports}")
         if imports is not None:
-            # auto on one host maps the target's GPU memory (CUDA IPC);
-            # tcp never does (staging).
-            assert (imports > 0) == (args.protocol == "auto" and not args.no_ipc), imports
+            # auto on one host maps the target's GPU memory (CUDA IPC: legacy
+            # handles for cuMemAlloc memory, file descriptors for shareable
+            # VMM chunks); tcp never does (staging), nor auto without handles.
+            mapped = args.protocol == "auto" and not args.no_ipc and args.vmm != "private"
+            assert (imports > 0) == (mapped and args.vmm == "none"), imports
+            assert (vmm_imports > 0) == (mapped and args.vmm == "shared"), vmm_imports
         chan.send(cmd="quit")
         rc = child.wait(timeout=S.OP_TIMEOUT)
         assert rc == 0, f"target process exited with {rc}"
@@ -691,6 +753,9 @@ def main() -> None:
     s.add_argument("--blocks", type=int, default=20000)
     s.add_argument("--no-ipc", action="store_true",
                    help="the target publishes no CUDA IPC handle (NIXL_MOONCAKE_CUDA_IPC=0)")
+    s.add_argument("--vmm", choices=["none", "shared", "private"], default="none",
+                   help="the target's memory: cuMemAlloc, or VMM chunks of 2 MiB made with "
+                        "(shared) or without (private) the POSIX file descriptor handle type")
     s.set_defaults(fn=case_xp)
     s = sub.add_parser("xp_kill")
     s.add_argument("--protocol", choices=["auto", "tcp"], default="tcp")
@@ -698,6 +763,7 @@ def main() -> None:
     s = sub.add_parser("_xp_gpu_target")
     s.add_argument("--protocol", default="tcp")
     s.add_argument("--size", type=int, required=True)
+    s.add_argument("--vmm", choices=["none", "shared", "private"], default="none")
     s.set_defaults(fn=xp_target)
     args = p.parse_args()
     args.fn(args)

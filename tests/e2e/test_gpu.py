@@ -77,6 +77,21 @@ def test_two_processes_vram_without_ipc_handles_is_staged_over_tcp(runner, fake_
 
 
 @pytest.mark.parametrize("protocol", ["tcp", "auto"])
+def test_two_processes_vram_in_vmm_chunks(runner, fake_cuda, protocol):
+    # The target's memory is 16 VMM chunks of 2 MiB made with the POSIX file
+    # descriptor handle type: under auto the initiator takes the descriptors,
+    # imports and maps the chunks (the case checks the fake's count of such
+    # mappings); transfers cross chunk boundaries; a deregistered region is
+    # refused.
+    run_case(runner, "xp", "--protocol", protocol, "--vmm", "shared", env=fake_cuda)
+
+
+def test_two_processes_vmm_chunks_without_the_descriptor_type_are_staged(runner, fake_cuda):
+    text = run_case(runner, "xp", "--protocol", "auto", "--vmm", "private", env=fake_cuda)
+    assert "staging it through TCP instead" in text, text
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "auto"])
 def test_sigkill_of_the_target_during_a_vram_read_then_a_new_target(runner, fake_cuda, protocol):
     text = run_case(runner, "xp_kill", "--protocol", protocol, env=fake_cuda)
     assert "after SIGKILL of the target the READ ended as nixl" in text, text

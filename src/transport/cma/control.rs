@@ -127,33 +127,8 @@ impl ControlPage {
         fd: i32,
         token: u128,
     ) -> std::result::Result<ControlPage, String> {
-        let taken = pidfd
-            .map(|p| {
-                // SAFETY: pidfd_getfd takes a pidfd, an fd number of that
-                // process and flags; it returns a new fd of ours or -1.
-                let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, p, fd, 0) };
-                if raw < 0 {
-                    Err(std::io::Error::last_os_error())
-                } else {
-                    // SAFETY: a fresh fd that we now own.
-                    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
-                }
-            })
-            .unwrap_or_else(|| Err(std::io::Error::from_raw_os_error(libc::ENOSYS)));
-        let ours = match taken {
-            Ok(fd) => fd,
-            Err(first) => std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(format!("/proc/{pid}/fd/{fd}"))
-                .map(OwnedFd::from)
-                .map_err(|e| {
-                    format!(
-                        "cannot take its control page (fd {fd} of pid {pid}): pidfd_getfd: \
-                         {first}; /proc: {e}"
-                    )
-                })?,
-        };
+        let ours =
+            take_fd(pidfd, pid, fd).map_err(|e| format!("cannot take its control page: {e}"))?;
         // SAFETY: fstat fills the struct for an fd we own.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
@@ -346,6 +321,37 @@ fn process_alive(pid: libc::pid_t) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let rc = unsafe { libc::kill(pid, 0) };
     rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Our own descriptor for descriptor `fd` of process `pid`, with the right
+/// the cross-memory attach probe checks: `pidfd_getfd` on `pidfd` (when the
+/// kernel has pidfds), else opening `/proc/<pid>/fd/<fd>`.
+///
+/// # Errors
+/// A sentence saying why neither worked.
+pub fn take_fd(pidfd: Option<RawFd>, pid: u32, fd: i32) -> std::result::Result<OwnedFd, String> {
+    let taken = pidfd
+        .map(|p| {
+            // SAFETY: pidfd_getfd takes a pidfd, an fd number of that
+            // process and flags; it returns a new fd of ours or -1.
+            let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, p, fd, 0) };
+            if raw < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                // SAFETY: a fresh fd that we now own.
+                Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+            }
+        })
+        .unwrap_or_else(|| Err(std::io::Error::from_raw_os_error(libc::ENOSYS)));
+    match taken {
+        Ok(fd) => Ok(fd),
+        Err(first) => std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/fd/{fd}"))
+            .map(OwnedFd::from)
+            .map_err(|e| format!("fd {fd} of pid {pid}: pidfd_getfd: {first}; /proc: {e}")),
+    }
 }
 
 #[cfg(test)]

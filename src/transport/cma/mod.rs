@@ -318,6 +318,33 @@ impl CmaPeer {
         })
     }
 
+    /// Our own descriptor for the peer's descriptor `fd` (the same right to
+    /// the process the probe checked). Callers hold a lane of the region
+    /// the descriptor belongs to, so that it stays open meanwhile.
+    ///
+    /// # Errors
+    /// [`Error::NotSupported`] saying why it cannot be taken (the peer
+    /// exited, or no right).
+    pub fn take_fd(&self, fd: i32) -> Result<OwnedFd> {
+        if !self.alive() {
+            return Err(Error::RemoteDisconnect(format!(
+                "agent {} (pid {}) is gone",
+                self.name, self.pid
+            )));
+        }
+        control::take_fd(
+            self.pidfd.as_ref().map(AsRawFd::as_raw_fd),
+            self.pid as u32,
+            fd,
+        )
+        .map_err(|why| {
+            Error::NotSupported(format!(
+                "cannot take agent {}'s descriptor: {why}",
+                self.name
+            ))
+        })
+    }
+
     /// False once the probed process exited (its pid may then be reused by
     /// an unrelated process, which we must never touch).
     pub fn alive(&self) -> bool {

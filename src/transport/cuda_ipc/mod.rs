@@ -1,7 +1,11 @@
-//! Same host, GPU memory: CUDA IPC. The peer's GPU allocation is mapped
-//! into this process (`cuIpcOpenMemHandle`, from the handle its region's
-//! public data carries) and bytes move with device copies on our streams,
-//! as in one process.
+//! Same host, GPU memory: CUDA IPC. The peer's GPU memory is mapped into
+//! this process and bytes move with device copies on our streams, as in one
+//! process: a `cuMemAlloc` allocation by the legacy IPC handle its region's
+//! public data carries (`cuIpcOpenMemHandle`), VMM chunks by the POSIX file
+//! descriptors the peer exported (numbers in its public data), which we
+//! take from its process (`pidfd_getfd`) while holding a lane of the region,
+//! import (`cuMemImportFromShareableHandle`) and map side by side in one
+//! reservation of ours.
 //!
 //! It rides on cross-memory attach's standing with the peer: the same probe
 //! proved we may reach the peer's memory (the driver needs the same right to
@@ -11,11 +15,12 @@
 //! none starts after it. Notifications ride the peer's TCP link, sent after
 //! the last device copy completed.
 //!
-//! A plan whose remote GPU memory has no IPC handle (VMM memory, a driver
-//! without IPC) goes to the TCP link instead, staged, with one log line.
-//! Mappings are cached per allocation and closed when the route goes (the
-//! peer removed or disconnected) or the peer is seen dead (a job in flight
-//! keeps the mappings it uses until it ends).
+//! A plan whose remote GPU memory has neither (VMM chunks made without the
+//! POSIX descriptor handle type, a driver without IPC) goes to the TCP link
+//! instead, staged, with one log line. Mappings are cached per allocation
+//! (legacy) or per region (VMM) and closed when the route goes (the peer
+//! removed or disconnected), the peer is seen dead, or the region is found
+//! deregistered (a job in flight keeps the mappings it uses until it ends).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -35,15 +40,24 @@ const STEP_BYTES: u64 = 16 << 20;
 /// Most copies one step queues before waiting for the device.
 const STEP_COPIES: usize = 4096;
 
-/// Mappings of a peer's allocations, by (buffer id, our context).
-type Imports = Arc<Mutex<HashMap<(u64, usize), Arc<Imported>>>>;
+/// What a mapping is cached by (with our context).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Mapped {
+    /// A legacy IPC allocation, by the driver's buffer id.
+    Allocation(u64),
+    /// The VMM chunks of a region, by its access key.
+    Region(u64),
+}
+
+/// Mappings of a peer's GPU memory, by what they map and our context.
+type Imports = Arc<Mutex<HashMap<(Mapped, usize), Arc<Imported>>>>;
 
 /// A route to a same-host peer's GPU memory by CUDA IPC.
 pub struct IpcRoute {
     peer: Arc<CmaPeer>,
     /// The peer's TCP link: notifications, and plans IPC cannot serve.
     control: Arc<dyn Route>,
-    /// Mappings of the peer's allocations, by (buffer id, our context).
+    /// Mappings of the peer's GPU memory, by what they map and our context.
     imports: Imports,
     /// Whether plans IPC cannot serve may be staged through `control`
     /// (not under `protocol=cma`, which asks for same-host paths only).
@@ -65,47 +79,66 @@ impl IpcRoute {
         }
     }
 
-    /// The context our copies of `plan` run in: the first local GPU
-    /// region's, else the primary context of the remote device's ordinal
-    /// (or device 0 when we have no such device).
-    fn context(plan: &Plan) -> Result<usize> {
+    /// The context our copies of `plan` run in, and its device: the first
+    /// local GPU region's, else the primary context of the remote device's
+    /// ordinal (or device 0 when we have no such device).
+    fn context(plan: &Plan) -> Result<(usize, i32)> {
         if let Some(d) = plan.local_regions.iter().find_map(|r| r.device.as_ref()) {
-            return Ok(d.context);
+            return Ok((d.context, d.ordinal));
         }
         let ordinal = plan
             .remote_regions
             .iter()
-            .find(|r| r.ipc.is_some())
+            .find(|r| r.ipc.is_some() || r.vmm.is_some())
             .map_or(0, |r| i32::try_from(r.dev_id).unwrap_or(0));
-        cuda::primary_context(ordinal).or_else(|_| cuda::primary_context(0))
+        match cuda::primary_context(ordinal) {
+            Ok(c) => Ok((c, ordinal)),
+            Err(_) => Ok((cuda::primary_context(0)?, 0)),
+        }
     }
 
     /// The mappings of every remote region of `plan` (index-aligned), or
-    /// `None` when one has no IPC handle.
-    fn imports(&self, plan: &Plan, context: usize) -> Result<Option<Vec<Option<Arc<Imported>>>>> {
+    /// `None` when one has neither an IPC handle nor shared VMM chunks.
+    fn imports(
+        &self,
+        plan: &Plan,
+        (context, ordinal): (usize, i32),
+    ) -> Result<Option<Vec<Option<Arc<Imported>>>>> {
         let mut out = Vec::with_capacity(plan.remote_regions.len());
         for r in &plan.remote_regions {
             if MemKind::from_nixl(r.mem_type, r.dev_id) == MemKind::Dram {
                 out.push(None); // only the local side of such a segment is a GPU's
                 continue;
             }
-            let Some(ipc) = r.ipc else {
-                return Ok(None);
-            };
             let mut imports = self.imports.lock();
-            // The same allocation as mapped before (a buffer id reused with
-            // another handle is mapped anew).
-            let cached = imports
-                .get(&(ipc.buffer_id, context))
-                .filter(|m| m.export == ipc)
-                .cloned();
-            let mapped = match cached {
-                Some(m) => m,
-                None => {
-                    let m = Arc::new(Imported::open(context, &ipc)?);
-                    imports.insert((ipc.buffer_id, context), m.clone());
-                    m
+            let mapped = if let Some(ipc) = r.ipc {
+                // The same allocation as mapped before (a buffer id reused
+                // with another handle is mapped anew).
+                let id = (Mapped::Allocation(ipc.buffer_id), context);
+                match imports.get(&id).filter(|m| m.maps(&ipc)) {
+                    Some(m) => m.clone(),
+                    None => {
+                        let m = Arc::new(Imported::open(context, &ipc)?);
+                        imports.insert(id, m.clone());
+                        m
+                    }
                 }
+            } else if let Some(vmm) = &r.vmm {
+                let id = (Mapped::Region(r.key), context);
+                match imports.get(&id) {
+                    Some(m) => m.clone(),
+                    None => {
+                        // The peer's descriptors stay open while we hold
+                        // the region's lane (its deregistration waits).
+                        let _lane = self.peer.enter(&[r.key])?;
+                        let take = |fd| self.peer.take_fd(fd);
+                        let m = Arc::new(Imported::open_vmm(context, ordinal, vmm, take)?);
+                        imports.insert(id, m.clone());
+                        m
+                    }
+                }
+            } else {
+                return Ok(None);
             };
             out.push(Some(mapped));
         }
@@ -120,14 +153,16 @@ impl IpcRoute {
         if !self.stage {
             return Err(Error::NotSupported(format!(
                 "GPU memory of agent {} cannot be mapped by CUDA IPC (no handle: VMM \
-                 memory, or a driver without IPC), and protocol=cma stages nothing over TCP",
+                 chunks not shared by file descriptor, or a driver without IPC), and \
+                 protocol=cma stages nothing over TCP",
                 self.peer.name()
             )));
         }
         if !self.fell_back.swap(true, Ordering::Relaxed) {
             log::warn!(
                 "Mooncake: GPU memory of agent {} cannot be mapped by CUDA IPC (no handle: \
-                 VMM memory, or a driver without IPC); staging it through TCP instead",
+                 VMM chunks not shared by file descriptor, or a driver without IPC); staging \
+                 it through TCP instead",
                 self.peer.name()
             );
         }
@@ -162,9 +197,11 @@ impl Route for IpcRoute {
                 self.peer.pid()
             )));
         }
-        let mapped = Self::context(plan).and_then(|c| Ok((c, self.imports(plan, c)?)));
+        let mapped = Self::context(plan).and_then(|c| Ok((c.0, self.imports(plan, c)?)));
         let (context, imports) = match mapped {
             Ok((context, Some(imports))) => (context, imports),
+            // Deregistered by the peer, or the peer is gone: no staging helps.
+            Err(e @ (Error::NotAllowed(_) | Error::RemoteDisconnect(_))) => return Err(e),
             Err(e) if self.stage => {
                 if !self.fell_back.swap(true, Ordering::Relaxed) {
                     log::warn!(
@@ -228,11 +265,10 @@ pub struct IpcCopy {
 
 impl IpcCopy {
     /// Where remote address `addr` of segment `s` is mapped here.
-    fn mapped(&self, plan: &Plan, s: &Segment, addr: u64) -> Result<u64> {
-        let region = &plan.remote_regions[s.remote as usize];
-        match (&self.imports[s.remote as usize], region.ipc) {
-            (Some(m), Some(ipc)) => Ok(m.ptr + (addr - ipc.base)),
-            _ => Err(Error::NotSupported(format!(
+    fn mapped(&self, s: &Segment, addr: u64) -> Result<u64> {
+        match &self.imports[s.remote as usize] {
+            Some(m) => Ok(m.local(addr)),
+            None => Err(Error::NotSupported(format!(
                 "CUDA IPC cannot reach agent {}'s host memory at {addr:#x}",
                 self.peer.name()
             ))),
@@ -265,7 +301,7 @@ impl Mover for IpcCopy {
             let len = (s.len - offset).min(STEP_BYTES - moved);
             if len > 0 {
                 let l = s.local_addr + offset;
-                let r = self.mapped(plan, s, s.remote_addr + offset)?;
+                let r = self.mapped(s, s.remote_addr + offset)?;
                 copies.push(match plan.op {
                     Op::Write => (r, l, len),
                     Op::Read => (l, r, len),
@@ -287,11 +323,13 @@ impl Mover for IpcCopy {
         let _lane = self.peer.enter(&keys).inspect_err(|e| {
             if matches!(e, Error::NotAllowed(_)) {
                 // Deregistered by the peer: forget the mappings of the
-                // regions this plan names (mapped anew if still valid).
+                // regions this plan names, in every context (mapped anew if
+                // still valid), so that none keeps the peer's memory alive.
                 let mut cache = self.cache.lock();
-                for m in self.imports.iter().flatten() {
-                    cache.retain(|_, c| !Arc::ptr_eq(c, m));
-                }
+                cache.retain(|(what, _), c| {
+                    !self.imports.iter().flatten().any(|m| Arc::ptr_eq(c, m))
+                        && !matches!(what, Mapped::Region(k) if keys.contains(k))
+                });
             }
         })?;
         let mut copier = Copier::new(cuda::driver()?, self.context)?;

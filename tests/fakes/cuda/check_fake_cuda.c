@@ -119,6 +119,7 @@ unsigned long long fake_cuda_copies(void);
 unsigned long long fake_cuda_bytes_copied(void);
 unsigned long long fake_cuda_live_allocations(void);
 unsigned long long fake_cuda_live_ipc_imports(void);
+unsigned long long fake_cuda_live_vmm_imports(void);
 unsigned long long fake_cuda_live_streams(void);
 unsigned long long fake_cuda_live_events(void);
 void *fake_cuda_shadow(unsigned long long);
@@ -940,7 +941,9 @@ static void test_vmm_local(void)
     close(fd);
     CUdeviceptr va2;
     REQ(cuMemAddressReserve(&va2, g, 0, 0, 0));
+    CHECK(fake_cuda_live_vmm_imports() == 0);
     OK(cuMemMap(va2, g, 0, hi, 0));
+    CHECK(fake_cuda_live_vmm_imports() == 1);
     OK(cuMemRelease(hi)); /* the mapping keeps it alive */
     OK(cuMemSetAccess(va2, g, &acc, 1));
     OK(cuMemcpyDtoH_v2(b, va2 + g - 100, 100));
@@ -948,6 +951,7 @@ static void test_vmm_local(void)
     OK(cuPointerGetAttribute(&id2, A_BUFFER_ID, va2));
     CHECK(id2 == id1);
     OK(cuMemUnmap(va2, g));
+    CHECK(fake_cuda_live_vmm_imports() == 0);
     OK(cuMemAddressFree(va2, g));
 
     CK(cuMemAddressFree(va, 2 * g), 1); /* still mapped */

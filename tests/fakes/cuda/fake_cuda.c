@@ -106,6 +106,7 @@
  *        registrations + VMM physical allocations (created or imported, alive
  *        while a handle or a mapping holds them) + VMM address reservations.
  *  unsigned long long fake_cuda_live_ipc_imports(void)   legacy IPC mappings
+ *  unsigned long long fake_cuda_live_vmm_imports(void)   mappings of imported VMM chunks
  *  unsigned long long fake_cuda_live_streams(void)       user-created streams
  *  unsigned long long fake_cuda_live_events(void)
  *  void *fake_cuda_shadow(unsigned long long dptr)
@@ -2797,6 +2798,17 @@ FC_API unsigned long long fake_cuda_live_ipc_imports(void)
     pthread_rwlock_rdlock(&g_rw);
     for (struct region *r = g_regions; r; r = r->next)
         n += r->kind == R_IPC;
+    pthread_rwlock_unlock(&g_rw);
+    return n;
+}
+
+/* Mappings of VMM chunks imported from a shareable handle (another process's memory). */
+FC_API unsigned long long fake_cuda_live_vmm_imports(void)
+{
+    unsigned long long n = 0;
+    pthread_rwlock_rdlock(&g_rw);
+    for (struct region *r = g_regions; r; r = r->next)
+        n += r->kind == R_VMM && r->phys && r->phys->imported;
     pthread_rwlock_unlock(&g_rw);
     return n;
 }

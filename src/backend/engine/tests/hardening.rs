@@ -871,6 +871,7 @@ fn d10_a_region_that_wraps_around_the_address_space_is_refused() {
         dev_id: 0,
         ipc: None,
         rdma: None,
+        vmm: None,
     };
     assert!(matches!(
         p.a.load_remote_md(u64::MAX - 4095, 8, 0, &wrapping.encode(), b"B"),

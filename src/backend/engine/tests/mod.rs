@@ -476,6 +476,7 @@ fn a_plan_no_route_serves_is_refused_naming_the_transport_and_the_memory_kinds()
             dev_id: 3,
             ipc: None,
             rdma: None,
+            vmm: None,
         };
         let vmd =
             p.a.load_remote_md(vram.addr, vram.len, vram.mem_type, &vram.encode(), b"B")

@@ -454,6 +454,7 @@ pub(super) fn fake_agent(
         dev_id: 0,
         ipc: None,
         rdma: None,
+        vmm: None,
     };
     let rmd = a
         .load_remote_md(0x10000, len, 0, &region.encode(), b"Fake")

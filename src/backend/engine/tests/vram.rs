@@ -521,3 +521,141 @@ fn gpu_memory_without_an_ipc_handle_is_refused_under_protocol_cma() {
     }
     same_bytes!(gpu.read(theirs.ptr, len), vec![0u8; len], "nothing moved");
 }
+
+/// Engines `a` and `b` of this process under `protocol=cma`, `a` having
+/// loaded `b`'s VMM region `theirs` (`len` bytes on device 1, `chunks`
+/// chunks, created shareable or not) and registered a DRAM buffer `ours`.
+struct VmmPair {
+    a: Engine,
+    b: Engine,
+    theirs: crate::cuda::testing::VmmBuffer,
+    their_md: MdId,
+    remote: MdId,
+    ours: Vec<u8>,
+    local: MdId,
+}
+
+fn vmm_pair(chunks: usize, shareable: bool) -> VmmPair {
+    let gpu = fake();
+    // Under protocol=cma a same-host peer's GPU memory goes by CUDA IPC
+    // only. (Two engines of this process: the probe succeeds on our own pid,
+    // and taking our own descriptors works as taking a peer's.)
+    let params = [("protocol", "cma"), ("ip_addr", "127.0.0.1")];
+    let (a, b) = connected("VA", "VB", &params);
+    let theirs = gpu.alloc_vmm(1, CHUNK, chunks, shareable);
+    let len = theirs.len;
+    let their_md = b.register_mem(theirs.ptr, len as u64, VRAM_SEG, 1).unwrap();
+    let blob = b.public_data(their_md).unwrap();
+    let remote = a
+        .load_remote_md(theirs.ptr, len as u64, VRAM_SEG, &blob, b"VB")
+        .unwrap();
+    let ours: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+    let local = a
+        .register_mem(ours.as_ptr() as u64, len as u64, DRAM_SEG, 0)
+        .unwrap();
+    VmmPair {
+        a,
+        b,
+        theirs,
+        their_md,
+        remote,
+        ours,
+        local,
+    }
+}
+
+/// The fake's VMM chunks of the pair.
+const CHUNK: usize = 2 << 20;
+
+impl VmmPair {
+    /// The peer's chunks' bytes (the fake's CPU view is per chunk).
+    fn theirs(&self) -> Vec<u8> {
+        let gpu = fake();
+        (0..self.theirs.len / CHUNK)
+            .flat_map(|i| gpu.read(self.theirs.ptr + (i * CHUNK) as u64, CHUNK))
+            .collect()
+    }
+
+    /// Fills the peer's chunks with `byte`.
+    fn fill_theirs(&self, byte: u8) {
+        for i in 0..self.theirs.len / CHUNK {
+            fake().write(self.theirs.ptr + (i * CHUNK) as u64, &vec![byte; CHUNK]);
+        }
+    }
+
+    /// Prepares `op` of `len` bytes from offset `off` of both buffers.
+    fn prep(&self, op: Op, off: usize, len: usize) -> ReqId {
+        let at = |base: u64| base + off as u64;
+        self.a
+            .prep_xfer(
+                op,
+                &[desc(at(self.ours.as_ptr() as u64), len, self.local)],
+                &[desc(at(self.theirs.ptr), len, self.remote)],
+                b"VB",
+            )
+            .unwrap()
+    }
+}
+
+#[test]
+fn vmm_chunks_shared_by_descriptor_are_mapped_by_a_same_host_peer() {
+    let gpu = fake();
+    let _alone = gpu.exclusive();
+    let p = vmm_pair(3, true);
+    let public = RegionPublic::decode(&p.b.public_data(p.their_md).unwrap()).unwrap();
+    let vmm = public.vmm.expect("shareable VMM chunks are published");
+    assert_eq!(vmm.pieces.len(), 3);
+    assert!(public.ipc.is_none());
+    let imports = gpu.live_vmm_imports();
+    // A WRITE across both chunk boundaries, at unaligned offsets, then a
+    // READ of it back into another part of our buffer.
+    let (off, len) = (1000, p.theirs.len - 3000);
+    let id = p.prep(Op::Write, off, len);
+    p.a.post_xfer(id, Some(b"vmm")).unwrap();
+    assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    let got = p.theirs();
+    same_bytes!(got[off..off + len], p.ours[off..off + len], "written");
+    assert!(got[..off].iter().all(|&x| x == 0), "nothing before");
+    assert!(got[off + len..].iter().all(|&x| x == 0), "nothing after");
+    assert_eq!(
+        gpu.live_vmm_imports(),
+        imports + 3,
+        "the three chunks were mapped here, once"
+    );
+    p.fill_theirs(0x5a);
+    let back = p.prep(Op::Read, 4096, 3 << 20);
+    p.a.post_xfer(back, None).unwrap();
+    assert_eq!(wait(&p.a, back), Ok(Status::Success));
+    assert!(p.ours[4096..4096 + (3 << 20)].iter().all(|&x| x == 0x5a));
+    assert_eq!(gpu.live_vmm_imports(), imports + 3, "the mapping is reused");
+    // Deregistered by its owner: refused, nothing lands.
+    p.b.deregister_mem(p.their_md).unwrap();
+    p.fill_theirs(0);
+    p.a.post_xfer(id, None).unwrap();
+    assert!(matches!(wait(&p.a, id), Err(Error::NotAllowed(_))));
+    assert!(p.theirs().iter().all(|&x| x == 0));
+    // Closed once the requests that used them are released.
+    let _ = p.a.release_req(id); // (it reports the request's failure)
+    p.a.release_req(back).unwrap();
+    assert_eq!(
+        gpu.live_vmm_imports(),
+        imports,
+        "the mappings of a deregistered region are closed"
+    );
+}
+
+#[test]
+fn vmm_chunks_without_the_descriptor_handle_type_are_refused_under_protocol_cma() {
+    let p = vmm_pair(2, false);
+    let public = RegionPublic::decode(&p.b.public_data(p.their_md).unwrap()).unwrap();
+    assert!(
+        public.vmm.is_none() && public.ipc.is_none(),
+        "nothing to share"
+    );
+    let id = p.prep(Op::Write, 0, p.theirs.len);
+    match p.a.post_xfer(id, None).and_then(|_| wait(&p.a, id)) {
+        Err(Error::NotSupported(m)) => assert!(m.contains("protocol=cma"), "{m}"),
+        other => panic!("cma without shareable chunks: {other:?}"),
+    }
+    same_bytes!(p.theirs(), vec![0u8; p.theirs.len], "nothing moved");
+}
