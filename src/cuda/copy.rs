@@ -1,8 +1,9 @@
 //! Asynchronous device copies on streams of our own, completed by events.
 //!
 //! A [`Copier`] makes a context current, takes a *lane* (a non-blocking
-//! stream and an event) from a small pool per context, queues copies on it
-//! and waits for them with one event. Until it was waited for (or dropped,
+//! stream and its events) from a small pool per context, queues copies on
+//! it and waits for them with one event, or for those before a mark (two
+//! more events), to overlap the copies of one piece with other work. Until it was waited for (or dropped,
 //! which waits too) the caller must keep the memory of every queued copy
 //! registered: that is how deregistration and cancel keep their promises
 //! while copies run on the device.
@@ -16,12 +17,17 @@ use super::context::Current;
 use super::driver::{self, Driver, Handle};
 use crate::common::Result;
 
-/// A stream and an event of one context (opaque values).
+/// A stream and its events of one context (opaque values): one for
+/// [`Copier::wait`], one per mark.
 #[derive(Debug, Clone, Copy)]
 struct Lane {
     stream: usize,
     event: usize,
+    marks: [usize; MARKS],
 }
+
+/// Marks a copier can record at once (see [`Copier::mark`]).
+pub const MARKS: usize = 2;
 
 /// Idle lanes kept per context; more are destroyed when given back.
 const IDLE_LANES: usize = 8;
@@ -87,6 +93,32 @@ impl<'d> Copier<'d> {
         self.fails(rc, "cuMemcpyAsync")
     }
 
+    /// Records mark `slot` (below [`MARKS`]) after the copies queued so far
+    /// (replacing its previous place).
+    ///
+    /// # Errors
+    /// [`Error::Backend`](crate::common::Error::Backend) when the driver
+    /// refuses.
+    pub fn mark(&mut self, slot: usize) -> Result<()> {
+        let (stream, event) = (self.lane.stream as Handle, self.lane.marks[slot] as Handle);
+        // SAFETY: the event and stream are ours, of the current context.
+        let rc = unsafe { (self.driver.api.event_record)(event, stream) };
+        self.fails(rc, "cuEventRecord")
+    }
+
+    /// Waits until the copies queued before mark `slot` have finished (at
+    /// once when it was never recorded). Copies queued after it may still
+    /// run: the caller keeps their memory as [`Copier::copy`] says.
+    ///
+    /// # Errors
+    /// [`Error::Backend`](crate::common::Error::Backend) with the device's
+    /// error when one failed.
+    pub fn wait_mark(&mut self, slot: usize) -> Result<()> {
+        // SAFETY: the event is ours, of the current context.
+        let rc = unsafe { (self.driver.api.event_synchronize)(self.lane.marks[slot] as Handle) };
+        self.fails(rc, "cuEventSynchronize")
+    }
+
     /// Waits until every copy queued so far has finished on the device.
     ///
     /// # Errors
@@ -149,17 +181,28 @@ fn new_lane(driver: &Driver) -> Result<Lane> {
     // SAFETY: the out-pointer is a live local; a context is current.
     let rc = unsafe { (driver.api.stream_create)(&mut stream, driver::STREAM_NON_BLOCKING) };
     driver.check(rc, "cuStreamCreate")?;
-    let mut event: Handle = std::ptr::null_mut();
-    // SAFETY: as above.
-    let rc = unsafe { (driver.api.event_create)(&mut event, driver::EVENT_DISABLE_TIMING) };
-    if let Err(e) = driver.check(rc, "cuEventCreate") {
-        // SAFETY: the stream was just created and holds no work.
-        unsafe { (driver.api.stream_destroy)(stream) };
-        return Err(e);
+    let mut events = [0usize; MARKS + 1];
+    for i in 0..events.len() {
+        let mut event: Handle = std::ptr::null_mut();
+        // SAFETY: as above.
+        let rc = unsafe { (driver.api.event_create)(&mut event, driver::EVENT_DISABLE_TIMING) };
+        if let Err(e) = driver.check(rc, "cuEventCreate") {
+            // SAFETY: the stream and the events made so far are new and
+            // hold no work.
+            unsafe {
+                for &made in &events[..i] {
+                    (driver.api.event_destroy)(made as Handle);
+                }
+                (driver.api.stream_destroy)(stream);
+            }
+            return Err(e);
+        }
+        events[i] = event as usize;
     }
     Ok(Lane {
         stream: stream as usize,
-        event: event as usize,
+        event: events[0],
+        marks: [events[1], events[2]],
     })
 }
 
@@ -167,7 +210,9 @@ fn destroy_lane(driver: &Driver, lane: Lane) {
     // SAFETY: the lane is ours and no longer used; destroying a stream
     // lets its queued work finish first.
     unsafe {
-        (driver.api.event_destroy)(lane.event as Handle);
+        for event in std::iter::once(lane.event).chain(lane.marks) {
+            (driver.api.event_destroy)(event as Handle);
+        }
         (driver.api.stream_destroy)(lane.stream as Handle);
     }
 }

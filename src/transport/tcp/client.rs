@@ -1812,7 +1812,7 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
                     &ranges,
                     &mut got,
                     &mut || p.post.access(frame),
-                    waits,
+                    Some(waits),
                 )
             };
             match received {
@@ -1848,7 +1848,7 @@ fn receive_staged(
     let lost = |e: std::io::Error| {
         Error::RemoteDisconnect(format!("connection to agent {} broke: {e}", conns.peer))
     };
-    let bounce = match staging::buffer(context, p.post.frame_limit as usize) {
+    let bounce = match staging::buffer(context, staging::PIPE_BYTES) {
         Ok(b) => b,
         Err(e) => {
             io::discard(sock, u64::from(body)).map_err(lost)?;
@@ -1862,32 +1862,42 @@ fn receive_staged(
         stall: conns.stall(),
         deadline: None,
     };
-    let mut got = 0;
-    // SAFETY: the first `body` bytes (one frame, at most `frame_limit`) of
-    // our own staging buffer, which nothing else uses.
-    let received = unsafe {
-        io::recv_frame(
-            sock.as_raw_fd(),
-            &[staging::range_of(&bounce, body as usize)],
-            &mut got,
-            &mut || Access::Memory(()),
-            waits,
-        )
+    let fd = sock.as_raw_fd();
+    let mut recv = |buf: RawRange, got: &mut usize, wait: bool| {
+        // SAFETY: `buf` lies in our own staging buffer, which nothing else
+        // uses.
+        unsafe {
+            io::recv_frame(
+                fd,
+                &[buf],
+                got,
+                &mut || Access::Memory(()),
+                wait.then_some(waits),
+            )
+        }
+        .map(|_| ())
     };
-    if let Err(e) = received {
-        let e = lost(e);
-        p.post.settle(conns, Err(e.clone()));
-        return Err(e);
-    }
-    let result = match p.post.access(p.frame) {
-        // SAFETY: the local ranges lie in regions checked at prep time,
-        // pinned (with the cancel lock) until the device copies were waited
-        // for, so nothing lands after a cancel or deregistration returned.
-        Access::Memory(_guard) => unsafe {
-            staging::scatter(context, &bounce, &p.post.local_ranges(p.frame))
-        },
-        // Cancelled or failed: the data is thrown away.
-        _ => Ok(()),
+    let frame = p.frame;
+    // Cancelled or failed: the data is thrown away.
+    let mut hold = || {
+        Ok(match p.post.access(frame) {
+            Access::Memory(guard) => Some(guard),
+            _ => None,
+        })
+    };
+    let ranges = p.post.local_ranges(frame);
+    // SAFETY: the local ranges lie in regions checked at prep time, pinned
+    // (with the cancel lock) by `hold`'s guard while copies into them run,
+    // so nothing lands after a cancel or deregistration returned.
+    let received =
+        unsafe { staging::recv_pipelined(context, &bounce, &ranges, &mut recv, &mut hold) };
+    let result = match received {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let e = lost(e);
+            p.post.settle(conns, Err(e.clone()));
+            return Err(e);
+        }
     };
     p.post.settle(conns, result);
     Ok(Got::Frame { body })

@@ -573,7 +573,7 @@ fn serve_one(
                                 &ranges,
                                 &mut got,
                                 &mut access,
-                                waits,
+                                Some(waits),
                             )
                         }
                         .map_err(|e| e.to_string())?;
@@ -732,8 +732,9 @@ fn serve_one(
 }
 
 /// Receives the data of a WRITE frame into GPU memory through a staging
-/// buffer, a piece at a time: each piece lands in the buffer, then the
-/// device copies it into place under the regions' pins, waited for. The
+/// buffer, pipelined ([`staging::recv_pipelined`]): each piece lands in the
+/// buffer, then the device copies it into place under the regions' pins
+/// (and the connection's fence), all waited for before this returns. The
 /// outcome is what to acknowledge; the stream stays whole either way (data
 /// that may not land is received and thrown away).
 fn receive_staged(
@@ -744,58 +745,58 @@ fn receive_staged(
     fence: &Fence,
     waits: Waits<'_>,
 ) -> Result<Result<(), Error>, Close> {
+    let stale = "the peer reconnected: a frame on its old connection is not applied";
     let total: usize = ranges.iter().map(|r| r.len).sum();
-    let bounce = match staging::buffer(context, staging::STAGE_BYTES) {
+    let bounce = match staging::buffer(context, staging::PIPE_BYTES) {
         Ok(b) => b,
         Err(e) => {
             io::discard(stream, total as u64).map_err(|e| e.to_string())?;
             return Ok(Err(e));
         }
     };
-    let mut outcome = Ok(());
-    let mut off = 0;
-    while off < total {
-        let n = (total - off).min(staging::STAGE_BYTES);
-        let mut got = 0;
-        // SAFETY: the first `n` bytes of our own staging buffer, which
-        // nothing else uses.
+    let fd = stream.as_raw_fd();
+    let mut recv = |buf: RawRange, got: &mut usize, wait: bool| {
+        // SAFETY: `buf` lies in our own staging buffer, which nothing else
+        // uses.
         unsafe {
             io::recv_frame(
-                stream.as_raw_fd(),
-                &[staging::range_of(&bounce, n)],
-                &mut got,
+                fd,
+                &[buf],
+                got,
                 &mut || Access::Memory(()),
-                waits,
+                wait.then_some(waits),
             )
         }
-        .map_err(|e| e.to_string())?;
-        let _moving = fence.io.read();
+        .map(|_| ())
+    };
+    let mut hold = || {
+        let moving = fence.io.read();
         if fence.is_stale() {
-            return Err(
-                "the peer reconnected: a frame on its old connection is not applied".into(),
-            );
+            return Err(Error::RemoteDisconnect(stale.into()));
         }
-        if outcome.is_ok() {
-            outcome = match pin_all_of(regions) {
-                // SAFETY: the window lies inside `regions` (checked by
-                // `resolve`), pinned until the device copies were waited for.
-                Some(_pins) => unsafe {
-                    staging::scatter(context, &bounce, &staging::window(ranges, off, n))
-                },
-                None => Err(Error::NotAllowed(
-                    "a target region was deregistered during the transfer".into(),
-                )),
-            };
+        match pin_all_of(regions) {
+            Some(pins) => Ok(Some((moving, pins))),
+            None => Err(Error::NotAllowed(
+                "a target region was deregistered during the transfer".into(),
+            )),
         }
-        off += n;
+    };
+    // SAFETY: the ranges lie inside `regions` (checked by `resolve`), pinned
+    // by `hold`'s guard while copies into them run.
+    let outcome =
+        unsafe { staging::recv_pipelined(context, &bounce, ranges, &mut recv, &mut hold) }
+            .map_err(|e| e.to_string())?;
+    if fence.is_stale() {
+        return Err(stale.into());
     }
     Ok(outcome)
 }
 
-/// Answers a READ of GPU memory through a staging buffer, a piece at a
-/// time: the device copies each piece into the buffer under the regions'
-/// pins, waited for, then it is sent. A region deregistered meanwhile, or a
-/// device error, ends the connection (the data was announced already).
+/// Answers a READ of GPU memory through a staging buffer, pipelined
+/// ([`staging::send_pipelined`]): the device copies each piece into the
+/// buffer under the regions' pins, then it is sent. A region deregistered
+/// meanwhile, or a device error, ends the connection (the data was
+/// announced already).
 fn send_staged(
     stream: &TcpStream,
     tag: u64,
@@ -804,7 +805,7 @@ fn send_staged(
     ranges: &[RawRange],
     waits: Waits<'_>,
 ) -> Result<(), Close> {
-    let bounce = match staging::buffer(context, staging::STAGE_BYTES) {
+    let bounce = match staging::buffer(context, staging::PIPE_BYTES) {
         Ok(b) => b,
         Err(e) => {
             let reason = e.to_string();
@@ -837,33 +838,29 @@ fn send_staged(
         )
     }
     .map_err(|e| e.to_string())?;
-    let mut off = 0;
-    while off < total {
-        let n = (total - off).min(staging::STAGE_BYTES);
-        match pin_all_of(regions) {
-            // SAFETY: the window lies inside `regions` (checked by
-            // `resolve`), pinned until the device copies were waited for.
-            Some(_pins) => {
-                unsafe { staging::gather(context, &staging::window(ranges, off, n), &bounce) }
-                    .map_err(|e| format!("staging a read of GPU memory failed: {e}"))?
-            }
-            None => return Err("a region it reads was deregistered meanwhile".into()),
-        }
-        let mut sent = 0;
-        // SAFETY: the first `n` bytes of our own staging buffer.
+    let mut send = |buf: RawRange, sent: &mut usize, wait: bool| {
+        // SAFETY: `buf` lies in our own staging buffer.
         unsafe {
             io::send_frame(
                 fd,
                 &[],
-                &[staging::range_of(&bounce, n)],
-                &mut sent,
+                &[buf],
+                sent,
                 &mut || Access::Memory(()),
-                Some(waits),
+                wait.then_some(waits),
             )
         }
-        .map_err(|e| e.to_string())?;
-        off += n;
-    }
+        .map(|_| ())
+    };
+    let mut hold = || match pin_all_of(regions) {
+        Some(pins) => Ok(Some(pins)),
+        None => Err(Error::NotAllowed(
+            "a region it reads was deregistered meanwhile".into(),
+        )),
+    };
+    // SAFETY: the ranges lie inside `regions` (checked by `resolve`), pinned
+    // by `hold`'s guard while copies out of them run.
+    unsafe { staging::send_pipelined(context, &bounce, ranges, &mut send, &mut hold) }?;
     Ok(())
 }
 

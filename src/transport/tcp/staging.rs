@@ -6,18 +6,230 @@
 //!   then the buffer goes out on the socket.
 //! - Receiving (a target's WRITE, an initiator's READ answer): the frame is
 //!   received into the buffer, then the device copies it into the ranges
-//!   ([`scatter`]), waited for, before the frame is acknowledged (target) or
-//!   settled (initiator): an acknowledgement, and so a notification, means
-//!   the bytes are in device memory.
+//!   ([`recv_pipelined`]), waited for, before the frame is acknowledged
+//!   (target) or settled (initiator): an acknowledgement, and so a
+//!   notification, means the bytes are in device memory.
 //!
 //! Both run under the caller's pins (and cancel lock), so deregistration and
 //! release wait for the device copies as they wait for a system call.
 //! Frames of one post travel on several streams at once, so the device
 //! copies of one frame overlap the socket I/O of others.
+//!
+//! A target's WRITE data and READ answers, and an initiator's READ answers,
+//! are also pipelined inside a frame ([`recv_pipelined`], [`send_pipelined`]):
+//! pieces of [`PIECE`] bytes alternate between the two halves of one buffer,
+//! so that the device copy of one piece runs while the next is on the
+//! socket. The rule above holds: no thread waits on the network while a copy
+//! it queued may still run, so before a socket call that would wait, the
+//! device is waited for and the pins are let go (taken again for the next
+//! copy).
 
 use super::io::RawRange;
-use crate::common::{LocalRegion, Result};
+use crate::common::{Error, LocalRegion, Result};
 use crate::cuda::{self, Copier, HostBuffer};
+
+/// Bytes of one piece of a pipelined frame.
+pub const PIECE: usize = 256 << 10;
+
+/// The size of a pipelined staging buffer: two pieces.
+pub const PIPE_BYTES: usize = 2 * PIECE;
+
+/// Moves one piece between the socket and a range of the staging buffer,
+/// from byte `*done` of it on: with `wait`, until all of it moved (or an
+/// error); without, only what the socket takes or has now. Returns the I/O
+/// error that ends the frame.
+pub type SocketStep<'a> = dyn FnMut(RawRange, &mut usize, bool) -> std::io::Result<()> + 'a;
+
+/// What keeps the GPU ranges of a frame usable while device copies into or
+/// out of them run (pins, locks), taken before queueing copies and let go
+/// once they were waited for. `Ok(None)`: the data is to be thrown away
+/// (the transfer stopped), without an error.
+pub type Hold<'a, G> = dyn FnMut() -> Result<Option<G>> + 'a;
+
+/// Receives `ranges`' bytes from the socket (`recv`) and copies them into
+/// `ranges` on the device, a [`PIECE`] at a time through the halves of
+/// `bounce` (at least [`PIPE_BYTES`]): the copy of one piece overlaps the
+/// receipt of the next. Returns the socket's error (which ends the frame),
+/// else the outcome of the copies: the first error of the device or of
+/// `hold`, after which the rest is received and thrown away. When it
+/// returns, no copy of it runs any more.
+///
+/// # Safety
+/// Every range must lie in GPU memory that stays allocated while `hold`'s
+/// guard lives, and no other code may write it meanwhile.
+pub unsafe fn recv_pipelined<G>(
+    context: usize,
+    bounce: &HostBuffer,
+    ranges: &[RawRange],
+    recv: &mut SocketStep<'_>,
+    hold: &mut Hold<'_, G>,
+) -> std::io::Result<Result<()>> {
+    let total: usize = ranges.iter().map(|r| r.len).sum();
+    let piece = PIECE.min(bounce.len() / 2).max(1);
+    // Declared before the copier, so dropped after it: the copier's drop
+    // waits for its copies before the guard lets the memory go.
+    let mut held: Option<G> = None;
+    let mut copier: Option<Copier<'static>> = None;
+    let mut marked = [false; 2];
+    let mut outcome: Result<()> = Ok(());
+    let (mut off, mut k) = (0, 0);
+    while off < total {
+        let n = (total - off).min(piece);
+        let half = k % 2;
+        let buf = RawRange {
+            addr: bounce.addr() + (half * piece) as u64,
+            len: n,
+        };
+        // The copy out of this half two pieces ago must be done.
+        if let (true, Some(c)) = (marked[half], copier.as_mut()) {
+            marked[half] = false;
+            if let Err(e) = c.wait_mark(half) {
+                outcome = outcome.and(Err(e));
+            }
+        }
+        let mut got = 0;
+        recv(buf, &mut got, false)?;
+        if got < n {
+            // About to wait on the network: nothing of ours may run on the
+            // device with the memory held meanwhile.
+            if let Some(c) = copier.as_mut()
+                && let Err(e) = c.wait()
+            {
+                outcome = outcome.and(Err(e));
+            }
+            marked = [false; 2];
+            held = None;
+            recv(buf, &mut got, true)?;
+        }
+        if outcome.is_ok() && held.is_none() {
+            match hold() {
+                Ok(Some(g)) => held = Some(g),
+                Ok(None) => {}
+                Err(e) => outcome = Err(e),
+            }
+        }
+        if outcome.is_ok() && held.is_some() {
+            outcome = queue(&mut copier, context, |c| {
+                let mut at = buf.addr;
+                for w in window(ranges, off, n) {
+                    // SAFETY: `w` lies in `ranges` (the caller's promise,
+                    // kept while `held` lives, which outlives the copy);
+                    // the half is ours until its mark was waited for.
+                    unsafe { c.copy(w.addr, at, w.len as u64) }?;
+                    at += w.len as u64;
+                }
+                c.mark(half)
+            });
+            marked[half] = outcome.is_ok();
+        }
+        off += n;
+        k += 1;
+    }
+    if let Some(c) = copier.as_mut()
+        && let Err(e) = c.wait()
+    {
+        outcome = outcome.and(Err(e));
+    }
+    drop(copier);
+    drop(held);
+    Ok(outcome)
+}
+
+/// Copies `ranges`' bytes out of the device and sends them (`send`), a
+/// [`PIECE`] at a time through the halves of `bounce` (at least
+/// [`PIPE_BYTES`]): the copy of the next piece overlaps the sending of one.
+/// Returns the socket's error, or a device or `hold` error (the frame is
+/// cut then: the caller ends the connection), or `Ok(false)` when `hold`
+/// said to stop (nothing more is sent).
+///
+/// # Safety
+/// Every range must lie in GPU memory that stays allocated while `hold`'s
+/// guard lives.
+pub unsafe fn send_pipelined<G>(
+    context: usize,
+    bounce: &HostBuffer,
+    ranges: &[RawRange],
+    send: &mut SocketStep<'_>,
+    hold: &mut Hold<'_, G>,
+) -> std::result::Result<bool, String> {
+    let total: usize = ranges.iter().map(|r| r.len).sum();
+    let piece = PIECE.min(bounce.len() / 2).max(1);
+    let count = total.div_ceil(piece);
+    let mut held: Option<G> = None;
+    let mut copier: Option<Copier<'static>> = None;
+    let failed = |e: Error| format!("staging a read of GPU memory failed: {e}");
+    // Queues the copy of piece `k` into its half, holding the memory.
+    let mut gather = |copier: &mut Option<Copier<'static>>,
+                      held: &mut Option<G>,
+                      k: usize|
+     -> std::result::Result<bool, String> {
+        if held.is_none() {
+            match hold().map_err(failed)? {
+                Some(g) => *held = Some(g),
+                None => return Ok(false),
+            }
+        }
+        let (off, half) = (k * piece, k % 2);
+        let n = (total - off).min(piece);
+        queue(copier, context, |c| {
+            let mut at = bounce.addr() + (half * piece) as u64;
+            for w in window(ranges, off, n) {
+                // SAFETY: `w` lies in `ranges`, kept allocated while `held`
+                // lives (which outlives the copy); the half is ours until
+                // its mark was waited for.
+                unsafe { c.copy(at, w.addr, w.len as u64) }?;
+                at += w.len as u64;
+            }
+            c.mark(half)
+        })
+        .map_err(failed)?;
+        Ok(true)
+    };
+    if count > 0 && !gather(&mut copier, &mut held, 0)? {
+        return Ok(false);
+    }
+    for k in 0..count {
+        let half = k % 2;
+        let c = copier.as_mut().expect("a copy was queued");
+        c.wait_mark(half).map_err(failed)?;
+        if k + 1 < count && !gather(&mut copier, &mut held, k + 1)? {
+            return Ok(false);
+        }
+        let n = (total - k * piece).min(piece);
+        let buf = RawRange {
+            addr: bounce.addr() + (half * piece) as u64,
+            len: n,
+        };
+        let mut sent = 0;
+        send(buf, &mut sent, false).map_err(|e| e.to_string())?;
+        if sent < n {
+            // About to wait on the network: the next piece's copy first.
+            if let Some(c) = copier.as_mut() {
+                c.wait().map_err(failed)?;
+            }
+            held = None;
+            send(buf, &mut sent, true).map_err(|e| e.to_string())?;
+        }
+    }
+    if let Some(c) = copier.as_mut() {
+        c.wait().map_err(failed)?;
+    }
+    drop(copier);
+    drop(held);
+    Ok(true)
+}
+
+/// Runs `queue` on the copier, made first if needed.
+fn queue(
+    copier: &mut Option<Copier<'static>>,
+    context: usize,
+    queue: impl FnOnce(&mut Copier<'static>) -> Result<()>,
+) -> Result<()> {
+    if copier.is_none() {
+        *copier = Some(Copier::new(cuda::driver()?, context)?);
+    }
+    queue(copier.as_mut().expect("made above"))
+}
 
 /// The context to stage with, when one of `regions` is GPU memory.
 pub fn device_context<'a>(regions: impl IntoIterator<Item = &'a LocalRegion>) -> Option<usize> {
@@ -55,29 +267,6 @@ pub unsafe fn gather(context: usize, ranges: &[RawRange], bounce: &HostBuffer) -
     debug_assert!(at <= bounce.addr() + bounce.len() as u64);
     copier.wait()
 }
-
-/// Copies the start of `bounce` into `ranges` one after the other, and
-/// waits until the device is done.
-///
-/// # Errors
-/// The device's error.
-///
-/// # Safety
-/// As [`gather`]; no other code reads or writes the ranges meanwhile.
-pub unsafe fn scatter(context: usize, bounce: &HostBuffer, ranges: &[RawRange]) -> Result<()> {
-    let mut copier = Copier::new(cuda::driver()?, context)?;
-    let mut at = bounce.addr();
-    for r in ranges.iter().filter(|r| r.len > 0) {
-        // SAFETY: as in `gather`; nothing else touches the ranges.
-        unsafe { copier.copy(r.addr, at, r.len as u64) }?;
-        at += r.len as u64;
-    }
-    debug_assert!(at <= bounce.addr() + bounce.len() as u64);
-    copier.wait()
-}
-
-/// Most bytes a target stages at a time (its buffers' size).
-pub const STAGE_BYTES: usize = 1 << 20;
 
 /// The part `[offset, offset+len)` of the concatenation of `ranges`.
 pub fn window(ranges: &[RawRange], offset: usize, len: usize) -> Vec<RawRange> {
@@ -131,5 +320,205 @@ mod tests {
             .map(|o| window(&ranges, o, 7).iter().map(|w| w.len).sum::<usize>())
             .sum();
         assert_eq!(total, 35);
+    }
+}
+
+#[cfg(test)]
+mod pipeline_tests {
+    use super::*;
+    use crate::cuda::testing::fake;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts live guards of `hold`.
+    struct Guard(Arc<AtomicUsize>);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Ranges of odd sizes over `len` bytes at `base` (crossing pieces).
+    fn ranges(base: u64, len: usize) -> Vec<RawRange> {
+        let mut out = Vec::new();
+        let (mut at, mut i) = (0, 0);
+        while at < len {
+            let n = (100_000 + i * 77_777).min(len - at);
+            out.push(RawRange {
+                addr: base + at as u64,
+                len: n,
+            });
+            at += n;
+            i += 1;
+        }
+        out
+    }
+
+    /// A socket step over `s` in our own buffers: moves what the socket
+    /// takes or has now, or all of it with `wait` (then it first checks
+    /// that no guard lives: no thread waits on the network while it holds
+    /// memory that copies may use).
+    fn step(
+        s: &UnixStream,
+        held: &Arc<AtomicUsize>,
+        waited: &AtomicUsize,
+        recv: bool,
+    ) -> impl FnMut(RawRange, &mut usize, bool) -> std::io::Result<()> {
+        let (fd, held) = (s.as_raw_fd(), held.clone());
+        move |buf: RawRange, done: &mut usize, wait: bool| {
+            if wait {
+                assert_eq!(held.load(Ordering::SeqCst), 0, "waiting with memory held");
+                waited.fetch_add(1, Ordering::SeqCst);
+            }
+            let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+            while *done < buf.len {
+                let p = (buf.addr as usize + *done) as *mut libc::c_void;
+                // SAFETY: the rest of `buf`, our own staging buffer.
+                let n = unsafe {
+                    if recv {
+                        libc::recv(fd, p, buf.len - *done, flags)
+                    } else {
+                        libc::send(fd, p, buf.len - *done, flags)
+                    }
+                };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if !wait && e.kind() == std::io::ErrorKind::WouldBlock {
+                        return Ok(());
+                    }
+                    return Err(e);
+                }
+                if n == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                *done += n as usize;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pieces_land_in_order_and_the_network_is_never_waited_on_with_memory_held() {
+        let gpu = fake();
+        let _alone = gpu.exclusive();
+        let len = 5 * PIECE + 12_345;
+        let context = crate::cuda::primary_context(0).unwrap();
+        let bounce = buffer(context, PIPE_BYTES).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i * 13 + 1) as u8).collect();
+        let held = Arc::new(AtomicUsize::new(0));
+        let mut hold = || {
+            held.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(Guard(held.clone())))
+        };
+
+        // Receiving: the data comes in two bursts, so the receiver finds
+        // the socket empty in the middle of the frame.
+        let dev = gpu.alloc(0, len);
+        let (mut tx, rx) = UnixStream::pair().unwrap();
+        let waited = AtomicUsize::new(0);
+        let feed = {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                tx.write_all(&data[..2 * PIECE + 1000]).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                tx.write_all(&data[2 * PIECE + 1000..]).unwrap();
+            })
+        };
+        let mut recv = step(&rx, &held, &waited, true);
+        // SAFETY: `dev` is fake device memory of `len` bytes, kept until the
+        // call returned; nothing else touches it.
+        let outcome = unsafe {
+            recv_pipelined(
+                context,
+                &bounce,
+                &ranges(dev.ptr, len),
+                &mut recv,
+                &mut hold,
+            )
+        };
+        feed.join().unwrap();
+        assert!(matches!(outcome, Ok(Ok(()))), "{outcome:?}");
+        assert!(gpu.read(dev.ptr, len) == data, "the bytes landed in order");
+        assert!(
+            waited.load(Ordering::SeqCst) > 0,
+            "the receiver had to wait"
+        );
+        assert_eq!(held.load(Ordering::SeqCst), 0);
+        assert_eq!(gpu.pending_copies(), 0, "no copy runs after it returned");
+
+        // Sending: the reader takes the frame slowly, so the sender finds
+        // the socket full.
+        let (tx, mut rx) = UnixStream::pair().unwrap();
+        let waited = AtomicUsize::new(0);
+        let drain = std::thread::spawn(move || {
+            let mut got = vec![0u8; len];
+            for chunk in got.chunks_mut(64 << 10) {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                rx.read_exact(chunk).unwrap();
+            }
+            got
+        });
+        let mut send = step(&tx, &held, &waited, false);
+        // SAFETY: as above.
+        let sent = unsafe {
+            send_pipelined(
+                context,
+                &bounce,
+                &ranges(dev.ptr, len),
+                &mut send,
+                &mut hold,
+            )
+        };
+        assert_eq!(sent, Ok(true));
+        assert!(drain.join().unwrap() == data, "the bytes went out in order");
+        assert!(waited.load(Ordering::SeqCst) > 0, "the sender had to wait");
+        assert_eq!(held.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_hold_that_says_stop_throws_the_data_away_and_an_error_is_the_outcome() {
+        let gpu = fake();
+        let len = 3 * PIECE;
+        let context = crate::cuda::primary_context(0).unwrap();
+        let bounce = buffer(context, PIPE_BYTES).unwrap();
+        let dev = gpu.alloc(0, len);
+        gpu.write(dev.ptr, &vec![9u8; len]);
+        let held = Arc::new(AtomicUsize::new(0));
+        let waited = AtomicUsize::new(0);
+        for stop in [true, false] {
+            let (mut tx, rx) = UnixStream::pair().unwrap();
+            let feed = std::thread::spawn(move || tx.write_all(&vec![1u8; len]).unwrap());
+            let mut recv = step(&rx, &held, &waited, true);
+            let mut hold = || -> Result<Option<Guard>> {
+                if stop {
+                    Ok(None)
+                } else {
+                    Err(Error::NotAllowed("deregistered".into()))
+                }
+            };
+            // SAFETY: as in the test above.
+            let outcome = unsafe {
+                recv_pipelined(
+                    context,
+                    &bounce,
+                    &ranges(dev.ptr, len),
+                    &mut recv,
+                    &mut hold,
+                )
+            };
+            feed.join().unwrap();
+            match (stop, outcome) {
+                (true, Ok(Ok(()))) | (false, Ok(Err(Error::NotAllowed(_)))) => {}
+                (_, other) => panic!("stop {stop}: {other:?}"),
+            }
+            assert!(
+                gpu.read(dev.ptr, len).iter().all(|&b| b == 9),
+                "nothing landed"
+            );
+        }
     }
 }
