@@ -462,7 +462,9 @@ impl Engine {
             if addr == 0 {
                 return Err(Error::InvalidParam("registerMem: null address".into()));
             }
-            registry.register_device(addr, len, cuda::inspect(addr, len, dev_id)?)?
+            // Shared with same-host peers only where this engine has such paths.
+            let share = self.transports.same_host_paths();
+            registry.register_device(addr, len, cuda::inspect(addr, len, dev_id, share)?)?
         } else {
             registry.register(addr, len, mem_type, dev_id)?
         };
@@ -574,17 +576,26 @@ impl Engine {
     /// # Errors
     /// [`Error::NotFound`] when `md` is not a loaded remote metadata object.
     pub fn unload_md(&self, md: MdId) -> Result<()> {
-        let mut mds = self.mds.write();
-        match mds.get(&md) {
-            Some(Md::Remote { .. }) => {
-                mds.remove(&md);
-                Ok(())
+        let removed = {
+            let mut mds = self.mds.write();
+            match mds.get(&md) {
+                Some(Md::Remote { .. }) => mds.remove(&md),
+                Some(Md::Local(_)) => {
+                    return Err(Error::InvalidParam(format!(
+                        "unloadMD: metadata {md} is a local registration (use deregisterMem)"
+                    )));
+                }
+                None => return Err(Error::NotFound(format!("unloadMD: unknown metadata {md}"))),
             }
-            Some(Md::Local(_)) => Err(Error::InvalidParam(format!(
-                "unloadMD: metadata {md} is a local registration (use deregisterMem)"
-            ))),
-            None => Err(Error::NotFound(format!("unloadMD: unknown metadata {md}"))),
+        };
+        // What the routes keep for the region goes (outside the table's lock).
+        if let Some(Md::Remote { agent, region }) = removed {
+            let peer = self.peers.read().get(&agent).cloned();
+            for route in peer.iter().flat_map(|p| p.routes.iter().flatten()) {
+                route.unloaded(region.key);
+            }
         }
+        Ok(())
     }
 
     // ---- transfers -----------------------------------------------------------

@@ -141,7 +141,33 @@ pub struct VmmShared {
     /// The chunks and their descriptor numbers.
     pub export: Arc<VmmExport>,
     /// The descriptors, in the order of `export.pieces`.
-    pub fds: Vec<std::os::fd::OwnedFd>,
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+/// Descriptors of exported VMM chunks open in this process.
+static EXPORTED_FDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl VmmShared {
+    /// The chunks `export` describes, with their descriptors `fds` (counted
+    /// in [`VmmShared::open_fds`] while this lives).
+    pub fn new(export: VmmExport, fds: Vec<std::os::fd::OwnedFd>) -> VmmShared {
+        EXPORTED_FDS.fetch_add(fds.len(), Ordering::Relaxed);
+        VmmShared {
+            export: Arc::new(export),
+            fds,
+        }
+    }
+
+    /// Descriptors of exported VMM chunks open in this process now.
+    pub fn open_fds() -> usize {
+        EXPORTED_FDS.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for VmmShared {
+    fn drop(&mut self) {
+        EXPORTED_FDS.fetch_sub(self.fds.len(), Ordering::Relaxed);
+    }
 }
 
 impl PartialEq for VmmShared {

@@ -3,8 +3,9 @@
 //! A [`Copier`] makes a context current, takes a *lane* (a non-blocking
 //! stream and its events) from a small pool per context, queues copies on
 //! it and waits for them with one event, or for those before a mark (two
-//! more events), to overlap the copies of one piece with other work. Until it was waited for (or dropped,
-//! which waits too) the caller must keep the memory of every queued copy
+//! more events), to overlap the copies of one piece with other work. Until
+//! it was waited for (or dropped, which waits too) the caller must keep the
+//! memory of every queued copy
 //! registered: that is how deregistration and cancel keep their promises
 //! while copies run on the device.
 

@@ -102,7 +102,7 @@ fn attributes(driver: &Driver, ptr: u64) -> Result<Attributes> {
 /// [`Error::InvalidParam`] naming the mismatch when the range is not device
 /// memory, belongs to another device, or crosses the end of its allocation
 /// (anything but adjacent VMM chunks of one device).
-pub fn inspect(addr: u64, len: u64, dev_id: u64) -> Result<DeviceAlloc> {
+pub fn inspect(addr: u64, len: u64, dev_id: u64, share: bool) -> Result<DeviceAlloc> {
     let driver = driver()?;
     let end = addr.checked_add(len).ok_or_else(|| {
         Error::InvalidParam(format!(
@@ -181,11 +181,13 @@ pub fn inspect(addr: u64, len: u64, dev_id: u64) -> Result<DeviceAlloc> {
     // context reach memory of any context of the device).
     let context = context::primary(driver, ordinal)?;
     let ipc = match pieces.as_slice() {
-        [one] if one.legacy_ipc => export(driver, context, one),
+        [one] if share && one.legacy_ipc => export(driver, context, one),
         _ => None,
     };
     let vmm = match pieces.first() {
-        Some(first) if !first.legacy_ipc => export_vmm(driver, context, &pieces).map(Arc::new),
+        Some(first) if share && !first.legacy_ipc => {
+            export_vmm(driver, context, &pieces).map(Arc::new)
+        }
         _ => None,
     };
     Ok(DeviceAlloc {
@@ -227,11 +229,18 @@ fn export_vmm(driver: &Driver, context: usize, pieces: &[DevicePiece]) -> Option
         );
         return None;
     }
+    let budget = fd_budget();
+    if VmmShared::open_fds() + pieces.len() > budget {
+        log::warn!(
+            "GPU memory {base:#x}+{size}: sharing its {} VMM chunks would keep more than {budget} \
+             descriptors open (a quarter of the process's limit, RLIMIT_NOFILE); peers on this \
+             host will stage it through TCP",
+            pieces.len()
+        );
+        return None;
+    }
     let _current = context::Current::enter(driver, context).ok()?;
-    let mut shared = VmmShared {
-        export: Arc::new(VmmExport { pieces: Vec::new() }),
-        fds: Vec::with_capacity(pieces.len()),
-    };
+    let mut fds = Vec::with_capacity(pieces.len());
     let mut chunks = Vec::with_capacity(pieces.len());
     for p in pieces {
         let mut handle: driver::MemHandle = 0;
@@ -263,7 +272,7 @@ fn export_vmm(driver: &Driver, context: usize, pieces: &[DevicePiece]) -> Option
                 p.size,
                 driver.describe(rc)
             );
-            return None; // the descriptors so far are closed with `shared`
+            return None; // the descriptors so far are closed with `fds`
         }
         // SAFETY: a fresh descriptor the driver gave us to own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -275,10 +284,25 @@ fn export_vmm(driver: &Driver, context: usize, pieces: &[DevicePiece]) -> Option
             size: p.size,
             fd: fd.as_raw_fd(),
         });
-        shared.fds.push(fd);
+        fds.push(fd);
     }
-    shared.export = Arc::new(VmmExport { pieces: chunks });
-    Some(shared)
+    Some(VmmShared::new(VmmExport { pieces: chunks }, fds))
+}
+
+/// Most descriptors of exported VMM chunks this process keeps open: a
+/// quarter of its limit, so that the application keeps the rest.
+fn fd_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if ok {
+        usize::try_from(lim.rlim_cur / 4).unwrap_or(usize::MAX)
+    } else {
+        256
+    }
 }
 
 /// The IPC handle of allocation `piece`, or `None` (with a line saying

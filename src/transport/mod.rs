@@ -255,6 +255,10 @@ pub trait Route: Send + Sync {
     /// Closes the route: transfers in flight on it fail, its connections
     /// and threads go.
     fn close(&self) {}
+    /// The peer's region with access key `key` was unloaded here (NIXL's
+    /// `unloadMD`): let go of what was kept for it (a mapping of its
+    /// memory, say), so that it does not outlive the peer's use of it.
+    fn unloaded(&self, _key: u64) {}
     /// The concrete route (for tests and diagnostics).
     fn as_any(&self) -> &dyn Any;
 }

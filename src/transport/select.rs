@@ -374,6 +374,13 @@ impl Transports {
         }
     }
 
+    /// True when same-host peers may reach this engine's memory directly
+    /// (cross-memory attach, and CUDA IPC with it): GPU memory is then
+    /// registered with what they need to map it.
+    pub fn same_host_paths(&self) -> bool {
+        self.cma.is_some()
+    }
+
     /// How many times [`Self::routes`] was called (for tests).
     pub fn routes_built(&self) -> usize {
         self.routes_built.load(std::sync::atomic::Ordering::Relaxed)

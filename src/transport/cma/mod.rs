@@ -323,8 +323,9 @@ impl CmaPeer {
     /// the descriptor belongs to, so that it stays open meanwhile.
     ///
     /// # Errors
-    /// [`Error::NotSupported`] saying why it cannot be taken (the peer
-    /// exited, or no right).
+    /// [`Error::RemoteDisconnect`] when the peer exited;
+    /// [`Error::NotSupported`] saying why it cannot be taken otherwise (no
+    /// right, no such descriptor).
     pub fn take_fd(&self, fd: i32) -> Result<OwnedFd> {
         if !self.alive() {
             return Err(Error::RemoteDisconnect(format!(

@@ -245,6 +245,14 @@ impl Route for IpcRoute {
         self.control.close();
     }
 
+    /// A mapping of the region's VMM chunks holds the peer's memory: it goes
+    /// (once no job in flight uses it).
+    fn unloaded(&self, key: u64) {
+        self.imports
+            .lock()
+            .retain(|(what, _), _| *what != Mapped::Region(key));
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -27,8 +27,9 @@
 //! Notifications are acknowledged by targets that say they do (see
 //! [`super::outbox`]): one still unacknowledged when its connections fail
 //! is sent again on the next connection set, which a background thread
-//! opens after the backoff when nobody else does (for up to
-//! [`REDELIVER_FOR`]; then each one left is reported in a log line).
+//! opens after the backoff when nobody else does; once no acknowledgement
+//! came for [`REDELIVER_FOR`], those left are given up and reported in a
+//! log line.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -83,9 +84,15 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// to reconnect; doubled after each failed reconnect, up to [`MAX_BACKOFF`].
 const BACKOFF: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// How long unacknowledged notifications are kept for a link that cannot
-/// reconnect, before they are given up (with a log line).
+/// How long unacknowledged notifications are kept for a link that brings
+/// none of them to the peer, before they are given up (with a log line).
+#[cfg(not(test))]
 const REDELIVER_FOR: Duration = Duration::from_secs(60);
+#[cfg(test)]
+const REDELIVER_FOR: Duration = Duration::from_secs(3);
+/// The least time between two rounds of bringing a link back for its
+/// notifications.
+const REDELIVER_PAUSE: Duration = Duration::from_millis(50);
 /// How long closing a healthy link waits for the acknowledgements of the
 /// notifications it sent.
 const CLOSE_DRAIN: Duration = Duration::from_secs(1);
@@ -283,7 +290,12 @@ impl TcpPost {
             return; // cancelled: finished already
         }
         match &self.notif {
-            Some(msg) => conns.enqueue_notif(msg.clone(), Some(self.clone()), None),
+            Some(msg) => {
+                // (Only a notification outside any transfer can be refused.)
+                if let Err(why) = conns.enqueue_notif(msg.clone(), Some(self.clone()), None) {
+                    self.finish(Err(Error::Backend(why)));
+                }
+            }
             None => self.finish(Ok(())),
         }
     }
@@ -526,27 +538,42 @@ impl Conns {
 
     /// Queues a notification on stream 0 (behind everything queued there, so
     /// in sequence order), with a new sequence number unless `seq` gives
-    /// the one it had (sent again). One outside any transfer (`post` none)
-    /// is kept in the outbox from now on, so connections that fail before
-    /// it was acknowledged do not lose it.
-    fn enqueue_notif(&self, msg: Arc<[u8]>, post: Option<Arc<TcpPost>>, seq: Option<u64>) {
+    /// the one it had (sent again: kept in the outbox already). A new one
+    /// outside any transfer (`post` none) is kept in the outbox from now on,
+    /// so connections that fail before it was acknowledged do not lose it.
+    ///
+    /// # Errors
+    /// When the outbox holds its limit of unacknowledged notifications.
+    fn enqueue_notif(
+        &self,
+        msg: Arc<[u8]>,
+        post: Option<Arc<TcpPost>>,
+        seq: Option<u64>,
+    ) -> std::result::Result<(), String> {
         let (queue, cv) = &self.queues[0];
         let mut q = queue.lock();
-        let seq = seq.unwrap_or_else(|| self.outbox.next_seq());
-        if post.is_none() {
-            self.outbox.keep(seq, &msg, self.generation);
-        }
+        let seq = match seq {
+            Some(seq) => seq,
+            None => {
+                let seq = self.outbox.next_seq();
+                if post.is_none() {
+                    self.outbox.admit(seq, &msg, self.generation)?;
+                }
+                seq
+            }
+        };
         if q.closed {
             drop(q);
             match post {
                 Some(post) => post.finish(Err(self.down_error())),
                 None => self.redeliver_later(),
             }
-            return;
+            return Ok(());
         }
         q.items.push_back(Out::Notif { msg, seq, post });
         drop(q);
         cv.notify_one();
+        Ok(())
     }
 
     /// Starts bringing the link back for the notifications its failed
@@ -806,52 +833,66 @@ fn fail_out(conns: &Conns, out: Out, err: &Error) {
 }
 
 /// Brings `link` back for the notifications in `outbox` (runs on a thread
-/// of its own): waits out the link's backoff and reconnects it, the new
-/// connection set sending them first ([`PeerLink::start`]). Gives up after
-/// [`REDELIVER_FOR`] of failed attempts, or when the link was closed or
-/// dropped, and reports what was not delivered.
+/// of its own, one per link at a time): waits out the link's backoff,
+/// reconnects it and queues them on the new connections ([`PeerLink::start`]
+/// queues them first), until they are all on connections that came up.
+/// Gives up, reporting what was not delivered, once no acknowledgement came
+/// for [`REDELIVER_FOR`] or when the link was closed or dropped.
 fn redeliver(link: &Weak<PeerLink>, outbox: &Outbox) {
-    let give_up = Instant::now() + REDELIVER_FOR;
     loop {
         let Some(link) = link.upgrade() else {
             outbox.redelivering.store(false, Ordering::Release);
             return; // dropped: its close reported them
         };
+        let Some(since) = outbox.stuck_since() else {
+            outbox.redelivering.store(false, Ordering::Release);
+            return; // all acknowledged meanwhile
+        };
+        let give_up = |why: &dyn std::fmt::Display| {
+            let (n, bytes) = outbox.take_all();
+            outbox.redelivering.store(false, Ordering::Release);
+            if n > 0 {
+                warn!(
+                    "Mooncake: {n} notification(s) ({bytes} bytes) to agent {} were not \
+                     delivered: {why}",
+                    link.peer
+                );
+            }
+        };
         let wait = match link.conns() {
             Ok(conns) => {
-                // Queued on these connections unless they were (a notification
-                // kept while the set before failed, after these were opened).
                 for (seq, msg) in outbox.claim(conns.generation) {
-                    conns.enqueue_notif(msg, None, Some(seq));
+                    // (One sent again is never refused.)
+                    let _ = conns.enqueue_notif(msg, None, Some(seq));
                 }
-                outbox.redelivering.store(false, Ordering::Release);
-                // Failed again before this thread let go: go on.
-                if conns.is_down()
-                    && !outbox.is_empty()
-                    && !outbox.redelivering.swap(true, Ordering::AcqRel)
-                {
-                    continue;
+                if conns.wait_all_up().is_ok() {
+                    outbox.redelivering.store(false, Ordering::Release);
+                    // One kept meanwhile on connections that failed, or
+                    // these failed already: go on.
+                    let again = outbox.unclaimed(conns.generation) || conns.is_down();
+                    if again && !outbox.redelivering.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    return;
                 }
-                return;
+                Duration::ZERO // failed: the next round waits out the backoff
             }
             Err(e) => match link.retry_in() {
-                Some(wait) if Instant::now() + wait < give_up => wait,
-                _ => {
-                    let (n, bytes) = outbox.take_all();
-                    outbox.redelivering.store(false, Ordering::Release);
-                    if n > 0 {
-                        warn!(
-                            "Mooncake: {n} notification(s) ({bytes} bytes) to agent {} were not \
-                             delivered: {e}",
-                            link.peer
-                        );
+                Some(wait) => {
+                    if since.elapsed() + wait >= REDELIVER_FOR {
+                        give_up(&e);
+                        return;
                     }
+                    wait
+                }
+                None => {
+                    give_up(&e);
                     return;
                 }
             },
         };
         drop(link);
-        std::thread::sleep(wait.max(Duration::from_millis(10)));
+        std::thread::sleep(wait.max(REDELIVER_PAUSE));
     }
 }
 
@@ -1193,7 +1234,8 @@ impl PeerLink {
             );
         }
         for (seq, msg) in again {
-            conns.enqueue_notif(msg, None, Some(seq));
+            // (One sent again is never refused.)
+            let _ = conns.enqueue_notif(msg, None, Some(seq));
         }
         for i in 0..n {
             for writer in [true, false] {
@@ -1295,8 +1337,9 @@ impl PeerLink {
     /// [`Error::RemoteDisconnect`] when the peer is unreachable or dead.
     pub fn send_notif(&self, msg: Vec<u8>) -> Result<()> {
         let conns = self.conns()?;
-        conns.enqueue_notif(Arc::from(msg), None, None);
-        Ok(())
+        conns
+            .enqueue_notif(Arc::from(msg), None, None)
+            .map_err(|why| Error::Backend(format!("agent {}: {why}", self.peer)))
     }
 
     /// Notifications sent and not acknowledged yet (for tests).
@@ -1558,7 +1601,7 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
                 seq,
                 msg,
             } if conns.acks_notifs.load(Ordering::Acquire) => {
-                conns.outbox.keep(*seq, msg, conns.generation);
+                conns.outbox.keep(*seq, msg, conns.generation, true);
             }
             _ => {}
         }
@@ -1590,6 +1633,13 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
     if done && let Out::Notif { post, seq, .. } = out {
         if !conns.acks_notifs.load(Ordering::Acquire) {
             conns.outbox.forget(*seq); // an older peer: written is all we know
+        } else if post.is_some() {
+            // Written whole: sent again like the others from now on (now, if
+            // these connections failed while it was being written).
+            conns.outbox.written(*seq);
+            if conns.is_down() {
+                conns.redeliver_later();
+            }
         }
         if let Some(post) = post {
             post.finish(Ok(()));
@@ -1835,9 +1885,10 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
     Ok(Got::Frame { body: h.body_len })
 }
 
-/// Receives a READ answer for GPU memory: into a staging buffer, then the
-/// device copies it into place under the post's cancel lock and pins,
-/// waited for, before the frame settles.
+/// Receives a READ answer for GPU memory through a staging buffer,
+/// pipelined ([`staging::recv_pipelined`]): the device copies each piece
+/// into place under the post's cancel lock and pins, all waited for before
+/// the frame settles.
 fn receive_staged(
     conns: &Conns,
     sock: &TcpStream,
@@ -1862,21 +1913,7 @@ fn receive_staged(
         stall: conns.stall(),
         deadline: None,
     };
-    let fd = sock.as_raw_fd();
-    let mut recv = |buf: RawRange, got: &mut usize, wait: bool| {
-        // SAFETY: `buf` lies in our own staging buffer, which nothing else
-        // uses.
-        unsafe {
-            io::recv_frame(
-                fd,
-                &[buf],
-                got,
-                &mut || Access::Memory(()),
-                wait.then_some(waits),
-            )
-        }
-        .map(|_| ())
-    };
+    let mut recv = staging::socket_step(sock.as_raw_fd(), &bounce, waits, true);
     let frame = p.frame;
     // Cancelled or failed: the data is thrown away.
     let mut hold = || {

@@ -14,10 +14,14 @@
 //!   caller was told it is on its way);
 //! - a transfer's from the moment its first byte is sent (the transfer
 //!   completes once it is written; one cut short while being written fails
-//!   its transfer instead, and is forgotten).
+//!   its transfer instead, and is forgotten): while it is being written it
+//!   is not sent again elsewhere.
 //!
 //! Each entry remembers the connection set it was queued on; those of a set
-//! that failed are queued again, first, on the next one.
+//! that failed are queued again on the next one (first, when that set was
+//! opened for them). At most [`MAX_UNACKED`] notifications or
+//! [`MAX_UNACKED_BYTES`] wait at once; the link gives them up (with a log
+//! line) once it could not bring them to the peer for a while.
 //!
 //! A target of an older build acknowledges nothing: its notifications are
 //! forgotten once written, as before.
@@ -28,11 +32,28 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+/// Most unacknowledged notifications of one link: beyond, `genNotif` fails.
+pub(super) const MAX_UNACKED: usize = 16384;
+/// Most bytes of unacknowledged notifications of one link.
+pub(super) const MAX_UNACKED_BYTES: usize = 64 << 20;
+
 /// One unacknowledged notification.
 struct Entry {
     msg: std::sync::Arc<[u8]>,
     /// The connection set it was last queued on.
     set: u64,
+    /// A transfer's notification being written: not to be sent elsewhere
+    /// until it was (or to be forgotten if that fails).
+    writing: bool,
+}
+
+/// The entries, their bytes, and since when the link failed to bring them
+/// to the peer.
+#[derive(Default)]
+struct Entries {
+    by_seq: BTreeMap<u64, Entry>,
+    bytes: usize,
+    stuck_since: Option<Instant>,
 }
 
 /// Unacknowledged notifications of one link, by sequence number.
@@ -41,7 +62,7 @@ pub(super) struct Outbox {
     /// sender engine with overwhelming probability, across restarts too).
     pub(super) id: u64,
     next: AtomicU64,
-    unacked: Mutex<BTreeMap<u64, Entry>>,
+    unacked: Mutex<Entries>,
     /// Signalled when an entry goes.
     drained: Condvar,
     /// A thread is bringing the link back to send them again.
@@ -67,42 +88,94 @@ impl Outbox {
     }
 
     /// Keeps `msg` (number `seq`, queued on connection set `set`) until it
-    /// is acknowledged.
-    pub(super) fn keep(&self, seq: u64, msg: &std::sync::Arc<[u8]>, set: u64) {
+    /// is acknowledged; `writing`: a transfer's, being written now.
+    pub(super) fn keep(&self, seq: u64, msg: &std::sync::Arc<[u8]>, set: u64, writing: bool) {
+        let mut e = self.unacked.lock();
+        e.bytes += msg.len();
         let entry = Entry {
             msg: msg.clone(),
             set,
+            writing,
         };
-        self.unacked.lock().insert(seq, entry);
+        if let Some(old) = e.by_seq.insert(seq, entry) {
+            e.bytes -= old.msg.len();
+        }
     }
 
-    /// Forgets notification `seq`: acknowledged, refused for good, or not
-    /// to be sent again.
+    /// Keeps `msg` like [`Outbox::keep`] unless the link holds its limit
+    /// of unacknowledged notifications already.
+    ///
+    /// # Errors
+    /// A sentence saying how many wait.
+    pub(super) fn admit(
+        &self,
+        seq: u64,
+        msg: &std::sync::Arc<[u8]>,
+        set: u64,
+    ) -> std::result::Result<(), String> {
+        {
+            let e = self.unacked.lock();
+            if e.by_seq.len() >= MAX_UNACKED || e.bytes + msg.len() > MAX_UNACKED_BYTES {
+                return Err(format!(
+                    "{} notifications ({} bytes) to this agent wait for its acknowledgement \
+                     (at most {MAX_UNACKED}, {MAX_UNACKED_BYTES} bytes)",
+                    e.by_seq.len(),
+                    e.bytes
+                ));
+            }
+        }
+        self.keep(seq, msg, set, false);
+        Ok(())
+    }
+
+    /// A transfer's notification `seq` was written whole: from now on it is
+    /// sent again like the others if its connections fail.
+    pub(super) fn written(&self, seq: u64) {
+        if let Some(e) = self.unacked.lock().by_seq.get_mut(&seq) {
+            e.writing = false;
+        }
+    }
+
+    /// Forgets notification `seq`: acknowledged (the link is not stuck),
+    /// refused for good, or not to be sent again.
     pub(super) fn forget(&self, seq: u64) {
-        let mut unacked = self.unacked.lock();
-        if unacked.remove(&seq).is_some() && unacked.is_empty() {
-            self.drained.notify_all();
+        let mut e = self.unacked.lock();
+        if let Some(old) = e.by_seq.remove(&seq) {
+            e.bytes -= old.msg.len();
+            e.stuck_since = None;
+            if e.by_seq.is_empty() {
+                self.drained.notify_all();
+            }
         }
     }
 
     /// True when nothing waits for an acknowledgement.
     pub(super) fn is_empty(&self) -> bool {
-        self.unacked.lock().is_empty()
+        self.unacked.lock().by_seq.is_empty()
     }
 
     /// How many wait for an acknowledgement.
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.unacked.lock().len()
+        self.unacked.lock().by_seq.len()
+    }
+
+    /// True when a notification that may be sent again is not queued on
+    /// connection set `set`.
+    pub(super) fn unclaimed(&self, set: u64) -> bool {
+        let e = self.unacked.lock();
+        e.by_seq.values().any(|e| e.set != set && !e.writing)
     }
 
     /// The notifications queued on sets other than `set` (which failed), now
     /// counted as queued on `set`, oldest first: the caller queues them there.
+    /// One being written is left where it is.
     pub(super) fn claim(&self, set: u64) -> Vec<(u64, std::sync::Arc<[u8]>)> {
         self.unacked
             .lock()
+            .by_seq
             .iter_mut()
-            .filter(|(_, e)| e.set != set)
+            .filter(|(_, e)| e.set != set && !e.writing)
             .map(|(seq, e)| {
                 e.set = set;
                 (*seq, e.msg.clone())
@@ -110,11 +183,22 @@ impl Outbox {
             .collect()
     }
 
+    /// Since when the link has failed to bring its notifications to the
+    /// peer (no acknowledgement came since): set now unless it was; `None`
+    /// when nothing waits.
+    pub(super) fn stuck_since(&self) -> Option<Instant> {
+        let mut e = self.unacked.lock();
+        if e.by_seq.is_empty() {
+            return None;
+        }
+        Some(*e.stuck_since.get_or_insert_with(Instant::now))
+    }
+
     /// Empties the outbox; returns how many notifications and bytes it held.
     pub(super) fn take_all(&self) -> (usize, usize) {
-        let mut unacked = self.unacked.lock();
-        let taken = (unacked.len(), unacked.values().map(|e| e.msg.len()).sum());
-        unacked.clear();
+        let mut e = self.unacked.lock();
+        let taken = (e.by_seq.len(), e.bytes);
+        *e = Entries::default();
         self.drained.notify_all();
         taken
     }
@@ -123,13 +207,13 @@ impl Outbox {
     /// true when the outbox is empty.
     pub(super) fn wait_drained(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
-        let mut unacked = self.unacked.lock();
-        while !unacked.is_empty() {
-            if self.drained.wait_until(&mut unacked, deadline).timed_out() {
+        let mut e = self.unacked.lock();
+        while !e.by_seq.is_empty() {
+            if self.drained.wait_until(&mut e, deadline).timed_out() {
                 break;
             }
         }
-        unacked.is_empty()
+        e.by_seq.is_empty()
     }
 }
 
@@ -151,14 +235,21 @@ struct Window {
 }
 
 impl Window {
+    /// True when `seq` was delivered before (or is too old to tell).
+    fn contains(&self, seq: u64) -> bool {
+        seq < self.base
+            || (seq - self.base < WINDOW
+                && self.bits[((seq % WINDOW) / 64) as usize] & (1 << (seq % 64)) != 0)
+    }
+
     /// Records `seq`; false when it was delivered before (or is too old).
     fn admit(&mut self, seq: u64) -> bool {
         if seq < self.base {
             return false;
         }
-        if seq >= self.base + WINDOW {
+        if seq - self.base >= WINDOW {
             // Slide: the numbers that fall out are forgotten.
-            let new_base = seq + 1 - WINDOW;
+            let new_base = seq - (WINDOW - 1);
             let gone = (new_base - self.base).min(WINDOW);
             for s in self.base..self.base + gone {
                 self.bits[((s % WINDOW) / 64) as usize] &= !(1 << (s % 64));
@@ -221,11 +312,10 @@ impl Delivered {
     /// before (a cheap check before reading its body).
     pub(super) fn seen(&self, sender: u128, link: u64, seq: u64) -> bool {
         let guard = self.links.lock();
-        guard.by_link.get(&(sender, link)).is_some_and(|w| {
-            seq < w.base
-                || (seq < w.base + WINDOW
-                    && w.bits[((seq % WINDOW) / 64) as usize] & (1 << (seq % 64)) != 0)
-        })
+        guard
+            .by_link
+            .get(&(sender, link))
+            .is_some_and(|w| w.contains(seq))
     }
 }
 
@@ -240,8 +330,8 @@ mod tests {
         let msg: Arc<[u8]> = Arc::from(&b"hello"[..]);
         let (a, b) = (outbox.next_seq(), outbox.next_seq());
         assert_eq!((a, b), (1, 2));
-        outbox.keep(b, &msg, 7);
-        outbox.keep(a, &msg, 8);
+        outbox.keep(b, &msg, 7, false);
+        outbox.keep(a, &msg, 8, false);
         assert_eq!(outbox.claim(8).iter().map(|e| e.0).collect::<Vec<_>>(), [b]);
         assert_eq!(
             outbox.claim(9).iter().map(|e| e.0).collect::<Vec<_>>(),
@@ -256,9 +346,41 @@ mod tests {
         outbox.forget(b);
         assert!(waiter.join().expect("the waiter"));
         assert!(outbox.is_empty());
-        outbox.keep(a, &msg, 1);
+        outbox.keep(a, &msg, 1, false);
         assert_eq!(outbox.take_all(), (1, 5));
         assert_eq!(outbox.len(), 0);
+        // A transfer's notification being written is not claimed elsewhere.
+        outbox.keep(a, &msg, 1, true);
+        assert!(!outbox.unclaimed(2) && outbox.claim(2).is_empty());
+        outbox.written(a);
+        assert!(outbox.unclaimed(2));
+        assert_eq!(outbox.claim(2).len(), 1);
+        // Stuck since the first time asked, until an acknowledgement.
+        outbox.keep(b, &msg, 2, false);
+        let t = outbox.stuck_since().expect("something waits");
+        assert_eq!(outbox.stuck_since(), Some(t));
+        outbox.forget(a);
+        assert_ne!(outbox.stuck_since(), Some(t), "progress");
+        outbox.forget(b);
+        assert_eq!(outbox.stuck_since(), None);
+    }
+
+    #[test]
+    fn the_unacknowledged_are_bounded() {
+        let outbox = Outbox::default();
+        let msg: Arc<[u8]> = Arc::from(vec![0u8; 1 << 20]);
+        for i in 0..(MAX_UNACKED_BYTES >> 20) as u64 {
+            outbox.admit(i + 1, &msg, 1).unwrap();
+        }
+        assert!(outbox.admit(1000, &msg, 1).is_err(), "bytes");
+        let small: Arc<[u8]> = Arc::from(&b"x"[..]);
+        let outbox = Outbox::default();
+        for i in 0..MAX_UNACKED as u64 {
+            outbox.admit(i + 1, &small, 1).unwrap();
+        }
+        assert!(outbox.admit(u64::MAX, &small, 1).is_err(), "count");
+        outbox.forget(1);
+        assert!(outbox.admit(u64::MAX, &small, 1).is_ok());
     }
 
     #[test]
@@ -286,6 +408,16 @@ mod tests {
         assert!(deliver(1, 1, 5 + 3 * WINDOW + 10));
         assert!(!deliver(1, 1, 5 + 3 * WINDOW));
         assert!(deliver(1, 1, 5 + 3 * WINDOW + 1));
+        // Numbers at the top of the range (a hostile peer's) do not overflow.
+        assert!(deliver(3, 1, u64::MAX));
+        assert!(!deliver(3, 1, u64::MAX) && d.seen(3, 1, u64::MAX));
+        assert!(deliver(3, 1, u64::MAX - 1) && !d.seen(3, 1, u64::MAX - 2));
+        assert!(!deliver(3, 1, 1), "far below the window");
+        assert!(deliver(4, 1, 1) && deliver(4, 1, u64::MAX));
+        assert!(
+            d.seen(4, 1, 2),
+            "slid past: an old number counts as delivered"
+        );
     }
 
     #[test]

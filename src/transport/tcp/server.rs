@@ -754,21 +754,7 @@ fn receive_staged(
             return Ok(Err(e));
         }
     };
-    let fd = stream.as_raw_fd();
-    let mut recv = |buf: RawRange, got: &mut usize, wait: bool| {
-        // SAFETY: `buf` lies in our own staging buffer, which nothing else
-        // uses.
-        unsafe {
-            io::recv_frame(
-                fd,
-                &[buf],
-                got,
-                &mut || Access::Memory(()),
-                wait.then_some(waits),
-            )
-        }
-        .map(|_| ())
-    };
+    let mut recv = staging::socket_step(stream.as_raw_fd(), &bounce, waits, true);
     let mut hold = || {
         let moving = fence.io.read();
         if fence.is_stale() {
@@ -838,20 +824,7 @@ fn send_staged(
         )
     }
     .map_err(|e| e.to_string())?;
-    let mut send = |buf: RawRange, sent: &mut usize, wait: bool| {
-        // SAFETY: `buf` lies in our own staging buffer.
-        unsafe {
-            io::send_frame(
-                fd,
-                &[],
-                &[buf],
-                sent,
-                &mut || Access::Memory(()),
-                wait.then_some(waits),
-            )
-        }
-        .map(|_| ())
-    };
+    let mut send = staging::socket_step(fd, &bounce, waits, false);
     let mut hold = || match pin_all_of(regions) {
         Some(pins) => Ok(Some(pins)),
         None => Err(Error::NotAllowed(
@@ -860,8 +833,11 @@ fn send_staged(
     };
     // SAFETY: the ranges lie inside `regions` (checked by `resolve`), pinned
     // by `hold`'s guard while copies out of them run.
-    unsafe { staging::send_pipelined(context, &bounce, ranges, &mut send, &mut hold) }?;
-    Ok(())
+    if unsafe { staging::send_pipelined(context, &bounce, ranges, &mut send, &mut hold) }? {
+        Ok(())
+    } else {
+        Err("the read answer was cut short".into())
+    }
 }
 
 fn read_segs(

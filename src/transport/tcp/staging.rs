@@ -1,12 +1,12 @@
 //! GPU memory over TCP: frames whose memory is on a device move through a
 //! pinned host buffer ([`cuda::HostBuffer`]).
 //!
-//! - Sending (an initiator's WRITE, a target's READ answer): the device
-//!   copies the frame's ranges into the buffer ([`gather`]), waited for,
-//!   then the buffer goes out on the socket.
-//! - Receiving (a target's WRITE, an initiator's READ answer): the frame is
+//! - Sending: an initiator's WRITE frame is copied from the device into a
+//!   buffer whole ([`gather`]), waited for, then sent; a target's READ
+//!   answer piece by piece ([`send_pipelined`]).
+//! - Receiving (a target's WRITE, an initiator's READ answer): each piece is
 //!   received into the buffer, then the device copies it into the ranges
-//!   ([`recv_pipelined`]), waited for, before the frame is acknowledged
+//!   ([`recv_pipelined`]), all waited for before the frame is acknowledged
 //!   (target) or settled (initiator): an acknowledgement, and so a
 //!   notification, means the bytes are in device memory.
 //!
@@ -24,9 +24,12 @@
 //! device is waited for and the pins are let go (taken again for the next
 //! copy).
 
-use super::io::RawRange;
+use std::os::fd::RawFd;
+
+use super::io::{self, Access, RawRange, Waits};
 use crate::common::{Error, LocalRegion, Result};
 use crate::cuda::{self, Copier, HostBuffer};
+use crate::wire::region::range_within;
 
 /// Bytes of one piece of a pipelined frame.
 pub const PIECE: usize = 256 << 10;
@@ -39,6 +42,33 @@ pub const PIPE_BYTES: usize = 2 * PIECE;
 /// error); without, only what the socket takes or has now. Returns the I/O
 /// error that ends the frame.
 pub type SocketStep<'a> = dyn FnMut(RawRange, &mut usize, bool) -> std::io::Result<()> + 'a;
+
+/// The [`SocketStep`] of a pipelined frame on socket `fd`: receives into
+/// (`recv`) or sends from a range of `bounce`, waiting as `waits` says when
+/// asked to. A range outside `bounce` is refused.
+pub fn socket_step<'a>(
+    fd: RawFd,
+    bounce: &'a HostBuffer,
+    waits: Waits<'a>,
+    recv: bool,
+) -> impl FnMut(RawRange, &mut usize, bool) -> std::io::Result<()> + 'a {
+    move |buf: RawRange, done: &mut usize, wait: bool| {
+        if !range_within(bounce.addr(), bounce.len() as u64, buf.addr, buf.len as u64) {
+            return Err(std::io::Error::other("a range outside the staging buffer"));
+        }
+        let (waits, mut mine) = (wait.then_some(waits), || Access::Memory(()));
+        // SAFETY: `buf` lies in `bounce` (checked above), our own staging
+        // buffer, which no other code uses while the pipeline runs.
+        unsafe {
+            if recv {
+                io::recv_frame(fd, &[buf], done, &mut mine, waits)
+            } else {
+                io::send_frame(fd, &[], &[buf], done, &mut mine, waits)
+            }
+        }
+        .map(|_| ())
+    }
+}
 
 /// What keeps the GPU ranges of a frame usable while device copies into or
 /// out of them run (pins, locks), taken before queueing copies and let go

@@ -7,6 +7,7 @@ use crate::wire::conn_info;
 use crate::wire::frame::{HEADER_LEN, Header, Kind};
 use crate::wire::region::RegionPublic;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub(super) const TCP: &[(&str, &str)] = &[("protocol", "tcp"), ("ip_addr", "127.0.0.1")];
 
@@ -800,29 +801,31 @@ fn tcp_server_of(e: &Engine) -> Arc<crate::transport::tcp::TcpServer> {
         .clone()
 }
 
+/// Cuts `b`'s connections from agent "A" right after `b` delivered its first
+/// numbered notification, before the acknowledgement; the flag says it did.
+fn cut_after_first_delivery(b: &Engine) -> (crate::common::fault::Guard, Arc<AtomicBool>) {
+    let server = tcp_server_of(b);
+    let fired = Arc::new(AtomicBool::new(false));
+    let hook = {
+        let fired = fired.clone();
+        crate::common::fault::set("tcp.server.notif_delivered", b.endpoint.token, move || {
+            if !fired.swap(true, Ordering::AcqRel) {
+                server.close_from(&AgentName::from("A"));
+            }
+        })
+    };
+    (hook, fired)
+}
+
 #[test]
 fn a_notification_whose_acknowledgement_is_lost_is_sent_again_and_delivered_once() {
     let p = pair_with(4096, true, TCP);
-    // The first delivery's connection breaks before its acknowledgement.
-    let server = tcp_server_of(&p.b);
-    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _hook = {
-        let fired = fired.clone();
-        crate::common::fault::set(
-            "tcp.server.notif_delivered",
-            p.b.endpoint.token,
-            move || {
-                if !fired.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                    server.close_from(&AgentName::from("A"));
-                }
-            },
-        )
-    };
+    let (_hook, fired) = cut_after_first_delivery(&p.b);
     p.a.gen_notif(b"B", b"once").unwrap();
     let l = link(&p.a, "B");
     // Sent again on new connections, recognised there, acknowledged.
     wait_for("the notification to be acknowledged", || {
-        fired.load(std::sync::atomic::Ordering::Acquire) && l.unacked_notifs() == 0
+        fired.load(Ordering::Acquire) && l.unacked_notifs() == 0
     });
     p.a.gen_notif(b"B", b"after").unwrap();
     let got = notifs_until(&p.b, 2);
@@ -835,26 +838,13 @@ fn a_notification_whose_acknowledgement_is_lost_is_sent_again_and_delivered_once
 #[test]
 fn a_transfer_s_notification_whose_acknowledgement_is_lost_is_delivered_once() {
     let p = pair_with(64 << 10, true, TCP);
-    let server = tcp_server_of(&p.b);
-    let fired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let _hook = {
-        let fired = fired.clone();
-        crate::common::fault::set(
-            "tcp.server.notif_delivered",
-            p.b.endpoint.token,
-            move || {
-                if !fired.swap(true, std::sync::atomic::Ordering::AcqRel) {
-                    server.close_from(&AgentName::from("A"));
-                }
-            },
-        )
-    };
+    let (_hook, fired) = cut_after_first_delivery(&p.b);
     let id = p.whole(Op::Write);
     p.a.post_xfer(id, Some(b"xfer")).unwrap();
     assert_eq!(wait(&p.a, id), Ok(Status::Success));
     let l = link(&p.a, "B");
     wait_for("the notification to be acknowledged", || {
-        fired.load(std::sync::atomic::Ordering::Acquire) && l.unacked_notifs() == 0
+        fired.load(Ordering::Acquire) && l.unacked_notifs() == 0
     });
     // The next transfer's notification follows the first, which came once.
     p.a.post_xfer(id, Some(b"next")).unwrap();
@@ -865,4 +855,25 @@ fn a_transfer_s_notification_whose_acknowledgement_is_lost_is_delivered_once() {
     wait_for("the second acknowledgement", || l.unacked_notifs() == 0);
     assert!(p.b.get_notifs().is_empty(), "a copy came later");
     assert_eq!(p.bbuf, p.abuf);
+}
+
+#[test]
+fn notifications_for_a_peer_that_never_comes_back_are_given_up() {
+    let p = pair_with(4096, true, TCP);
+    let (_hook, fired) = cut_after_first_delivery(&p.b);
+    // Delivered, its acknowledgement lost, then the peer's listener goes:
+    // nothing can take it again.
+    p.a.gen_notif(b"B", b"orphan").unwrap();
+    wait_for("the first delivery", || fired.load(Ordering::Acquire));
+    tcp_server_of(&p.b).shutdown();
+    let l = link(&p.a, "B");
+    let t0 = std::time::Instant::now();
+    wait_for("the notification to be given up", || {
+        l.unacked_notifs() == 0
+    });
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "given up after the test's REDELIVER_FOR of 3 s (and a backoff), not held on"
+    );
+    assert_eq!(notifs_until(&p.b, 1).len(), 1, "delivered the one time");
 }

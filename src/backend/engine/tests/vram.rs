@@ -605,6 +605,9 @@ fn vmm_chunks_shared_by_descriptor_are_mapped_by_a_same_host_peer() {
     let public = RegionPublic::decode(&p.b.public_data(p.their_md).unwrap()).unwrap();
     let vmm = public.vmm.expect("shareable VMM chunks are published");
     assert_eq!(vmm.pieces.len(), 3);
+    // Their descriptors are open here while the region is registered.
+    let open = crate::common::memory::VmmShared::open_fds();
+    assert!(open >= 3);
     assert!(public.ipc.is_none());
     let imports = gpu.live_vmm_imports();
     // A WRITE across both chunk boundaries, at unaligned offsets, then a
@@ -628,11 +631,15 @@ fn vmm_chunks_shared_by_descriptor_are_mapped_by_a_same_host_peer() {
     assert_eq!(wait(&p.a, back), Ok(Status::Success));
     assert!(p.ours[4096..4096 + (3 << 20)].iter().all(|&x| x == 0x5a));
     assert_eq!(gpu.live_vmm_imports(), imports + 3, "the mapping is reused");
-    // Deregistered by its owner: refused, nothing lands.
+    // Deregistered by its owner: its descriptors are closed; refused,
+    // nothing lands.
     p.b.deregister_mem(p.their_md).unwrap();
+    assert_eq!(crate::common::memory::VmmShared::open_fds(), open - 3);
     p.fill_theirs(0);
-    p.a.post_xfer(id, None).unwrap();
-    assert!(matches!(wait(&p.a, id), Err(Error::NotAllowed(_))));
+    // (Refused at the post, or when the job finds it: the route's view of
+    // the region may be new or cached.)
+    let refused = p.a.post_xfer(id, None).and_then(|_| wait(&p.a, id));
+    assert!(matches!(refused, Err(Error::NotAllowed(_))), "{refused:?}");
     assert!(p.theirs().iter().all(|&x| x == 0));
     // Closed once the requests that used them are released.
     let _ = p.a.release_req(id); // (it reports the request's failure)
@@ -658,4 +665,23 @@ fn vmm_chunks_without_the_descriptor_handle_type_are_refused_under_protocol_cma(
         other => panic!("cma without shareable chunks: {other:?}"),
     }
     same_bytes!(p.theirs(), vec![0u8; p.theirs.len], "nothing moved");
+}
+
+#[test]
+fn unloading_a_vmm_region_closes_its_mapping() {
+    let gpu = fake();
+    let _alone = gpu.exclusive();
+    let p = vmm_pair(2, true);
+    let imports = gpu.live_vmm_imports();
+    let id = p.prep(Op::Write, 0, p.theirs.len);
+    p.a.post_xfer(id, None).unwrap();
+    assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    p.a.release_req(id).unwrap();
+    assert_eq!(gpu.live_vmm_imports(), imports + 2, "mapped, and kept");
+    p.a.unload_md(p.remote).unwrap();
+    assert_eq!(
+        gpu.live_vmm_imports(),
+        imports,
+        "closed with the unloaded region: the peer's memory is not held"
+    );
 }
