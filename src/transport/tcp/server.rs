@@ -833,10 +833,10 @@ fn send_staged(
     };
     // SAFETY: the ranges lie inside `regions` (checked by `resolve`), pinned
     // by `hold`'s guard while copies out of them run.
-    if unsafe { staging::send_pipelined(context, &bounce, ranges, &mut send, &mut hold) }? {
-        Ok(())
-    } else {
-        Err("the read answer was cut short".into())
+    match unsafe { staging::send_pipelined(context, &bounce, ranges, &mut send, &mut hold) } {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the read answer was cut short".into()),
+        Err(why) => Err(why.to_string()),
     }
 }
 

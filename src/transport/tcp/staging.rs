@@ -2,8 +2,10 @@
 //! pinned host buffer ([`cuda::HostBuffer`]).
 //!
 //! - Sending: an initiator's WRITE frame is copied from the device into a
-//!   buffer whole ([`gather`]), waited for, then sent; a target's READ
-//!   answer piece by piece ([`send_pipelined`]).
+//!   buffer whole ([`gather`]), waited for, then sent, each system call
+//!   asking the post's cancel lock, so that none of it goes once the post
+//!   was released or its region deregistered (zeros go instead); a target's
+//!   READ answer is copied and sent piece by piece ([`send_pipelined`]).
 //! - Receiving (a target's WRITE, an initiator's READ answer): each piece is
 //!   received into the buffer, then the device copies it into the ranges
 //!   ([`recv_pipelined`]), all waited for before the frame is acknowledged
@@ -165,12 +167,30 @@ pub unsafe fn recv_pipelined<G>(
     Ok(outcome)
 }
 
+/// Why [`send_pipelined`] stopped before the end of its frame.
+#[derive(Debug)]
+pub enum SendStop {
+    /// The socket failed: the connection is lost.
+    Socket(std::io::Error),
+    /// The device (or `hold`) failed: the rest of the frame was not sent.
+    Stage(Error),
+}
+
+impl std::fmt::Display for SendStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendStop::Socket(e) => write!(f, "{e}"),
+            SendStop::Stage(e) => write!(f, "staging GPU memory failed: {e}"),
+        }
+    }
+}
+
 /// Copies `ranges`' bytes out of the device and sends them (`send`), a
 /// [`PIECE`] at a time through the halves of `bounce` (at least
 /// [`PIPE_BYTES`]): the copy of the next piece overlaps the sending of one.
-/// Returns the socket's error, or a device or `hold` error (the frame is
-/// cut then: the caller ends the connection), or `Ok(false)` when `hold`
-/// said to stop (nothing more is sent).
+/// Returns `Ok(true)` when all went, `Ok(false)` when `hold` said to stop,
+/// else why it stopped; in both cases the rest of the frame was not sent
+/// (the caller completes it or ends the connection).
 ///
 /// # Safety
 /// Every range must lie in GPU memory that stays allocated while `hold`'s
@@ -181,18 +201,18 @@ pub unsafe fn send_pipelined<G>(
     ranges: &[RawRange],
     send: &mut SocketStep<'_>,
     hold: &mut Hold<'_, G>,
-) -> std::result::Result<bool, String> {
+) -> std::result::Result<bool, SendStop> {
     let total: usize = ranges.iter().map(|r| r.len).sum();
     let piece = PIECE.min(bounce.len() / 2).max(1);
     let count = total.div_ceil(piece);
     let mut held: Option<G> = None;
     let mut copier: Option<Copier<'static>> = None;
-    let failed = |e: Error| format!("staging a read of GPU memory failed: {e}");
+    let failed = SendStop::Stage;
     // Queues the copy of piece `k` into its half, holding the memory.
     let mut gather = |copier: &mut Option<Copier<'static>>,
                       held: &mut Option<G>,
                       k: usize|
-     -> std::result::Result<bool, String> {
+     -> std::result::Result<bool, SendStop> {
         if held.is_none() {
             match hold().map_err(failed)? {
                 Some(g) => *held = Some(g),
@@ -231,14 +251,14 @@ pub unsafe fn send_pipelined<G>(
             len: n,
         };
         let mut sent = 0;
-        send(buf, &mut sent, false).map_err(|e| e.to_string())?;
+        send(buf, &mut sent, false).map_err(SendStop::Socket)?;
         if sent < n {
             // About to wait on the network: the next piece's copy first.
             if let Some(c) = copier.as_mut() {
                 c.wait().map_err(failed)?;
             }
             held = None;
-            send(buf, &mut sent, true).map_err(|e| e.to_string())?;
+            send(buf, &mut sent, true).map_err(SendStop::Socket)?;
         }
     }
     if let Some(c) = copier.as_mut() {
@@ -503,7 +523,7 @@ mod pipeline_tests {
                 &mut hold,
             )
         };
-        assert_eq!(sent, Ok(true));
+        assert!(matches!(sent, Ok(true)), "{sent:?}");
         assert!(drain.join().unwrap() == data, "the bytes went out in order");
         assert!(waited.load(Ordering::SeqCst) > 0, "the sender had to wait");
         assert_eq!(held.load(Ordering::SeqCst), 0);
