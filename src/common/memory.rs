@@ -148,10 +148,25 @@ pub struct VmmShared {
 static EXPORTED_FDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl VmmShared {
+    /// Counts `n` more exported descriptors unless that would pass
+    /// `budget`; false then. Each counted descriptor is handed to
+    /// [`VmmShared::new`] or given back with [`VmmShared::unreserve`].
+    pub fn try_reserve(n: usize, budget: usize) -> bool {
+        EXPORTED_FDS
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                open.checked_add(n).filter(|&total| total <= budget)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `n` descriptors counted by [`VmmShared::try_reserve`].
+    pub fn unreserve(n: usize) {
+        EXPORTED_FDS.fetch_sub(n, Ordering::Relaxed);
+    }
+
     /// The chunks `export` describes, with their descriptors `fds` (counted
-    /// in [`VmmShared::open_fds`] while this lives).
+    /// by [`VmmShared::try_reserve`] before, given back when this goes).
     pub fn new(export: VmmExport, fds: Vec<std::os::fd::OwnedFd>) -> VmmShared {
-        EXPORTED_FDS.fetch_add(fds.len(), Ordering::Relaxed);
         VmmShared {
             export: Arc::new(export),
             fds,

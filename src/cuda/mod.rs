@@ -213,8 +213,9 @@ fn ipc_disabled(base: u64, size: u64) -> bool {
 
 /// The VMM chunks `pieces` exported as POSIX file descriptors, or `None`
 /// (with a line saying why) when the driver gives none: the chunks were
-/// created without that handle type, too many chunks, or no VMM entry
-/// points. Peers then stage through TCP.
+/// created without that handle type, too many chunks, more descriptors
+/// than the process's budget ([`fd_budget`]), or no VMM entry points.
+/// Peers then stage through TCP.
 fn export_vmm(driver: &Driver, context: usize, pieces: &[DevicePiece]) -> Option<VmmShared> {
     let (base, size) = (pieces[0].base, pieces.iter().map(|p| p.size).sum::<u64>());
     if ipc_disabled(base, size) {
@@ -229,8 +230,9 @@ fn export_vmm(driver: &Driver, context: usize, pieces: &[DevicePiece]) -> Option
         );
         return None;
     }
+    let _current = context::Current::enter(driver, context).ok()?;
     let budget = fd_budget();
-    if VmmShared::open_fds() + pieces.len() > budget {
+    if !VmmShared::try_reserve(pieces.len(), budget) {
         log::warn!(
             "GPU memory {base:#x}+{size}: sharing its {} VMM chunks would keep more than {budget} \
              descriptors open (a quarter of the process's limit, RLIMIT_NOFILE); peers on this \
@@ -239,7 +241,6 @@ fn export_vmm(driver: &Driver, context: usize, pieces: &[DevicePiece]) -> Option
         );
         return None;
     }
-    let _current = context::Current::enter(driver, context).ok()?;
     let mut fds = Vec::with_capacity(pieces.len());
     let mut chunks = Vec::with_capacity(pieces.len());
     for p in pieces {
@@ -272,6 +273,7 @@ fn export_vmm(driver: &Driver, context: usize, pieces: &[DevicePiece]) -> Option
                 p.size,
                 driver.describe(rc)
             );
+            VmmShared::unreserve(pieces.len());
             return None; // the descriptors so far are closed with `fds`
         }
         // SAFETY: a fresh descriptor the driver gave us to own.

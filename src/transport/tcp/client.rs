@@ -291,7 +291,7 @@ impl TcpPost {
         }
         match &self.notif {
             Some(msg) => {
-                // (Only a notification outside any transfer can be refused.)
+                // (Refused when the peer holds too many unacknowledged.)
                 if let Err(why) = conns.enqueue_notif(msg.clone(), Some(self.clone()), None) {
                     self.finish(Err(Error::Backend(why)));
                 }
@@ -556,8 +556,10 @@ impl Conns {
             Some(seq) => seq,
             None => {
                 let seq = self.outbox.next_seq();
-                if post.is_none() {
-                    self.outbox.admit(seq, &msg, self.generation)?;
+                match post {
+                    None => self.outbox.admit(seq, &msg, self.generation)?,
+                    // A transfer's is kept once written; room is checked now.
+                    Some(_) => self.outbox.room_for(msg.len())?,
                 }
                 seq
             }
@@ -580,7 +582,7 @@ impl Conns {
     /// connections left unacknowledged (unless nothing waits, or a thread
     /// does so already): see [`redeliver`].
     fn redeliver_later(&self) {
-        if self.outbox.is_empty() || self.outbox.redelivering.swap(true, Ordering::AcqRel) {
+        if self.outbox.is_empty() || self.outbox.redelivering.swap(true, Ordering::SeqCst) {
             return;
         }
         let (link, outbox) = (self.link.clone(), self.outbox.clone());
@@ -588,7 +590,7 @@ impl Conns {
             .name("mooncake-renotif".into())
             .spawn(move || redeliver(&link, &outbox));
         if let Err(e) = spawned {
-            self.outbox.redelivering.store(false, Ordering::Release);
+            self.outbox.redelivering.store(false, Ordering::SeqCst);
             warn!(
                 "Mooncake: cannot start a thread to send notifications to agent {} again: {e}",
                 self.peer
@@ -751,7 +753,9 @@ impl Conns {
             }
             // Cleanliness is known before anyone can see the link down, so
             // a use that finds it down also finds whether to reconnect.
-            if closed_between_frames && !outstanding && !queued && all_up {
+            // (Notifications waiting for acknowledgement are outstanding too.)
+            if closed_between_frames && !outstanding && !queued && all_up && self.outbox.is_empty()
+            {
                 self.clean_close.store(true, Ordering::Release);
             }
             *down = Some(err.clone());
@@ -837,20 +841,21 @@ fn fail_out(conns: &Conns, out: Out, err: &Error) {
 /// reconnects it and queues them on the new connections ([`PeerLink::start`]
 /// queues them first), until they are all on connections that came up.
 /// Gives up, reporting what was not delivered, once no acknowledgement came
-/// for [`REDELIVER_FOR`] or when the link was closed or dropped.
+/// for [`REDELIVER_FOR`] while the link is not up, or when the link was
+/// closed or dropped.
 fn redeliver(link: &Weak<PeerLink>, outbox: &Outbox) {
     loop {
         let Some(link) = link.upgrade() else {
-            outbox.redelivering.store(false, Ordering::Release);
+            outbox.redelivering.store(false, Ordering::SeqCst);
             return; // dropped: its close reported them
         };
         let Some(since) = outbox.stuck_since() else {
-            outbox.redelivering.store(false, Ordering::Release);
+            outbox.redelivering.store(false, Ordering::SeqCst);
             return; // all acknowledged meanwhile
         };
         let give_up = |why: &dyn std::fmt::Display| {
             let (n, bytes) = outbox.take_all();
-            outbox.redelivering.store(false, Ordering::Release);
+            outbox.redelivering.store(false, Ordering::SeqCst);
             if n > 0 {
                 warn!(
                     "Mooncake: {n} notification(s) ({bytes} bytes) to agent {} were not \
@@ -859,6 +864,11 @@ fn redeliver(link: &Weak<PeerLink>, outbox: &Outbox) {
                 );
             }
         };
+        let left = REDELIVER_FOR.saturating_sub(since.elapsed());
+        if left.is_zero() && !link.is_up() {
+            give_up(&format_args!("no acknowledgement for {REDELIVER_FOR:?}"));
+            return;
+        }
         let wait = match link.conns() {
             Ok(conns) => {
                 for (seq, msg) in outbox.claim(conns.generation) {
@@ -866,11 +876,13 @@ fn redeliver(link: &Weak<PeerLink>, outbox: &Outbox) {
                     let _ = conns.enqueue_notif(msg, None, Some(seq));
                 }
                 if conns.wait_all_up().is_ok() {
-                    outbox.redelivering.store(false, Ordering::Release);
+                    outbox.redelivering.store(false, Ordering::SeqCst);
                     // One kept meanwhile on connections that failed, or
                     // these failed already: go on.
                     let again = outbox.unclaimed(conns.generation) || conns.is_down();
-                    if again && !outbox.redelivering.swap(true, Ordering::AcqRel) {
+                    if again && !outbox.redelivering.swap(true, Ordering::SeqCst) {
+                        drop(link);
+                        std::thread::sleep(REDELIVER_PAUSE);
                         continue;
                     }
                     return;
@@ -878,13 +890,7 @@ fn redeliver(link: &Weak<PeerLink>, outbox: &Outbox) {
                 Duration::ZERO // failed: the next round waits out the backoff
             }
             Err(e) => match link.retry_in() {
-                Some(wait) => {
-                    if since.elapsed() + wait >= REDELIVER_FOR {
-                        give_up(&e);
-                        return;
-                    }
-                    wait
-                }
+                Some(wait) => wait.min(left),
                 None => {
                     give_up(&e);
                     return;
@@ -1109,6 +1115,12 @@ impl PeerLink {
             outbox: Arc::default(),
             this: this.clone(),
         })
+    }
+
+    /// True while the link's connections are all up.
+    fn is_up(&self) -> bool {
+        matches!(&*self.state.lock(), LinkState::Up(c)
+            if !c.is_down() && c.socks.iter().all(|s| s.get().is_some()))
     }
 
     /// How long until the next use may reconnect: zero when it may now,
@@ -1792,7 +1804,7 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
             let mut reason = vec![0u8; h.body_len as usize];
             io::read_exact(sock, &mut reason).map_err(lost)?;
             conns.refused_notifs.fetch_add(1, Ordering::Relaxed);
-            conns.outbox.forget(h.tag); // refused for good: not sent again
+            conns.outbox.acked(h.tag); // refused for good: not sent again
             error!(
                 "Mooncake: agent {} refused a notification of {} bytes: {}",
                 conns.peer,
@@ -1800,7 +1812,7 @@ fn receive(conns: &Conns, sock: &TcpStream) -> Result<Got> {
                 String::from_utf8_lossy(&reason)
             );
         }
-        Kind::NotifAck => conns.outbox.forget(h.tag),
+        Kind::NotifAck => conns.outbox.acked(h.tag),
         Kind::WriteAck => {
             if h.body_len != 0 {
                 return Err(Error::RemoteDisconnect(format!(

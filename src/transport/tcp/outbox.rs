@@ -113,18 +113,37 @@ impl Outbox {
         msg: &std::sync::Arc<[u8]>,
         set: u64,
     ) -> std::result::Result<(), String> {
-        {
-            let e = self.unacked.lock();
-            if e.by_seq.len() >= MAX_UNACKED || e.bytes + msg.len() > MAX_UNACKED_BYTES {
-                return Err(format!(
-                    "{} notifications ({} bytes) to this agent wait for its acknowledgement \
-                     (at most {MAX_UNACKED}, {MAX_UNACKED_BYTES} bytes)",
-                    e.by_seq.len(),
-                    e.bytes
-                ));
-            }
+        let mut e = self.unacked.lock();
+        Self::check_room(&e, msg.len())?;
+        e.bytes += msg.len();
+        let entry = Entry {
+            msg: msg.clone(),
+            set,
+            writing: false,
+        };
+        if let Some(old) = e.by_seq.insert(seq, entry) {
+            e.bytes -= old.msg.len();
         }
-        self.keep(seq, msg, set, false);
+        Ok(())
+    }
+
+    /// Whether a notification of `len` bytes would fit now.
+    ///
+    /// # Errors
+    /// As [`Outbox::admit`].
+    pub(super) fn room_for(&self, len: usize) -> std::result::Result<(), String> {
+        Self::check_room(&self.unacked.lock(), len)
+    }
+
+    fn check_room(e: &Entries, len: usize) -> std::result::Result<(), String> {
+        if e.by_seq.len() >= MAX_UNACKED || e.bytes + len > MAX_UNACKED_BYTES {
+            return Err(format!(
+                "{} notifications ({} bytes) to this agent wait for its acknowledgement \
+                 (at most {MAX_UNACKED}, {MAX_UNACKED_BYTES} bytes)",
+                e.by_seq.len(),
+                e.bytes
+            ));
+        }
         Ok(())
     }
 
@@ -136,14 +155,26 @@ impl Outbox {
         }
     }
 
-    /// Forgets notification `seq`: acknowledged (the link is not stuck),
-    /// refused for good, or not to be sent again.
+    /// Forgets notification `seq`: not to be sent again.
     pub(super) fn forget(&self, seq: u64) {
+        self.remove(seq, false);
+    }
+
+    /// The peer answered notification `seq` (acknowledged or refused for
+    /// good): forgotten, and the link is not stuck.
+    pub(super) fn acked(&self, seq: u64) {
+        self.remove(seq, true);
+    }
+
+    fn remove(&self, seq: u64, answered: bool) {
         let mut e = self.unacked.lock();
         if let Some(old) = e.by_seq.remove(&seq) {
             e.bytes -= old.msg.len();
-            e.stuck_since = None;
+            if answered {
+                e.stuck_since = None;
+            }
             if e.by_seq.is_empty() {
+                e.stuck_since = None;
                 self.drained.notify_all();
             }
         }
@@ -222,9 +253,13 @@ impl Outbox {
 /// number again only while it is unacknowledged, and sends the unacknowledged
 /// ones first on new connections, so its numbers arrive at most a few
 /// in-flight notifications out of order.
-const WINDOW: u64 = 4096;
-/// Links remembered by one target; beyond it the least recently used goes.
-const MAX_LINKS: usize = 4096;
+/// Larger than the most a link keeps unacknowledged ([`MAX_UNACKED`]), so
+/// that one sent again behind all of those is still recognised.
+const WINDOW: u64 = 32768;
+/// Links remembered by one target (4 KiB each); beyond it the least
+/// recently used goes.
+const MAX_LINKS: usize = 1024;
+const _: () = assert!(WINDOW > MAX_UNACKED as u64);
 
 /// The numbers of one link delivered lately: a bitmap over
 /// `[base, base + WINDOW)`.
@@ -360,8 +395,11 @@ mod tests {
         let t = outbox.stuck_since().expect("something waits");
         assert_eq!(outbox.stuck_since(), Some(t));
         outbox.forget(a);
+        assert_eq!(outbox.stuck_since(), Some(t), "forgotten is not answered");
+        outbox.keep(a, &msg, 2, false);
+        outbox.acked(a);
         assert_ne!(outbox.stuck_since(), Some(t), "progress");
-        outbox.forget(b);
+        outbox.acked(b);
         assert_eq!(outbox.stuck_since(), None);
     }
 
