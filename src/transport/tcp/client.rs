@@ -494,8 +494,9 @@ struct Conns {
 }
 
 impl Conns {
-    /// Declares the peer dead if it answered nothing for the stall timeout
-    /// while requests are outstanding.
+    /// Declares the peer dead if it neither answered nor took data for the
+    /// stall timeout while requests are outstanding (a peer that reads
+    /// slowly is alive).
     fn watchdog(&self) {
         let timeout = self.stall_timeout;
         // Streams still connecting have their own connect and hello timeouts.
@@ -507,7 +508,8 @@ impl Conns {
         }
         if self.last_progress.lock().elapsed() > timeout {
             self.fail_all(Error::RemoteDisconnect(format!(
-                "agent {} answered nothing for {timeout:?} while transfers were outstanding",
+                "agent {} neither answered nor took data for {timeout:?} while transfers were \
+                 outstanding",
                 self.peer
             )));
         }
@@ -1632,6 +1634,7 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
         ..
     } = o;
     let fd = sock.as_raw_fd();
+    let before = *sent;
     let done = match out {
         Out::Frame { post, frame, .. } if post.plan.op == Op::Write => {
             let frame = *frame;
@@ -1642,6 +1645,9 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
         // SAFETY: no memory ranges, only `head`.
         _ => unsafe { io::send_frame::<()>(fd, head, &[], sent, &mut || Access::Zeros, waits) }?,
     };
+    if *sent > before {
+        conns.progress(); // the peer takes data: it is alive
+    }
     if done && let Out::Notif { post, seq, .. } = out {
         if !conns.acks_notifs.load(Ordering::Acquire) {
             conns.outbox.forget(*seq); // an older peer: written is all we know

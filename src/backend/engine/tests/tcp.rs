@@ -655,7 +655,7 @@ fn a_hung_peer_is_caught_by_the_stall_timeout() {
     assert_eq!(a.post_xfer(id, None), Ok(Status::InProg));
     let result = wait(&a, id);
     assert!(
-        matches!(&result, Err(Error::RemoteDisconnect(m)) if m.contains("answered nothing")),
+        matches!(&result, Err(Error::RemoteDisconnect(m)) if m.contains("neither answered nor took data")),
         "{result:?}"
     );
     assert!(started.elapsed() >= Duration::from_millis(300));
