@@ -54,8 +54,8 @@ pub const OPTION_SPECS: &[OptionSpec] = &[
     OptionSpec {
         name: "timeout_ms",
         default: "30000",
-        help: "a peer that answers nothing for this long while transfers to it are \
-               outstanding is declared dead (NIXL_ERR_REMOTE_DISCONNECT); 0 disables",
+        help: "a peer that neither answers nor takes data for this long while transfers \
+               to it are outstanding is declared dead (NIXL_ERR_REMOTE_DISCONNECT); 0 disables",
     },
     OptionSpec {
         name: "busy_poll_us",

@@ -83,8 +83,8 @@ pub struct Config {
     pub port: u16,
     /// TCP streams per peer; `None` = per core count.
     pub streams: Option<usize>,
-    /// A peer that answers nothing for this long while work is outstanding
-    /// is declared dead; zero disables.
+    /// A peer that neither answers nor takes data for this long while work
+    /// is outstanding is declared dead; zero disables.
     pub timeout: Duration,
     /// How long a served TCP connection busy-polls for the next request.
     pub busy_poll: Duration,

@@ -59,8 +59,8 @@ pub struct TcpConfig {
     /// Most data bytes per frame (large descriptors are sliced to this size,
     /// small ones batched up to it).
     pub frame_bytes: u64,
-    /// A peer that answers nothing for this long while work is outstanding
-    /// is declared dead (0 disables).
+    /// A peer that neither answers nor takes data for this long while work
+    /// is outstanding is declared dead (0 disables).
     pub stall_timeout: Duration,
     /// How long after an application thread's last poll a stream's reader
     /// thread takes the stream back (see [`Receiver`]).

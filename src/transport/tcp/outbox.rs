@@ -34,8 +34,10 @@ use parking_lot::{Condvar, Mutex};
 
 /// Most unacknowledged notifications of one link: beyond, `genNotif` fails.
 pub(super) const MAX_UNACKED: usize = 16384;
-/// Most bytes of unacknowledged notifications of one link.
-pub(super) const MAX_UNACKED_BYTES: usize = 64 << 20;
+/// Most bytes of unacknowledged notifications of one link: as much as a
+/// target's inbox takes from all its senders, so that a sender is never
+/// refused here what the target would still take.
+pub(super) const MAX_UNACKED_BYTES: usize = 256 << 20;
 
 /// One unacknowledged notification.
 struct Entry {
