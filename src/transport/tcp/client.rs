@@ -121,6 +121,10 @@ pub struct TcpPost {
     /// Set once the post finished, failed or was cancelled: none of its data
     /// moves between a socket and its memory any more.
     stopped: AtomicBool,
+    /// Set by `cancel` before it takes `io`: a pipelined GPU frame, whose
+    /// thread holds `io` shared across system calls, sends zeros from then
+    /// on (see [`TcpPost::may_send_held`]).
+    cancelling: AtomicBool,
     /// Held shared for each system call that moves the post's data between
     /// a socket and its memory (streams move frames of one post in
     /// parallel; no call waits), exclusively by `cancel`, so that nothing
@@ -133,8 +137,6 @@ pub struct TcpPost {
     /// The stream a small post was sent on by the posting thread (see
     /// [`Receiver`]); `NO_STREAM` otherwise.
     inline_stream: AtomicUsize,
-    /// Most data bytes of one frame (the size of its staging buffer).
-    frame_limit: u64,
 }
 
 const NO_STREAM: usize = usize::MAX;
@@ -187,12 +189,12 @@ impl TcpPost {
             outstanding: AtomicUsize::new(count),
             error: Mutex::new(None),
             stopped: AtomicBool::new(false),
+            cancelling: AtomicBool::new(false),
             io: RwLock::new(()),
             conns,
             completion: Completion::default(),
             notif: notif.map(Arc::from),
             inline_stream: AtomicUsize::new(NO_STREAM),
-            frame_limit: frame_bytes,
         }
     }
 
@@ -318,6 +320,24 @@ impl TcpPost {
             }
         }
     }
+
+    /// Whether frame `i`'s staged bytes may still go, asked by a thread that
+    /// holds [`TcpPost::access`]'s guard already (and so must not take the
+    /// cancel lock again: a waiting `cancel` would block it): not once the
+    /// post stopped, a release waits for the lock, or a local region's
+    /// deregistration started (which fails the post).
+    fn may_send_held(&self, i: usize) -> bool {
+        if self.is_stopped() || self.cancelling.load(Ordering::Acquire) {
+            return false;
+        }
+        if self.pin_local(i).is_none() {
+            self.fail(Error::InvalidParam(
+                "a local region was deregistered during the transfer".into(),
+            ));
+            return false;
+        }
+        true
+    }
 }
 
 impl Transfer for TcpPost {
@@ -347,6 +367,7 @@ impl Transfer for TcpPost {
     /// for the network: they do not wait), then stops the post: frames cut
     /// short go on as zeros or are thrown away.
     fn cancel(&self) {
+        self.cancelling.store(true, Ordering::Release);
         let _moving = self.io.write();
         self.finish(Err(Error::Canceled(
             "the request was released while in flight".into(),
@@ -380,6 +401,9 @@ struct Outgoing {
     ranges: Vec<RawRange>,
     /// A Write frame's data, copied from GPU memory before it is sent.
     staged: Option<HostBuffer>,
+    /// A Write frame of GPU memory sent pipelined: the device context and
+    /// a buffer of [`staging::PIPE_BYTES`] (see [`send_pipelined_write`]).
+    pipeline: Option<(usize, HostBuffer)>,
     sent: usize,
 }
 
@@ -1573,6 +1597,7 @@ impl Outgoing {
             head,
             ranges,
             staged: None,
+            pipeline: None,
             sent: 0,
         }
     }
@@ -1584,7 +1609,7 @@ impl Outgoing {
 /// is not sent (nor its notification).
 fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::io::Result<bool> {
     if o.sent == 0 {
-        stage(o);
+        stage(o, wait);
     }
     if o.sent == 0 {
         match &o.out {
@@ -1626,6 +1651,11 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
         stall: conns.stall(),
         deadline: None,
     });
+    let fd = sock.as_raw_fd();
+    if let (Some(waits), Some(_)) = (waits, &o.pipeline) {
+        send_pipelined_write(conns, fd, o, waits)?;
+        return Ok(true);
+    }
     let Outgoing {
         out,
         head,
@@ -1633,7 +1663,6 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
         sent,
         ..
     } = o;
-    let fd = sock.as_raw_fd();
     let before = *sent;
     let done = match out {
         Out::Frame { post, frame, .. } if post.plan.op == Op::Write => {
@@ -1666,26 +1695,39 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
     Ok(done)
 }
 
-/// Copies the GPU memory a Write frame carries into a staging buffer
-/// (once, before its first byte is sent), under the post's cancel lock and
-/// pins; the frame then sends the buffer. A device error fails the post,
-/// and the frame is skipped like one of a stopped post.
-fn stage(o: &mut Outgoing) {
+/// Readies a Write frame of GPU memory before its first byte is sent: a
+/// frame of more than one [`staging::PIECE`] sent by a thread that may wait
+/// (the stream's writer) gets a pipeline buffer ([`send_pipelined_write`]);
+/// a smaller one (or one a posting thread sends without waiting) is copied
+/// into a staging buffer whole, under the post's cancel lock and pins, and
+/// the frame then sends the buffer. A device error fails the post, and the
+/// frame is skipped like one of a stopped post.
+fn stage(o: &mut Outgoing, wait: bool) {
     let Out::Frame { post, frame, .. } = &o.out else {
         return;
     };
-    if post.plan.op != Op::Write || o.staged.is_some() {
+    if post.plan.op != Op::Write || o.staged.is_some() || o.pipeline.is_some() {
         return;
     }
     let Some(context) = post.device_context(*frame) else {
         return;
     };
+    let bytes = post.frame_bytes(*frame);
+    if wait && bytes > staging::PIECE as u64 {
+        match staging::buffer(context, staging::PIPE_BYTES) {
+            Ok(b) => o.pipeline = Some((context, b)),
+            Err(e) => post.fail(e),
+        }
+        return;
+    }
     let staged = match post.access(*frame) {
         // SAFETY: the frame's ranges lie in regions checked at prep time,
         // pinned (with the cancel lock) until the device copies were
-        // waited for; the buffer holds a whole frame.
+        // waited for; the buffer holds a whole frame (pooled beside the
+        // pipelines' buffers: one size).
         Access::Memory(_guard) => {
-            staging::buffer(context, post.frame_limit as usize).and_then(|b| {
+            let len = staging::PIPE_BYTES.max(bytes as usize);
+            staging::buffer(context, len).and_then(|b| {
                 unsafe { staging::gather(context, &post.local_ranges(*frame), &b) }.map(|()| b)
             })
         }
@@ -1694,11 +1736,106 @@ fn stage(o: &mut Outgoing) {
     };
     match staged {
         Ok(b) => {
-            o.ranges = vec![staging::range_of(&b, post.frame_bytes(*frame) as usize)];
+            o.ranges = vec![staging::range_of(&b, bytes as usize)];
             o.staged = Some(b);
         }
         Err(e) => post.fail(e),
     }
+}
+
+/// Sends a Write frame of GPU memory pipelined ([`staging::send_pipelined`],
+/// through `o.pipeline`'s buffer): the device copies the next piece out of
+/// the frame's memory, under the post's cancel lock and pins, while the
+/// previous one is on the socket. Every system call sends the buffer's bytes
+/// only while the post may still send them (zeros otherwise), as
+/// [`TcpPost::access`] decides for host memory, so nothing of the frame goes
+/// once a release or deregistration started. A post stopped in the middle of
+/// the frame, or a device error (which fails the post), sends the rest as
+/// zeros: the frame was announced whole. Returns the socket's error.
+fn send_pipelined_write(
+    conns: &Conns,
+    fd: std::os::fd::RawFd,
+    o: &mut Outgoing,
+    waits: Waits<'_>,
+) -> std::io::Result<()> {
+    let Outgoing {
+        out: Out::Frame { post, frame, .. },
+        head,
+        pipeline: Some((context, bounce)),
+        sent,
+        ..
+    } = o
+    else {
+        unreachable!("called for a pipelined Write frame");
+    };
+    let frame = *frame;
+    let before = *sent;
+    // SAFETY: no memory ranges, only the header and segment table.
+    unsafe { io::send_frame::<()>(fd, head, &[], sent, &mut || Access::Zeros, Some(waits)) }?;
+    if *sent > before {
+        conns.progress();
+    }
+    let ranges = post.local_ranges(frame);
+    let total: usize = ranges.iter().map(|r| r.len).sum();
+    // Under `hold`'s guard the thread holds the cancel lock and pins
+    // already; otherwise each system call takes them, as for host memory.
+    let mut may_go = |step: staging::Step| {
+        if !step.held {
+            return match post.access(frame) {
+                Access::Memory(g) => Access::Memory(Some(g)),
+                Access::Zeros => Access::Zeros,
+                Access::Stop => Access::Stop,
+            };
+        }
+        match post.may_send_held(frame) {
+            true => Access::Memory(None),
+            false => Access::Zeros,
+        }
+    };
+    let mut step = staging::socket_step(fd, bounce, waits, false, &mut may_go);
+    let mut data = 0;
+    let mut counted = |buf: RawRange, done: &mut usize, s: staging::Step| {
+        let was = *done;
+        let result = step(buf, done, s);
+        if *done > was {
+            data += *done - was;
+            conns.progress(); // the peer takes data: it is alive
+        }
+        result
+    };
+    // Stopped (released, failed, a region deregistered): the rest is zeros.
+    let mut hold = || {
+        Ok(match post.access(frame) {
+            Access::Memory(guard) => Some(guard),
+            _ => None,
+        })
+    };
+    // SAFETY: the ranges lie in regions checked at prep time, pinned (with
+    // the cancel lock) by `hold`'s guard while device copies out of them run.
+    let outcome =
+        unsafe { staging::send_pipelined(*context, bounce, &ranges, &mut counted, &mut hold) };
+    match outcome {
+        Ok(_) => {}
+        Err(staging::SendStop::Stage(e)) => post.fail(e),
+        Err(staging::SendStop::Socket(e)) => return Err(e),
+    }
+    // SAFETY: zeros only: `ranges` give the lengths, their memory is not read.
+    let mut at = data;
+    unsafe {
+        io::send_frame::<()>(
+            fd,
+            &[],
+            &ranges,
+            &mut at,
+            &mut || Access::Zeros,
+            Some(waits),
+        )
+    }?;
+    if at > data {
+        conns.progress();
+    }
+    *sent = head.len() + total;
+    Ok(())
 }
 
 fn read_loop(conns: &Conns, i: usize) {
@@ -1931,7 +2068,7 @@ fn receive_staged(
         stall: conns.stall(),
         deadline: None,
     };
-    let mut recv = staging::socket_step(sock.as_raw_fd(), &bounce, waits, true);
+    let mut recv = staging::socket_step(sock.as_raw_fd(), &bounce, waits, true, staging::always);
     let frame = p.frame;
     // Cancelled or failed: the data is thrown away.
     let mut hold = || {

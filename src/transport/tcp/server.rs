@@ -754,7 +754,7 @@ fn receive_staged(
             return Ok(Err(e));
         }
     };
-    let mut recv = staging::socket_step(stream.as_raw_fd(), &bounce, waits, true);
+    let mut recv = staging::socket_step(stream.as_raw_fd(), &bounce, waits, true, staging::always);
     let mut hold = || {
         let moving = fence.io.read();
         if fence.is_stale() {
@@ -824,7 +824,7 @@ fn send_staged(
         )
     }
     .map_err(|e| e.to_string())?;
-    let mut send = staging::socket_step(fd, &bounce, waits, false);
+    let mut send = staging::socket_step(fd, &bounce, waits, false, staging::always);
     let mut hold = || match pin_all_of(regions) {
         Some(pins) => Ok(Some(pins)),
         None => Err(Error::NotAllowed(

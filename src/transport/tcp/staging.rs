@@ -1,30 +1,29 @@
 //! GPU memory over TCP: frames whose memory is on a device move through a
 //! pinned host buffer ([`cuda::HostBuffer`]).
 //!
-//! - Sending: an initiator's WRITE frame is copied from the device into a
-//!   buffer whole ([`gather`]), waited for, then sent, each system call
-//!   asking the post's cancel lock, so that none of it goes once the post
-//!   was released or its region deregistered (zeros go instead); a target's
-//!   READ answer is copied and sent piece by piece ([`send_pipelined`]).
+//! - Sending (an initiator's WRITE, a target's READ answer): the device
+//!   copies a piece of the frame into the buffer, which is then sent
+//!   ([`send_pipelined`]). An initiator's frame asks the post, before every
+//!   system call, whether its bytes may still go: none of it goes once the
+//!   post was released or a region's deregistration started (zeros go
+//!   instead), as for host memory. Frames of at most one piece (those a
+//!   posting thread sends itself) are copied whole ([`gather`]) and waited
+//!   for before the send.
 //! - Receiving (a target's WRITE, an initiator's READ answer): each piece is
 //!   received into the buffer, then the device copies it into the ranges
 //!   ([`recv_pipelined`]), all waited for before the frame is acknowledged
 //!   (target) or settled (initiator): an acknowledgement, and so a
 //!   notification, means the bytes are in device memory.
 //!
-//! Both run under the caller's pins (and cancel lock), so deregistration and
-//! release wait for the device copies as they wait for a system call.
-//! Frames of one post travel on several streams at once, so the device
-//! copies of one frame overlap the socket I/O of others.
-//!
-//! A target's WRITE data and READ answers, and an initiator's READ answers,
-//! are also pipelined inside a frame ([`recv_pipelined`], [`send_pipelined`]):
-//! pieces of [`PIECE`] bytes alternate between the two halves of one buffer,
-//! so that the device copy of one piece runs while the next is on the
-//! socket. The rule above holds: no thread waits on the network while a copy
-//! it queued may still run, so before a socket call that would wait, the
-//! device is waited for and the pins are let go (taken again for the next
-//! copy).
+//! Pieces of [`PIECE`] bytes alternate between the two halves of one
+//! buffer, so that the device copy of one piece runs while the next is on
+//! the socket; frames of one post travel on several streams at once, so the
+//! device copies of one frame also overlap the socket I/O of others. The
+//! copies run under the caller's pins (and cancel lock or connection
+//! fence), so deregistration and release wait for them as they wait for a
+//! system call. No thread waits on the network while a copy it queued may
+//! still run: before a socket call that would wait, the device is waited
+//! for and the pins are let go (taken again for the next copy).
 
 use std::os::fd::RawFd;
 
@@ -39,37 +38,57 @@ pub const PIECE: usize = 256 << 10;
 /// The size of a pipelined staging buffer: two pieces.
 pub const PIPE_BYTES: usize = 2 * PIECE;
 
+/// How a [`SocketStep`] is called.
+#[derive(Clone, Copy, Debug)]
+pub struct Step {
+    /// Move all of the piece, waiting on the socket as needed; else only
+    /// what the socket takes or has now.
+    pub wait: bool,
+    /// The pipeline holds `hold`'s guard during the call (so the memory the
+    /// piece comes from or goes to cannot go away meanwhile, and the step
+    /// must not take that guard again).
+    pub held: bool,
+}
+
 /// Moves one piece between the socket and a range of the staging buffer,
-/// from byte `*done` of it on: with `wait`, until all of it moved (or an
-/// error); without, only what the socket takes or has now. Returns the I/O
-/// error that ends the frame.
-pub type SocketStep<'a> = dyn FnMut(RawRange, &mut usize, bool) -> std::io::Result<()> + 'a;
+/// from byte `*done` of it on, as [`Step`] says. Returns the I/O error that
+/// ends the frame.
+pub type SocketStep<'a> = dyn FnMut(RawRange, &mut usize, Step) -> std::io::Result<()> + 'a;
 
 /// The [`SocketStep`] of a pipelined frame on socket `fd`: receives into
 /// (`recv`) or sends from a range of `bounce`, waiting as `waits` says when
-/// asked to. A range outside `bounce` is refused.
-pub fn socket_step<'a>(
+/// asked to. Before each system call it asks `access` whether the buffer's
+/// bytes may move (zeros go, or the bytes are thrown away, when not). A
+/// range outside `bounce` is refused.
+pub fn socket_step<'a, G>(
     fd: RawFd,
     bounce: &'a HostBuffer,
     waits: Waits<'a>,
     recv: bool,
-) -> impl FnMut(RawRange, &mut usize, bool) -> std::io::Result<()> + 'a {
-    move |buf: RawRange, done: &mut usize, wait: bool| {
+    mut access: impl FnMut(Step) -> Access<G> + 'a,
+) -> impl FnMut(RawRange, &mut usize, Step) -> std::io::Result<()> + 'a {
+    move |buf: RawRange, done: &mut usize, step: Step| {
         if !range_within(bounce.addr(), bounce.len() as u64, buf.addr, buf.len as u64) {
             return Err(std::io::Error::other("a range outside the staging buffer"));
         }
-        let (waits, mut mine) = (wait.then_some(waits), || Access::Memory(()));
+        let waits = step.wait.then_some(waits);
+        let mut access = || access(step);
         // SAFETY: `buf` lies in `bounce` (checked above), our own staging
         // buffer, which no other code uses while the pipeline runs.
         unsafe {
             if recv {
-                io::recv_frame(fd, &[buf], done, &mut mine, waits)
+                io::recv_frame(fd, &[buf], done, &mut access, waits)
             } else {
-                io::send_frame(fd, &[], &[buf], done, &mut mine, waits)
+                io::send_frame(fd, &[], &[buf], done, &mut access, waits)
             }
         }
         .map(|_| ())
     }
+}
+
+/// A [`socket_step`] `access` for a buffer whose bytes may always move.
+pub fn always(_: Step) -> Access<()> {
+    Access::Memory(())
 }
 
 /// What keeps the GPU ranges of a frame usable while device copies into or
@@ -120,7 +139,7 @@ pub unsafe fn recv_pipelined<G>(
             }
         }
         let mut got = 0;
-        recv(buf, &mut got, false)?;
+        recv(buf, &mut got, step(false, held.is_some()))?;
         if got < n {
             // About to wait on the network: nothing of ours may run on the
             // device with the memory held meanwhile.
@@ -131,7 +150,7 @@ pub unsafe fn recv_pipelined<G>(
             }
             marked = [false; 2];
             held = None;
-            recv(buf, &mut got, true)?;
+            recv(buf, &mut got, step(true, false))?;
         }
         if outcome.is_ok() && held.is_none() {
             match hold() {
@@ -251,14 +270,14 @@ pub unsafe fn send_pipelined<G>(
             len: n,
         };
         let mut sent = 0;
-        send(buf, &mut sent, false).map_err(SendStop::Socket)?;
+        send(buf, &mut sent, step(false, held.is_some())).map_err(SendStop::Socket)?;
         if sent < n {
             // About to wait on the network: the next piece's copy first.
             if let Some(c) = copier.as_mut() {
                 c.wait().map_err(failed)?;
             }
             held = None;
-            send(buf, &mut sent, true).map_err(SendStop::Socket)?;
+            send(buf, &mut sent, step(true, false)).map_err(SendStop::Socket)?;
         }
     }
     if let Some(c) = copier.as_mut() {
@@ -267,6 +286,11 @@ pub unsafe fn send_pipelined<G>(
     drop(copier);
     drop(held);
     Ok(true)
+}
+
+/// A [`Step`].
+fn step(wait: bool, held: bool) -> Step {
+    Step { wait, held }
 }
 
 /// Runs `queue` on the copier, made first if needed.
@@ -411,20 +435,23 @@ mod pipeline_tests {
     /// A socket step over `s` in our own buffers: moves what the socket
     /// takes or has now, or all of it with `wait` (then it first checks
     /// that no guard lives: no thread waits on the network while it holds
-    /// memory that copies may use).
+    /// memory that copies may use). It checks that the pipeline says
+    /// truly whether it holds a guard.
     fn step(
         s: &UnixStream,
         held: &Arc<AtomicUsize>,
         waited: &AtomicUsize,
         recv: bool,
-    ) -> impl FnMut(RawRange, &mut usize, bool) -> std::io::Result<()> {
+    ) -> impl FnMut(RawRange, &mut usize, Step) -> std::io::Result<()> {
         let (fd, held) = (s.as_raw_fd(), held.clone());
-        move |buf: RawRange, done: &mut usize, wait: bool| {
-            if wait {
-                assert_eq!(held.load(Ordering::SeqCst), 0, "waiting with memory held");
+        move |buf: RawRange, done: &mut usize, s: Step| {
+            let live = held.load(Ordering::SeqCst);
+            assert_eq!(s.held, live > 0, "the step is told whether memory is held");
+            if s.wait {
+                assert_eq!(live, 0, "waiting with memory held");
                 waited.fetch_add(1, Ordering::SeqCst);
             }
-            let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
+            let (wait, flags) = (s.wait, if s.wait { 0 } else { libc::MSG_DONTWAIT });
             while *done < buf.len {
                 let p = (buf.addr as usize + *done) as *mut libc::c_void;
                 // SAFETY: the rest of `buf`, our own staging buffer.

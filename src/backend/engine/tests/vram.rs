@@ -349,6 +349,58 @@ fn the_notification_arrives_only_after_the_device_finished_copying_on(path: &[(&
     gpu.set_copy_delay_us(0);
 }
 
+#[test]
+fn a_write_frame_of_gpu_memory_goes_out_while_the_device_copies_the_rest() {
+    // Over TCP the initiator's WRITE frames of GPU memory are pipelined:
+    // the target holds the frame's first bytes while the device is still
+    // copying later pieces out of the frame. (Staged whole, nothing of a
+    // frame would be sent before its last copy.)
+    let gpu = fake();
+    let _knobs = gpu.exclusive();
+    let (a, b) = connected("PA", "PB", PATHS[1]);
+    // One frame of 16 ranges, one device copy each, in reverse order so that
+    // no two are adjacent.
+    let (block, n) = (64 << 10, 16);
+    let len = block * n;
+    let data = pattern(len, 5);
+    let src = device_with(0, &data);
+    let dst = vec![0u8; len];
+    let smd = a.register_mem(src.ptr, len as u64, VRAM_SEG, 0).unwrap();
+    let (_, dmd) = share(&a, &b, b"PB", dst.as_ptr() as u64, len, DRAM_SEG, 0);
+    let local: Vec<Desc> = (0..n)
+        .map(|i| desc(src.ptr + ((n - 1 - i) * block) as u64, block, smd))
+        .collect();
+    let remote: Vec<Desc> = (0..n)
+        .map(|i| desc(dst.as_ptr() as u64 + (i * block) as u64, block, dmd))
+        .collect();
+    let id = a.prep_xfer(Op::Write, &local, &remote, b"PB").unwrap();
+    gpu.set_copy_delay_us(20_000);
+    let before = gpu.copies();
+    let _ = a.post_xfer(id, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let overlapped = loop {
+        // SAFETY: a byte of our own buffer, which the target's receive may
+        // be writing meanwhile (read as it is, never through a reference).
+        let first = unsafe { std::ptr::read_volatile(dst.as_ptr()) };
+        let copied = gpu.copies() - before;
+        if first != 0 {
+            break copied < n as u64;
+        }
+        assert!(Instant::now() < deadline, "no byte of the frame arrived");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(wait(&a, id), Ok(Status::Success));
+    gpu.set_copy_delay_us(0);
+    let want: Vec<u8> = (0..n)
+        .flat_map(|i| data[(n - 1 - i) * block..(n - i) * block].to_vec())
+        .collect();
+    same_bytes!(dst, want, "the frame");
+    assert!(
+        overlapped,
+        "the frame's first bytes arrived only after every device copy of it"
+    );
+}
+
 /// Posts a device copy while the fake's streams are paused (so it stays
 /// queued on the device), then runs `act` on another thread: `act` must
 /// not return while the copy is queued, and after it returned no byte of
