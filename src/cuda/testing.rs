@@ -33,6 +33,7 @@ pub struct FakeGpu {
     mem_free: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
     shadow: unsafe extern "C" fn(CuDevicePtr) -> *mut c_void,
     set_copy_delay_us: unsafe extern "C" fn(c_uint),
+    fail_after_copies: unsafe extern "C" fn(std::ffi::c_long, c_int),
     pause_streams: unsafe extern "C" fn(c_int),
     copies: unsafe extern "C" fn() -> u64,
     pending_copies: unsafe extern "C" fn() -> u64,
@@ -73,6 +74,7 @@ pub fn fake() -> &'static FakeGpu {
             mem_free: sym!("cuMemFree_v2"),
             shadow: sym!("fake_cuda_shadow"),
             set_copy_delay_us: sym!("fake_cuda_set_copy_delay_us"),
+            fail_after_copies: sym!("fake_cuda_fail_after_copies"),
             pause_streams: sym!("fake_cuda_pause_streams"),
             copies: sym!("fake_cuda_copies"),
             pending_copies: sym!("fake_cuda_pending_copies"),
@@ -212,6 +214,15 @@ impl FakeGpu {
         unsafe { (self.set_copy_delay_us)(us) }
     }
 
+    /// After `n` more successful copies the next one fails with CUDA error
+    /// `error` (one-shot; errors 700..799 are sticky on the context, as on
+    /// the real driver). Disarmed when the guard is dropped.
+    pub fn fail_after_copies(&'static self, n: i64, error: i32) -> Armed {
+        // SAFETY: a plain setter of the fake.
+        unsafe { (self.fail_after_copies)(n as std::ffi::c_long, error) };
+        Armed(self)
+    }
+
     /// While the guard lives, no stream starts another operation (dropping
     /// it resumes them, also when a test fails).
     pub fn pause_streams(&'static self) -> Paused {
@@ -246,6 +257,17 @@ impl Drop for Paused {
     fn drop(&mut self) {
         // SAFETY: a plain setter of the fake.
         unsafe { (self.0.pause_streams)(0) }
+    }
+}
+
+/// An injected copy failure, disarmed when dropped (see
+/// [`FakeGpu::fail_after_copies`]).
+pub struct Armed(&'static FakeGpu);
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        // SAFETY: a plain setter of the fake.
+        unsafe { (self.0.fail_after_copies)(-1, 0) }
     }
 }
 

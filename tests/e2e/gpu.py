@@ -655,6 +655,74 @@ def case_xp(args) -> None:
             child.wait(timeout=S.OP_TIMEOUT)
 
 
+def ended(a, h, what: str, bound: float = 30.0) -> str:
+    """Polls `h` until it is no longer in progress (at most `bound` seconds):
+    its final state, or the name of the NIXL error that ended it."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            st = a.check_xfer_state(h)
+            if st != "PROC":
+                return st
+        except Exception as e:  # the expected end of a failing transfer
+            assert S.is_nixl_error(e), repr(e)
+            return type(e).__name__
+        assert time.monotonic() - t0 < bound, f"{what} neither failed nor finished within {bound} s"
+        time.sleep(1e-3)
+
+
+def case_xp_fault(args) -> None:
+    """A device error in the middle of a WRITE of our VRAM over TCP (the fake
+    fails the 6th device copy with an illegal address, a sticky fault as on a
+    GPU): the transfer fails (never DONE, never a hang), its notification is
+    not delivered, and the link stays in step: a DRAM WRITE right after it on
+    the same connections arrives whole."""
+    gpu = Gpu()
+    assert gpu.fake, "the fault is injected into the fake driver"
+    size = 8 * MiB
+    child, chan = spawn_target("tcp", size)
+    try:
+        hello = chan.recv()
+        a = S.new_agent_with("gpu-initiator", "tcp")
+        a.add_remote_agent(S.unb64(hello["md"]))
+        src = gpu.alloc(0, size)
+        gpu.write(src, S.fast_pattern(size, 63))
+        register_vram(a, src, size, 0)
+        host_src = S.fast_pattern(size, 64)
+        S.register(a, host_src)
+        # 1 MiB frames, each copied out of the device in 256 KiB pieces.
+        gpu.lib.fake_cuda_fail_after_copies(ctypes.c_long(5), 0)
+        h = a.initialize_xfer("WRITE", vram_descs(a, src, size, 0),
+                              a.get_xfer_descs([(hello["wbuf"], size, hello["dev"])], "VRAM"),
+                              "gpu-target", b"never")
+        outcome = a.transfer(h)
+        if outcome == "PROC":
+            outcome = ended(a, h, "the WRITE with a device error")
+        log(f"a device error in the middle of a VRAM WRITE: the WRITE ended as {outcome}")
+        assert outcome != "DONE", "a WRITE whose device copies failed reported DONE"
+        try:
+            a.release_xfer_handle(h)
+        except Exception as e:
+            assert S.is_nixl_error(e), repr(e)
+        h = a.initialize_xfer("WRITE", S.xfer_descs(a, host_src),
+                              a.get_xfer_descs([(hello["hbuf"], size, 0)], "DRAM"),
+                              "gpu-target", b"after")
+        S.post(a, h, "WRITE DRAM->DRAM after the device error")
+        chan.send(cmd="check", what="the DRAM WRITE after the device error",
+                  sender="gpu-initiator", notifs=[S.b64(b"after")], buf="hbuf",
+                  sha=S.sha256(host_src), reset="")
+        reply = chan.recv()
+        assert reply["ok"], f"target reports: {reply.get('error')}"
+        log("the link stayed in step: 8 MiB DRAM WRITE verified, only its notification delivered")
+        a.release_xfer_handle(h)
+        chan.send(cmd="quit")
+        assert child.wait(timeout=S.OP_TIMEOUT) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()  # only our own child, on failure
+            child.wait(timeout=S.OP_TIMEOUT)
+
+
 def case_xp_kill(args) -> None:
     """SIGKILL of the target while a VRAM READ from it is in flight: the
     request fails (never DONE, never a hang), then a new target works."""
@@ -683,17 +751,7 @@ def case_xp_kill(args) -> None:
         t0 = time.monotonic()
         child.kill()
         child.wait(timeout=S.OP_TIMEOUT)
-        outcome = None
-        while outcome is None:
-            try:
-                st = a.check_xfer_state(h)
-                if st != "PROC":
-                    outcome = st
-            except Exception as e:  # the expected end: a NIXL error
-                assert S.is_nixl_error(e), repr(e)
-                outcome = type(e).__name__
-            assert time.monotonic() - t0 < 30, "the READ neither failed nor finished within 30 s"
-            time.sleep(1e-3)
+        outcome = ended(a, h, "the READ")
         gpu.set_copy_delay_us(0)
         log(f"after SIGKILL of the target the READ ended as {outcome} in "
             f"{(time.monotonic() - t0) * 1e3:.0f} ms")
@@ -757,6 +815,7 @@ def main() -> None:
                    help="the target's memory: cuMemAlloc, or VMM chunks of 2 MiB made with "
                         "(shared) or without (private) the POSIX file descriptor handle type")
     s.set_defaults(fn=case_xp)
+    sub.add_parser("xp_fault").set_defaults(fn=case_xp_fault)
     s = sub.add_parser("xp_kill")
     s.add_argument("--protocol", choices=["auto", "tcp"], default="tcp")
     s.set_defaults(fn=case_xp_kill)

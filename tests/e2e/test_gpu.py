@@ -97,6 +97,12 @@ def test_sigkill_of_the_target_during_a_vram_read_then_a_new_target(runner, fake
     assert "after SIGKILL of the target the READ ended as nixl" in text, text
 
 
+def test_a_device_error_in_a_vram_write_fails_it_and_the_link_stays_in_step(runner, fake_cuda):
+    text = run_case(runner, "xp_fault", env=fake_cuda)
+    assert "the WRITE ended as nixl" in text, text
+    assert "the link stayed in step" in text, text
+
+
 def test_registration_mismatches_are_refused(runner, fake_cuda):
     text = run_case(runner, "bad", env=fake_cuda)
     # One log line of ours per refusal, naming the mismatch.

@@ -12,10 +12,13 @@
 //! No thread waits for the network while it holds a request's memory: every
 //! system call that touches registered memory is non-blocking and made under
 //! pins and the post's cancel lock taken for that call only (see
-//! [`io::send_frame`]). So `releaseReqH` and `deregisterMem` wait for one
-//! system call at most, and a frame cut short by either goes on as zeros
-//! (sent) or is thrown away (received), keeping the stream whole: a cancel
-//! never gives up on a connection. A post ends only when every one of its
+//! [`io::send_frame`]); a frame of GPU memory holds them across the device
+//! copies of a piece and the non-waiting system calls beside them, and lets
+//! them go before any wait (see [`super::staging`]). So `releaseReqH` and
+//! `deregisterMem` wait for one system call or one frame's device copies at
+//! most, and a frame cut short by either goes on as zeros (sent) or is
+//! thrown away (received), keeping the stream whole: a cancel never gives up
+//! on a connection. A post ends only when every one of its
 //! frames was settled (answered, refused, skipped or lost with its
 //! connection), so a repost never overlaps frames of the previous post.
 //!
@@ -127,8 +130,9 @@ pub struct TcpPost {
     cancelling: AtomicBool,
     /// Held shared for each system call that moves the post's data between
     /// a socket and its memory (streams move frames of one post in
-    /// parallel; no call waits), exclusively by `cancel`, so that nothing
-    /// moves after it returned.
+    /// parallel; no call waits), and across the device copies of a staged
+    /// piece; exclusively by `cancel`, so that nothing moves after it
+    /// returned.
     io: RwLock<()>,
     /// The connections the post runs on.
     conns: Weak<Conns>,
@@ -363,9 +367,9 @@ impl Transfer for TcpPost {
         self.plan.total_bytes / frames * left
     }
 
-    /// Waits for the system call moving the post's data right now (never
-    /// for the network: they do not wait), then stops the post: frames cut
-    /// short go on as zeros or are thrown away.
+    /// Waits for the system call or device copies moving the post's data
+    /// right now (never for the network: they do not wait), then stops the
+    /// post: frames cut short go on as zeros or are thrown away.
     fn cancel(&self) {
         self.cancelling.store(true, Ordering::Release);
         let _moving = self.io.write();
@@ -1652,7 +1656,10 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
         deadline: None,
     });
     let fd = sock.as_raw_fd();
-    if let (Some(waits), Some(_)) = (waits, &o.pipeline) {
+    if o.pipeline.is_some() {
+        // Made only for a sender that may wait (see `stage`).
+        let waits =
+            waits.ok_or_else(|| std::io::Error::other("a pipelined frame sent without waiting"))?;
         send_pipelined_write(conns, fd, o, waits)?;
         return Ok(true);
     }
@@ -1770,6 +1777,7 @@ fn send_pipelined_write(
     };
     let frame = *frame;
     let before = *sent;
+    debug_assert_eq!(before, 0, "a pipelined frame is sent from its start");
     // SAFETY: no memory ranges, only the header and segment table.
     unsafe { io::send_frame::<()>(fd, head, &[], sent, &mut || Access::Zeros, Some(waits)) }?;
     if *sent > before {
@@ -1810,10 +1818,21 @@ fn send_pipelined_write(
             _ => None,
         })
     };
+    // Asked with the guard held before each further copy: once a release or
+    // deregistration started, nothing more is copied out of the memory.
+    let mut still = || post.may_send_held(frame);
     // SAFETY: the ranges lie in regions checked at prep time, pinned (with
     // the cancel lock) by `hold`'s guard while device copies out of them run.
-    let outcome =
-        unsafe { staging::send_pipelined(*context, bounce, &ranges, &mut counted, &mut hold) };
+    let outcome = unsafe {
+        staging::send_pipelined(
+            *context,
+            bounce,
+            &ranges,
+            &mut counted,
+            &mut hold,
+            &mut still,
+        )
+    };
     match outcome {
         Ok(_) => {}
         Err(staging::SendStop::Stage(e)) => post.fail(e),

@@ -833,7 +833,10 @@ fn send_staged(
     };
     // SAFETY: the ranges lie inside `regions` (checked by `resolve`), pinned
     // by `hold`'s guard while copies out of them run.
-    match unsafe { staging::send_pipelined(context, &bounce, ranges, &mut send, &mut hold) } {
+    let outcome = unsafe {
+        staging::send_pipelined(context, &bounce, ranges, &mut send, &mut hold, &mut || true)
+    };
+    match outcome {
         Ok(true) => Ok(()),
         Ok(false) => Err("the read answer was cut short".into()),
         Err(why) => Err(why.to_string()),

@@ -207,9 +207,12 @@ impl std::fmt::Display for SendStop {
 /// Copies `ranges`' bytes out of the device and sends them (`send`), a
 /// [`PIECE`] at a time through the halves of `bounce` (at least
 /// [`PIPE_BYTES`]): the copy of the next piece overlaps the sending of one.
-/// Returns `Ok(true)` when all went, `Ok(false)` when `hold` said to stop,
-/// else why it stopped; in both cases the rest of the frame was not sent
-/// (the caller completes it or ends the connection).
+/// `still` is asked, while `hold`'s guard is held, before each further copy
+/// under that guard (so `hold` need not be taken again to learn that the
+/// transfer stopped). Returns `Ok(true)` when all went, `Ok(false)` when
+/// `hold` or `still` said to stop, else why it stopped; in both cases the
+/// rest of the frame was not sent (the caller completes it or ends the
+/// connection).
 ///
 /// # Safety
 /// Every range must lie in GPU memory that stays allocated while `hold`'s
@@ -220,6 +223,7 @@ pub unsafe fn send_pipelined<G>(
     ranges: &[RawRange],
     send: &mut SocketStep<'_>,
     hold: &mut Hold<'_, G>,
+    still: &mut dyn FnMut() -> bool,
 ) -> std::result::Result<bool, SendStop> {
     let total: usize = ranges.iter().map(|r| r.len).sum();
     let piece = PIECE.min(bounce.len() / 2).max(1);
@@ -237,6 +241,8 @@ pub unsafe fn send_pipelined<G>(
                 Some(g) => *held = Some(g),
                 None => return Ok(false),
             }
+        } else if !still() {
+            return Ok(false);
         }
         let (off, half) = (k * piece, k % 2);
         let n = (total - off).min(piece);
@@ -548,6 +554,7 @@ mod pipeline_tests {
                 &ranges(dev.ptr, len),
                 &mut send,
                 &mut hold,
+                &mut || true,
             )
         };
         assert!(matches!(sent, Ok(true)), "{sent:?}");
@@ -597,5 +604,45 @@ mod pipeline_tests {
                 "nothing landed"
             );
         }
+    }
+
+    #[test]
+    fn a_sender_told_to_stop_copies_nothing_more_and_sends_nothing_more() {
+        let gpu = fake();
+        let _alone = gpu.exclusive();
+        let len = 4 * PIECE;
+        let context = crate::cuda::primary_context(0).unwrap();
+        let bounce = buffer(context, PIPE_BYTES).unwrap();
+        let dev = gpu.alloc(0, len);
+        gpu.write(dev.ptr, &vec![7u8; len]);
+        let held = Arc::new(AtomicUsize::new(0));
+        let waited = AtomicUsize::new(0);
+        let (tx, mut rx) = UnixStream::pair().unwrap();
+        let mut send = step(&tx, &held, &waited, false);
+        let mut hold = || {
+            held.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(Guard(held.clone())))
+        };
+        // Goes on for the first piece only (one copy per piece: one range).
+        let mut asked = 0;
+        let mut still = || {
+            asked += 1;
+            false
+        };
+        let before = gpu.copies();
+        let one = [RawRange { addr: dev.ptr, len }];
+        // SAFETY: `dev` is fake device memory of `len` bytes, kept until the
+        // call returned.
+        let sent =
+            unsafe { send_pipelined(context, &bounce, &one, &mut send, &mut hold, &mut still) };
+        assert!(matches!(sent, Ok(false)), "{sent:?}");
+        assert_eq!(asked, 1, "asked before the second piece's copy");
+        assert_eq!(gpu.copies() - before, 1, "only the first piece was copied");
+        assert_eq!(held.load(Ordering::SeqCst), 0);
+        drop(send);
+        drop(tx);
+        let mut got = Vec::new();
+        rx.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "nothing was sent: {} bytes", got.len());
     }
 }

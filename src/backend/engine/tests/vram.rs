@@ -404,7 +404,8 @@ fn a_write_frame_of_gpu_memory_goes_out_while_the_device_copies_the_rest() {
 /// Posts a device copy while the fake's streams are paused (so it stays
 /// queued on the device), then runs `act` on another thread: `act` must
 /// not return while the copy is queued, and after it returned no byte of
-/// the copy may land.
+/// the copy may land (over TCP: no byte of the source goes on the wire);
+/// then the link still works.
 fn while_a_copy_is_queued(path: &[(&str, &str)], act: impl FnOnce(&Engine, MdId, ReqId) + Send) {
     let gpu = fake();
     let _knobs = gpu.exclusive();
@@ -458,6 +459,27 @@ fn while_a_copy_is_queued(path: &[(&str, &str)], act: impl FnOnce(&Engine, MdId,
         gpu.read(dst.ptr, len),
         bytes,
         "a copy landed after the act returned"
+    );
+    // The link is still in step (over TCP a frame cut short goes on whole,
+    // as zeros): a WRITE to other memory of the peer lands whole.
+    let again = device_with(0, &pattern(len, 9));
+    let other = device_with(1, &vec![0u8; len]);
+    let amd = a.register_mem(again.ptr, len as u64, VRAM_SEG, 0).unwrap();
+    let (_, omd) = share(&a, &b, b"QB", other.ptr, len, VRAM_SEG, 1);
+    let next = a
+        .prep_xfer(
+            Op::Write,
+            &[desc(again.ptr, len, amd)],
+            &[desc(other.ptr, len, omd)],
+            b"QB",
+        )
+        .unwrap();
+    let _ = a.post_xfer(next, None).unwrap();
+    assert_eq!(wait(&a, next), Ok(Status::Success));
+    same_bytes!(
+        gpu.read(other.ptr, len),
+        pattern(len, 9),
+        "a WRITE after the act"
     );
 }
 
