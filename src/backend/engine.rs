@@ -696,13 +696,26 @@ impl Engine {
             // Inside a region that does not wrap (checked at loadRemoteMD).
             extent.1 = extent.1.max(r.addr.saturating_add(r.len));
             total_bytes += l.len;
-            segments.push(Segment {
-                local: li,
-                remote: ri,
-                local_addr: l.addr,
-                remote_addr: r.addr,
-                len: l.len,
+            // A descriptor that continues the previous one on both sides, in
+            // the same regions, joins its segment (consecutive blocks, as
+            // vLLM lists them): fewer frames, work requests and device
+            // copies, the same bytes in the same places.
+            let continues = segments.last().is_some_and(|p: &Segment| {
+                p.local == li
+                    && p.remote == ri
+                    && p.local_addr.checked_add(p.len) == Some(l.addr)
+                    && p.remote_addr.checked_add(p.len) == Some(r.addr)
             });
+            match segments.last_mut() {
+                Some(p) if continues => p.len += l.len,
+                _ => segments.push(Segment {
+                    local: li,
+                    remote: ri,
+                    local_addr: l.addr,
+                    remote_addr: r.addr,
+                    len: l.len,
+                }),
+            }
         }
         let remote_kinds = remotes
             .items

@@ -96,7 +96,8 @@ pub struct Segment {
 pub struct Plan {
     /// Read or write.
     pub op: Op,
-    /// The pieces, in the caller's order.
+    /// The pieces, in the caller's order; descriptors that continue each
+    /// other on both sides (same regions) are joined into one.
     pub segments: Vec<Segment>,
     /// Distinct local regions the segments use (each says its
     /// [`MemKind`]).

@@ -188,6 +188,68 @@ fn a_spinning_caller_moves_copy_steps_itself_while_the_progress_thread_is_busy()
 }
 
 #[test]
+fn descriptors_that_continue_each_other_join_into_one_segment() {
+    let p = pair(64 << 10, true);
+    let (a0, b0) = (p.abuf.as_ptr() as u64, p.bbuf.as_ptr() as u64);
+    let d = |addr: u64, len: u64, md: MdId| Desc { addr, len, md };
+    let segments = |local: &[Desc], remote: &[Desc]| {
+        let id = p.a.prep_xfer(Op::Write, local, remote, b"B").unwrap();
+        let plan = p.a.request(id, "test").unwrap().plan.clone();
+        p.a.release_req(id).unwrap();
+        plan.segments
+            .iter()
+            .map(|s| (s.local_addr - a0, s.remote_addr - b0, s.len))
+            .collect::<Vec<_>>()
+    };
+    // Four consecutive 4 KiB blocks on both sides, then a gap on the remote
+    // side only, then a zero-length one continuing it (joined), then one
+    // back where the first began.
+    let local: Vec<Desc> = [0u64, 4096, 8192, 12288, 16384, 20480, 0]
+        .iter()
+        .zip([4096u64, 4096, 4096, 4096, 4096, 0, 4096])
+        .map(|(&o, n)| d(a0 + o, n, p.amd))
+        .collect();
+    let remote: Vec<Desc> = [0u64, 4096, 8192, 12288, 20480, 24576, 4096]
+        .iter()
+        .zip([4096u64, 4096, 4096, 4096, 4096, 0, 4096])
+        .map(|(&o, n)| d(b0 + o, n, p.bmd_remote))
+        .collect();
+    assert_eq!(
+        segments(&local, &remote),
+        vec![(0, 0, 16384), (16384, 20480, 4096), (0, 4096, 4096)]
+    );
+    // Consecutive locally only, or remotely only: kept apart.
+    let local: Vec<Desc> = (0..4).map(|i| d(a0 + i * 4096, 4096, p.amd)).collect();
+    let remote: Vec<Desc> = (0..4)
+        .map(|i| d(b0 + (3 - i) * 4096, 4096, p.bmd_remote))
+        .collect();
+    assert_eq!(segments(&local, &remote).len(), 4);
+    let local_reversed: Vec<Desc> = (0..4)
+        .map(|i| d(a0 + (3 - i) * 4096, 4096, p.amd))
+        .collect();
+    let remote_in_order: Vec<Desc> = (0..4)
+        .map(|i| d(b0 + i * 4096, 4096, p.bmd_remote))
+        .collect();
+    assert_eq!(segments(&local_reversed, &remote_in_order).len(), 4);
+    // And the joined plan moves the bytes where the descriptors say.
+    let local: Vec<Desc> = [0u64, 4096, 8192, 40960]
+        .iter()
+        .map(|&o| d(a0 + o, 4096, p.amd))
+        .collect();
+    let remote: Vec<Desc> = [8192u64, 12288, 16384, 0]
+        .iter()
+        .map(|&o| d(b0 + o, 4096, p.bmd_remote))
+        .collect();
+    let id = p.a.prep_xfer(Op::Write, &local, &remote, b"B").unwrap();
+    let _ = p.a.post_xfer(id, None).unwrap();
+    assert_eq!(wait(&p.a, id), Ok(Status::Success));
+    assert_eq!(p.bbuf[8192..20480], p.abuf[0..12288]);
+    assert_eq!(p.bbuf[0..4096], p.abuf[40960..45056]);
+    assert!(p.bbuf[4096..8192].iter().all(|&x| x == 0));
+    assert!(p.bbuf[20480..].iter().all(|&x| x == 0));
+}
+
+#[test]
 fn small_transfers_complete_inline() {
     let p = pair(4096, true);
     let id = p.whole(Op::Write);
