@@ -82,6 +82,7 @@ BATCH = 32  # descriptors per bandwidth transfer
 BATCH_CAP = 512 * MiB  # bytes per bandwidth transfer at most (64 MiB blocks -> 8 descriptors)
 LAT_SLOTS = 32  # distinct 4 KiB slots (and handles) the latency loop cycles through
 MANY_DESCS = 4096  # descriptors of the non-contiguous transfer
+RUN_BLOCKS = 16  # consecutive blocks per run in the runs variant of that transfer
 
 
 def default_spec(quick: bool) -> dict:
@@ -608,8 +609,10 @@ class Initiator:
                 "first_median_us": statistics.median(firsts) * 1e6,
                 "min_us": samples[0] * 1e6, "n": len(samples)}
 
-    def many(self) -> dict:
-        """vLLM-style: prep both sides once, then one READ of D scattered 4 KiB blocks with a notification."""
+    def many(self, run: int = 1) -> dict:
+        """vLLM-style: prep both sides once, then one READ of D 4 KiB blocks with a notification:
+        scattered (run 1), or in runs of `run` blocks consecutive on both sides (a request's
+        blocks as a paged KV cache hands them out), the runs scattered."""
         np, spec, agent = self.np, self.spec, self.agent
         d, block = spec["many_descs"], 4 * KiB
         lbase, rbase = self.bufs["many"].ctypes.data, self.remote_bufs["many"][0]
@@ -620,8 +623,16 @@ class Initiator:
         except Exception as e:
             raise RuntimeError(short_error(e, "prep_xfer_dlist")) from e
         rng = np.random.default_rng(1234)
-        lslots = [2 * j for j in range(d)]  # even slots: no two adjacent
-        rslots = [2 * int(p) + 1 for p in rng.permutation(d)]  # odd slots, shuffled
+        if run == 1:
+            lslots = [2 * j for j in range(d)]  # even slots: no two adjacent
+            rslots = [2 * int(p) + 1 for p in rng.permutation(d)]  # odd slots, shuffled
+        else:
+            # Runs of `run` slots with a free slot after each; the remote runs shuffled.
+            nruns = d // run
+            lslots = [r * (run + 1) + k for r in range(nruns) for k in range(run)]
+            order = rng.permutation(nruns)
+            rslots = [int(order[r]) * (run + 1) + k for r in range(nruns) for k in range(run)]
+            d = len(lslots)
         keys = list(range(d))
         times, preps = [], []
         try:
@@ -698,6 +709,8 @@ class Initiator:
         attempt(["many_ms", "many_prep_ms"], self.many,
                 lambda o: (m.update(many_ms=o["ms"], many_prep_ms=o["prep_ms"]),
                            self.result["details"].__setitem__("many", o)))
+        attempt(["runs_ms"], lambda: self.many(RUN_BLOCKS),
+                lambda o: (m.update(runs_ms=o["ms"]), self.result["details"].__setitem__("runs", o)))
         attempt(["idle_cpu_initiator_pct", "idle_cpu_target_pct"], self.idle,
                 lambda o: (m.update(idle_cpu_initiator_pct=o["initiator"]["pct"],
                                     idle_cpu_target_pct=o["target"]["pct"]),
@@ -841,6 +854,7 @@ def metric_rows(spec: dict) -> list[tuple[str, str, bool]]:
         ("lat_first_us", "4 KiB WRITE latency, first after a pause, median (us)", False),
         ("many_ms", f"READ {spec['many_descs']} x 4 KiB scattered, prepped (ms)", False),
         ("many_prep_ms", f"make_prepped_xfer of {spec['many_descs']} descs (ms)", False),
+        ("runs_ms", f"READ {spec['many_descs']} x 4 KiB in runs of {RUN_BLOCKS}, prepped (ms)", False),
         ("idle_cpu_initiator_pct", "idle CPU, initiator (% of a core)", False),
         ("idle_cpu_target_pct", "idle CPU, target (% of a core)", False),
     ]
@@ -903,7 +917,9 @@ def render_markdown(summary: dict, configs: list[str], spec: dict, reps: int, me
         "would be exceeded), post to DONE, median over iterations; every block of every transfer verified.",
         "Latency: post to DONE of one 4 KiB WRITE (no notification), busy-polled. "
         f"Scattered READ: {spec['many_descs']} non-adjacent 4 KiB blocks through prep_xfer_dlist + "
-        "make_prepped_xfer with a notification, as vLLM does; post to DONE.",
+        "make_prepped_xfer with a notification, as vLLM does; post to DONE. "
+        f"In runs: the same with the blocks in runs of {RUN_BLOCKS} consecutive on both sides "
+        "(the runs scattered), as a request's blocks often are.",
         "Idle CPU: process CPU time over a sleep of "
         f"{spec['idle_s']:g} s after the workloads, progress thread on, buffers registered, remote loaded.",
     ]
