@@ -627,7 +627,8 @@ impl Engine {
         } else {
             self.routes(agent)?
         };
-        let plan = self.plan(op, local, remote, &name)?;
+        let same_space = routes.iter().any(|r| r.same_address_space());
+        let plan = self.plan(op, local, remote, &name, same_space)?;
         let route = transport::select::choose(&routes, &plan, &name)?.clone();
         let id = self.requests.insert(Arc::new(Request {
             plan: Arc::new(plan),
@@ -638,7 +639,16 @@ impl Engine {
         Ok(id)
     }
 
-    fn plan(&self, op: Op, local: &[Desc], remote: &[Desc], agent: &AgentName) -> Result<Plan> {
+    /// The plan of a transfer between `local` and `remote` (of `agent`,
+    /// whose addresses are ours when `same_space`).
+    fn plan(
+        &self,
+        op: Op,
+        local: &[Desc],
+        remote: &[Desc],
+        agent: &AgentName,
+        same_space: bool,
+    ) -> Result<Plan> {
         let mds = self.mds.read();
         let mut locals = Interned::default();
         let mut remotes = Interned::<RegionPublic>::default();
@@ -699,12 +709,18 @@ impl Engine {
             // A descriptor that continues the previous one on both sides, in
             // the same regions, joins its segment (consecutive blocks, as
             // vLLM lists them): fewer frames, work requests and device
-            // copies, the same bytes in the same places.
+            // copies, the same bytes in the same places. Not when the two
+            // sides of the joined segment would overlap in one address space
+            // (a copy onto itself behaves per descriptor).
             let continues = segments.last().is_some_and(|p: &Segment| {
+                let joined = p.len.saturating_add(l.len);
                 p.local == li
                     && p.remote == ri
                     && p.local_addr.checked_add(p.len) == Some(l.addr)
                     && p.remote_addr.checked_add(p.len) == Some(r.addr)
+                    && !(same_space
+                        && p.local_addr < p.remote_addr.saturating_add(joined)
+                        && p.remote_addr < p.local_addr.saturating_add(joined))
             });
             match segments.last_mut() {
                 Some(p) if continues => p.len += l.len,

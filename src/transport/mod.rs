@@ -226,6 +226,11 @@ pub trait Route: Send + Sync {
     /// A noun phrase saying how the peer is reached, for the log line
     /// written when its connection info is loaded (e.g. "TCP to 10.0.0.2:4000").
     fn describe(&self) -> String;
+    /// True when the peer lives in this process (its addresses are ours, so
+    /// a transfer's two sides may overlap). By default: no.
+    fn same_address_space(&self) -> bool {
+        false
+    }
     /// True when this route can move bytes between local memory of kind
     /// `local` and the peer's memory of kind `remote`. By default: host
     /// memory on both sides only.

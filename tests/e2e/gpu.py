@@ -341,8 +341,11 @@ def case_release(args) -> None:
     notifs = S.Notifs(b)
     gpu.set_copy_delay_us(2000)  # 64 descriptors x 2 ms: still in flight when released
     blk = MiB
+    # The remote blocks in reverse order: no two descriptors continue each
+    # other (they would join into one segment), so 64 device copies.
     local = a.get_xfer_descs([(src + i * blk, blk, 0) for i in range(64)], "VRAM")
-    remote = b.get_xfer_descs([(dst + i * blk, blk, 1 % gpu.devices) for i in range(64)], "VRAM")
+    remote = b.get_xfer_descs([(dst + (63 - i) * blk, blk, 1 % gpu.devices) for i in range(64)],
+                              "VRAM")
     for how in ("release", "deregister"):
         gpu.write(dst, zeros)
         h = a.initialize_xfer("WRITE", local, remote, "gpu-target", b"never")
@@ -384,7 +387,8 @@ def case_release(args) -> None:
     h = a.initialize_xfer("WRITE", local, remote, "gpu-target", b"after")
     S.post(a, h, "a transfer after the releases")
     notifs.expect("gpu-initiator", [b"after"], "the next transfer")
-    checked("the next transfer", gpu.read(dst, size), S.fast_pattern(size, 7))
+    checked("the next transfer", gpu.read(dst, size),
+            S.fast_pattern(size, 7).reshape(64, blk)[::-1].reshape(-1))
 
 
 def case_bad(args) -> None:

@@ -140,6 +140,10 @@ impl Route for InProcRoute {
         "in-process copy"
     }
 
+    fn same_address_space(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         "direct copy (same process)".into()
     }

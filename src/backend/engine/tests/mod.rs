@@ -247,6 +247,32 @@ fn descriptors_that_continue_each_other_join_into_one_segment() {
     assert_eq!(p.bbuf[0..4096], p.abuf[40960..45056]);
     assert!(p.bbuf[4096..8192].iter().all(|&x| x == 0));
     assert!(p.bbuf[20480..].iter().all(|&x| x == 0));
+
+    // A loopback transfer within one buffer: consecutive blocks join while
+    // the two sides stay apart, not when the joined sides would overlap
+    // (a shift by one block moves block by block, as the descriptors say).
+    let a = engine("Joiner", true);
+    let buf = vec![0u8; 64 << 10];
+    let md = a
+        .register_mem(buf.as_ptr() as u64, buf.len() as u64, 0, 0)
+        .unwrap();
+    let mine = a.load_local_md(md).unwrap();
+    let base = buf.as_ptr() as u64;
+    let loop_segments = |from: u64, to: u64| {
+        let local: Vec<Desc> = (0..4)
+            .map(|i| d(base + from + i * 4096, 4096, md))
+            .collect();
+        let remote: Vec<Desc> = (0..4)
+            .map(|i| d(base + to + i * 4096, 4096, mine))
+            .collect();
+        let id = a.prep_xfer(Op::Write, &local, &remote, b"Joiner").unwrap();
+        let n = a.request(id, "test").unwrap().plan.segments.len();
+        a.release_req(id).unwrap();
+        n
+    };
+    assert_eq!(loop_segments(0, 32768), 1, "apart: joined");
+    assert_eq!(loop_segments(0, 4096), 4, "shifted by a block: kept apart");
+    assert_eq!(loop_segments(4096, 0), 4, "shifted back: kept apart");
 }
 
 #[test]
