@@ -19,6 +19,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -123,6 +124,9 @@ unsigned long long fake_cuda_live_vmm_imports(void);
 unsigned long long fake_cuda_live_streams(void);
 unsigned long long fake_cuda_live_events(void);
 void *fake_cuda_shadow(unsigned long long);
+CUresult cuMemGetHandleForAddressRange(void *, CUdeviceptr, size_t, int, unsigned long long);
+CUresult cuFlushGPUDirectRDMAWrites(int, int);
+unsigned long long fake_cuda_rdma_flushes(void);
 
 enum {
     A_CONTEXT = 1, A_MEMTYPE = 2, A_DEVPTR = 3, A_HOSTPTR = 4, A_SYNC_MEMOPS = 6, A_BUFFER_ID = 7, A_MANAGED = 8,
@@ -826,6 +830,40 @@ static void test_sticky_and_injection(void)
     REQ(cuCtxSetCurrent(g_c0));
 }
 
+/* GPUDirect RDMA: a dmabuf of device memory is the allocation's memory. */
+static void test_dmabuf(void)
+{
+    REQ(cuCtxSetCurrent(g_c0));
+    int v = 0;
+    OK(cuDeviceGetAttribute(&v, 124, 0));
+    CHECK(v == 1);
+    CUdeviceptr d = 0;
+    size_t len = 3 * 4096;
+    REQ(cuMemAlloc_v2(&d, len));
+    unsigned char src[4096];
+    fill(src, sizeof src, 5);
+    OK(cuMemcpyHtoD_v2(d + 4096, src, sizeof src));
+    int fd = -1;
+    OK(cuMemGetHandleForAddressRange(&fd, d, len, 1, 0));
+    CHECK(fd >= 0);
+    if (fd >= 0) {
+        unsigned char *m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+        CHECK(m != MAP_FAILED && matches(m + 4096, sizeof src, 5, 0));
+        if (m != MAP_FAILED)
+            munmap(m, len);
+        close(fd);
+    }
+    CK(cuMemGetHandleForAddressRange(&fd, d + 4096, 4096, 1, 0), 1);   /* the fake's limit */
+    CK(cuMemGetHandleForAddressRange(&fd, d, 100, 1, 0), 1);           /* not whole pages */
+    CK(cuMemGetHandleForAddressRange(&fd, d, len, 2, 0), 1);           /* not DMA_BUF_FD */
+    CK(cuMemGetHandleForAddressRange(&fd, d, 8 * 4096, 1, 0), 1);      /* past the allocation */
+    unsigned long long f = fake_cuda_rdma_flushes();
+    OK(cuFlushGPUDirectRDMAWrites(0, 100));
+    CK(cuFlushGPUDirectRDMAWrites(0, 7), 1);
+    CHECK(fake_cuda_rdma_flushes() == f + 1);
+    OK(cuMemFree_v2(d));
+}
+
 static void test_host_memory(void)
 {
     void *hp = NULL;
@@ -1188,6 +1226,7 @@ int main(int argc, char **argv)
     test_async();
     test_sticky_and_injection();
     test_host_memory();
+    test_dmabuf();
     test_vmm_local();
     test_legacy_ipc();
     test_vmm_ipc();

@@ -79,6 +79,16 @@
  *    memfd, cuMemImportFromShareableHandle dups the caller's fd. The buffer id
  *    travels in the memfd's name, so importer and exporter see the same
  *    CU_POINTER_ATTRIBUTE_BUFFER_ID. FABRIC and Win32 handles: NOT_SUPPORTED.
+ *  - GPUDirect RDMA: CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED (124) is 1;
+ *    cuMemGetHandleForAddressRange(DMA_BUF_FD) gives a new descriptor of the
+ *    cuMemAlloc allocation's memfd (owned by the caller) for a range that
+ *    starts at the allocation's base, page-aligned in size, within it (the
+ *    fake's limit: a real dmabuf may start anywhere page-aligned); other
+ *    ranges, VMM memory and flags other than 0: CUDA_ERROR_INVALID_VALUE /
+ *    NOT_SUPPORTED; while FAKE_CUDA_NO_DMABUF is set: NOT_SUPPORTED. A NIC
+ *    fake (tests/fakes/ibverbs) maps it with ibv_reg_dmabuf_mr.
+ *    cuFlushGPUDirectRDMAWrites(TARGET_CURRENT_CTX, TO_OWNER or
+ *    TO_ALL_DEVICES) needs a context and is counted (fake_cuda_rdma_flushes).
  *
  * Environment knobs (read at the first successful cuInit)
  *  FAKE_CUDA_DEVICES=n            number of devices (default 2, max 64; 0 makes
@@ -108,6 +118,7 @@
  *  unsigned long long fake_cuda_live_ipc_imports(void)   legacy IPC mappings
  *  unsigned long long fake_cuda_live_vmm_imports(void)   mappings of imported VMM chunks
  *  unsigned long long fake_cuda_live_streams(void)       user-created streams
+ *  unsigned long long fake_cuda_rdma_flushes(void)       cuFlushGPUDirectRDMAWrites calls
  *  unsigned long long fake_cuda_live_events(void)
  *  void *fake_cuda_shadow(unsigned long long dptr)
  *        TEST-ONLY escape hatch: the CPU-accessible shadow address of a device
@@ -1243,6 +1254,7 @@ FC_API CUresult cuDeviceGetAttribute(int *pi, int attrib, CUdevice d)
     case 103: v = 1; break;   /* HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED */
     case 110: v = 1; break;   /* GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED */
     case 116: v = 1; break;   /* GPU_DIRECT_RDMA_SUPPORTED */
+    case 124: v = 1; break;   /* DMA_BUF_SUPPORTED */
     default: v = 0; break;
     }
     *pi = v;
@@ -2801,6 +2813,53 @@ FC_API unsigned long long fake_cuda_live_ipc_imports(void)
     pthread_rwlock_unlock(&g_rw);
     return n;
 }
+
+/* ------------------------------------------------------------------------ */
+/* GPUDirect RDMA                                                            */
+/* ------------------------------------------------------------------------ */
+static atomic_ullong g_rdma_flushes;
+
+FC_API CUresult cuMemGetHandleForAddressRange(void *handle, CUdeviceptr dptr, size_t size, int handleType,
+                                              unsigned long long flags)
+{
+    REQUIRE_INIT();
+    if (!handle || handleType != 1 /* CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD */ || flags || !size ||
+        size % page_size())
+        return CUDA_ERROR_INVALID_VALUE;
+    if (getenv("FAKE_CUDA_NO_DMABUF"))
+        return CUDA_ERROR_NOT_SUPPORTED;
+    CUresult rc;
+    pthread_rwlock_rdlock(&g_rw);
+    struct region *r = find_region_locked((uintptr_t)dptr);
+    if (!r || r->kind == R_HOST || r->kind == R_HOSTREG) {
+        rc = CUDA_ERROR_INVALID_VALUE;
+    } else if (r->kind != R_DEV) {
+        rc = CUDA_ERROR_NOT_SUPPORTED; /* the fake's limit: VMM, IPC imports */
+    } else if ((uintptr_t)dptr != r->base || size > r->map_size) {
+        rc = CUDA_ERROR_INVALID_VALUE;
+    } else {
+        int fd = fcntl(r->fd, F_DUPFD_CLOEXEC, 0);
+        rc = fd < 0 ? CUDA_ERROR_OUT_OF_MEMORY : CUDA_SUCCESS;
+        if (fd >= 0)
+            *(int *)handle = fd;
+    }
+    pthread_rwlock_unlock(&g_rw);
+    return rc;
+}
+
+FC_API CUresult cuFlushGPUDirectRDMAWrites(int target, int scope)
+{
+    struct fake_ctx *c;
+    CUresult rc = get_ctx(&c, 0);
+    if (rc)
+        return rc;
+    if (target != 0 || (scope != 100 && scope != 200))
+        return CUDA_ERROR_INVALID_VALUE;
+    atomic_fetch_add(&g_rdma_flushes, 1);
+    return CUDA_SUCCESS;
+}
+
+FC_API unsigned long long fake_cuda_rdma_flushes(void) { return atomic_load(&g_rdma_flushes); }
 
 /* Mappings of VMM chunks imported from a shareable handle (another process's memory). */
 FC_API unsigned long long fake_cuda_live_vmm_imports(void)

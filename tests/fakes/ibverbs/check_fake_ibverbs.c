@@ -1427,6 +1427,58 @@ static void test_garbage(void)
     end();
 }
 
+int fake_ibv_live_dmabuf_mrs(void);
+
+static void test_dmabuf(void)
+{
+    begin("ibv_reg_dmabuf_mr: the NIC maps the fd itself; data lands in the file; the mapping goes at dereg");
+    long pg = sysconf(_SC_PAGESIZE);
+    int fd = memfd_create("check-dmabuf", MFD_CLOEXEC);
+    REQ(fd >= 0 && ftruncate(fd, 4 * pg) == 0);
+    int full = IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ;
+    uint64_t iova = 0x7e0000000000ull, off = (uint64_t)pg + 100;
+    struct ibv_mr *mr = ibv_reg_dmabuf_mr(B.pd, off, 512, iova, fd, full);
+    REQ(mr);
+    EXPECT((uintptr_t)mr->addr == off && mr->length == 512 && mr->lkey != mr->rkey);
+    EXPECT_EQ(fake_ibv_live_dmabuf_mrs(), 1);
+    EXPECT(ibv_reg_dmabuf_mr(B.pd, 4 * pg - 10, 512, iova, fd, full) == NULL && errno == EINVAL);
+    close(fd); /* the registration keeps what it needs */
+    struct pair p = mkpair(8, 8, 0);
+    EXPECT_EQ(connect_pair(&p, NULL, NULL), 0);
+    fill(A.buf, 512, 21);
+    EXPECT_EQ(post_wr(p.a, IBV_WR_RDMA_WRITE, 1, A.buf, 512, A.mr->lkey, iova, mr->rkey, IBV_SEND_SIGNALED, 0), 0);
+    struct ibv_wc wc;
+    EXPECT_EQ(wait_wc(A.cq, &wc, 3000), 1);
+    EXPECT(wc.status == IBV_WC_SUCCESS);
+    /* past the MR's end: a remote access error */
+    EXPECT_EQ(post_wr(p.a, IBV_WR_RDMA_WRITE, 2, A.buf, 16, A.mr->lkey, iova + 500, mr->rkey, IBV_SEND_SIGNALED, 0),
+              0);
+    EXPECT_EQ(wait_wc(A.cq, &wc, 3000), 1);
+    EXPECT(wc.status == IBV_WC_REM_ACCESS_ERR);
+    destroy_pair(&p);
+    /* what landed is in the file (seen through a mapping of our own) */
+    int fd2 = memfd_create("check-dmabuf-2", MFD_CLOEXEC);
+    REQ(fd2 >= 0 && ftruncate(fd2, 4 * pg) == 0);
+    struct ibv_mr *mr2 = ibv_reg_dmabuf_mr(B.pd, 0, (size_t)pg, 0x1000, fd2, full);
+    REQ(mr2);
+    char *view = mmap(NULL, (size_t)pg, PROT_READ, MAP_SHARED, fd2, 0);
+    REQ(view != MAP_FAILED);
+    struct pair q = mkpair(8, 8, 0);
+    EXPECT_EQ(connect_pair(&q, NULL, NULL), 0);
+    fill(A.buf, 256, 22);
+    EXPECT_EQ(post_wr(q.a, IBV_WR_RDMA_WRITE, 3, A.buf, 256, A.mr->lkey, 0x1000 + 64, mr2->rkey, IBV_SEND_SIGNALED, 0),
+              0);
+    EXPECT_EQ(wait_wc(A.cq, &wc, 3000), 1);
+    EXPECT(wc.status == IBV_WC_SUCCESS && matches((const unsigned char *)view + 64, 256, 22));
+    destroy_pair(&q);
+    munmap(view, (size_t)pg);
+    close(fd2);
+    EXPECT_EQ(ibv_dereg_mr(mr), 0);
+    EXPECT_EQ(ibv_dereg_mr(mr2), 0);
+    EXPECT_EQ(fake_ibv_live_dmabuf_mrs(), 0);
+    end();
+}
+
 static void test_cleanup(void)
 {
     begin("cleanup: live counts return to 0; ibv_close_device frees what is left on a context");
@@ -1476,6 +1528,7 @@ int main(void)
     test_channel();
     test_cross_process();
     test_garbage();
+    test_dmabuf();
     test_cleanup();
     if (g_failed) {
         fprintf(stderr, "check_fake_ibverbs: %d of %d checks FAILED\n", g_failed, g_checks);

@@ -20,7 +20,7 @@
  * ibv_close_device, ibv_query_device, ibv_query_port (compat struct),
  * ibv_query_gid, _ibv_query_gid_ex, _ibv_query_gid_table, ibv_query_pkey,
  * ibv_alloc_pd, ibv_dealloc_pd, ibv_reg_mr, ibv_reg_mr_iova,
- * ibv_reg_mr_iova2, ibv_dereg_mr, ibv_create_comp_channel,
+ * ibv_reg_mr_iova2, ibv_reg_dmabuf_mr, ibv_dereg_mr, ibv_create_comp_channel,
  * ibv_destroy_comp_channel, ibv_create_cq, ibv_destroy_cq, ibv_get_cq_event,
  * ibv_ack_cq_events, ibv_create_qp, ibv_modify_qp, ibv_query_qp,
  * ibv_destroy_qp, ibv_wc_status_str, ibv_fork_init (returns 0).
@@ -55,7 +55,12 @@
  *    library blocks there instead), ibv_destroy_comp_channel with CQs.
  *    ibv_close_device destroys whatever still lives on the context (as the
  *    kernel does when the device fd closes) and returns 0.
- *  - MRs: ibv_reg_mr (iova = addr) and ibv_reg_mr_iova/_iova2. All addresses
+ *  - MRs: ibv_reg_mr (iova = addr), ibv_reg_mr_iova/_iova2, and
+ *    ibv_reg_dmabuf_mr (GPUDirect RDMA: the fd, e.g. fake CUDA's export of
+ *    device memory, is mapped by the fake NIC itself, so the owner's view of
+ *    the memory may be inaccessible to the CPU; mr->addr reports the offset,
+ *    as rdma-core does; EINVAL when offset+length passes the fd's size,
+ *    EOPNOTSUPP while FAKE_IBV_NO_DMABUF is set). All addresses
  *    through an MR, local SGEs included, are in its iova space, as on mlx5.
  *    Length 0 or > max_mr_size, REMOTE_WRITE/REMOTE_ATOMIC without
  *    LOCAL_WRITE, ON_DEMAND/ZERO_BASED or unknown flags: EINVAL. Optional
@@ -196,7 +201,7 @@
  *        payload bytes of successful requests this process's device
  *        initiated (served = 0: WRITE/SEND sent, READ received) or executed
  *        as responder (served = 1); unknown device: 0.
- *  int fake_ibv_live_qps(void), fake_ibv_live_mrs(void),
+ *  int fake_ibv_live_qps(void), fake_ibv_live_mrs(void), fake_ibv_live_dmabuf_mrs(void),
  *      fake_ibv_live_cqs(void), fake_ibv_live_pds(void),
  *      fake_ibv_live_contexts(void)
  *        objects of this process not yet destroyed.
@@ -239,6 +244,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -338,6 +344,9 @@ struct fmr {
     struct ibv_mr mr;
     struct fdev *d;
     struct fpd *pd;
+    char *host;       /* where the NIC reaches iova: the user's address, or
+                         our own mapping of a dmabuf */
+    size_t map_len;   /* that mapping's length (dmabuf MRs), else 0 */
     uint64_t iova;
     unsigned access;
     struct fmr *lnext, *rnext; /* hash chains, under d->mr_rw */
@@ -486,7 +495,7 @@ static int g_max_cqe = 65536;
 static atomic_uint g_delay_us;
 static atomic_uint g_corrupt;
 static atomic_ullong g_overruns;
-static atomic_int g_live_qps, g_live_mrs, g_live_cqs, g_live_pds, g_live_ctx;
+static atomic_int g_live_qps, g_live_mrs, g_live_cqs, g_live_pds, g_live_ctx, g_live_dmabuf_mrs;
 static char g_dir[PATH_MAX];
 static pid_t g_dir_pid;
 static atomic_uchar g_fdreg[FV_FDS]; /* fds owned by the fake (closed in a fork child) */
@@ -972,6 +981,7 @@ static void at_fork_child(void)
         dev_init_runtime(&g_devs[i]);
     atomic_store(&g_live_qps, 0);
     atomic_store(&g_live_mrs, 0);
+    atomic_store(&g_live_dmabuf_mrs, 0);
     atomic_store(&g_live_cqs, 0);
     atomic_store(&g_live_pds, 0);
     atomic_store(&g_live_ctx, 0);
@@ -1010,7 +1020,7 @@ static char *mr_host(struct fmr *m, uint64_t addr, uint64_t len)
 {
     if (addr < m->iova || len > m->mr.length || addr - m->iova > m->mr.length - len)
         return NULL;
-    return (char *)m->mr.addr + (addr - m->iova);
+    return m->host + (addr - m->iova);
 }
 
 static char *local_host(struct fdev *d, struct fpd *pd, uint32_t lkey, uint64_t addr, uint64_t len, int need_write)
@@ -2575,7 +2585,20 @@ static int range_mapped(uintptr_t a, size_t n, int need_write)
     return ok;
 }
 
+/* Registers [addr, addr+length) as iova..; `dmabuf_map` (a mapping of
+ * `map_len` bytes made by ibv_reg_dmabuf_mr, which addr lies in) is the
+ * MR's own, unmapped at deregistration, and the MR's public addr is
+ * `public_addr` (rdma-core reports the dmabuf offset there). */
+static struct ibv_mr *reg_mr_at(struct ibv_pd *ibpd, void *addr, size_t length, uint64_t iova, unsigned access,
+                                void *dmabuf_map, size_t map_len, void *public_addr);
+
 static struct ibv_mr *reg_mr(struct ibv_pd *ibpd, void *addr, size_t length, uint64_t iova, unsigned access)
+{
+    return reg_mr_at(ibpd, addr, length, iova, access, NULL, 0, addr);
+}
+
+static struct ibv_mr *reg_mr_at(struct ibv_pd *ibpd, void *addr, size_t length, uint64_t iova, unsigned access,
+                                void *dmabuf_map, size_t map_len, void *public_addr)
 {
     if (!ibpd) {
         errno = EINVAL;
@@ -2620,7 +2643,12 @@ static struct ibv_mr *reg_mr(struct ibv_pd *ibpd, void *addr, size_t length, uin
     pthread_mutex_unlock(&d->mu);
     m->mr.context = &c->ctx;
     m->mr.pd = ibpd;
-    m->mr.addr = addr;
+    m->mr.addr = public_addr;
+    m->host = addr;
+    if (dmabuf_map) {
+        m->map_len = map_len;
+        atomic_fetch_add(&g_live_dmabuf_mrs, 1);
+    }
     m->mr.length = length;
     m->mr.handle = atomic_fetch_add(&g_handles, 1) + 1;
     m->mr.lkey = v << 1;
@@ -2661,6 +2689,44 @@ FV_API struct ibv_mr *ibv_reg_mr_iova2(struct ibv_pd *pd, void *addr, size_t len
     return reg_mr(pd, addr, length, iova, access);
 }
 
+FV_API struct ibv_mr *ibv_reg_dmabuf_mr(struct ibv_pd *pd, uint64_t offset, size_t length, uint64_t iova, int fd,
+                                        int access)
+{
+    if (!pd || fd < 0 || length == 0 || offset + length < offset) {
+        errno = EINVAL;
+        return NULL;
+    }
+    if (getenv("FAKE_IBV_NO_DMABUF")) {
+        errno = EOPNOTSUPP; /* a kernel or NIC without dmabuf support */
+        return NULL;
+    }
+    /* The NIC's view of the buffer: the fd mapped into no one's sight (the
+     * owner's own mapping of it, e.g. fake CUDA device memory, may be
+     * inaccessible to the CPU). The fd may be closed after this returns. */
+    struct stat st;
+    if (fstat(fd, &st) || (uint64_t)st.st_size < offset + length) {
+        errno = EINVAL;
+        return NULL;
+    }
+    long pg = sysconf(_SC_PAGESIZE);
+    uint64_t start = offset & ~(uint64_t)(pg - 1);
+    size_t map_len = (size_t)(offset + length - start);
+    int prot = PROT_READ | (((unsigned)access & (IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE)) ? PROT_WRITE : 0);
+    char *map = mmap(NULL, map_len, prot, MAP_SHARED, fd, (off_t)start);
+    if (map == MAP_FAILED) {
+        errno = EFAULT;
+        return NULL;
+    }
+    struct ibv_mr *mr = reg_mr_at(pd, map + (offset - start), length, iova, (unsigned)access, map, map_len,
+                                  (void *)(uintptr_t)offset);
+    if (!mr) {
+        int e = errno;
+        munmap(map, map_len);
+        errno = e;
+    }
+    return mr;
+}
+
 static void dereg_mr(struct fmr *m)
 {
     struct fdev *d = m->d;
@@ -2688,6 +2754,11 @@ static void dereg_mr(struct fmr *m)
         }
     m->pd->refs--;
     pthread_mutex_unlock(&c->mu);
+    if (m->map_len) {
+        long pg = sysconf(_SC_PAGESIZE);
+        munmap((char *)((uintptr_t)m->host & ~(uintptr_t)(pg - 1)), m->map_len);
+        atomic_fetch_sub(&g_live_dmabuf_mrs, 1);
+    }
     free(m);
     atomic_fetch_sub(&g_live_mrs, 1);
 }
@@ -3396,6 +3467,7 @@ FV_API uint64_t fake_ibv_bytes(const char *dev, int served)
 
 FV_API int fake_ibv_live_qps(void) { return atomic_load(&g_live_qps); }
 FV_API int fake_ibv_live_mrs(void) { return atomic_load(&g_live_mrs); }
+FV_API int fake_ibv_live_dmabuf_mrs(void) { return atomic_load(&g_live_dmabuf_mrs); }
 FV_API int fake_ibv_live_cqs(void) { return atomic_load(&g_live_cqs); }
 FV_API int fake_ibv_live_pds(void) { return atomic_load(&g_live_pds); }
 FV_API int fake_ibv_live_contexts(void) { return atomic_load(&g_live_ctx); }
