@@ -27,7 +27,13 @@
 #   xp_kill_target  SIGKILL of the target mid-transfer, then a new target
 #   threads         four threads with their own handles
 #   release, kill   release in flight; SIGKILL during a 2 GiB READ
-# and xp_bulk/xp_prepped once more with backend UCX (NIXL's). Prints a table
+#   gpu.py xp       with a GPU (libcuda.so.1 loads; --fake: the fake CUDA
+#                   driver): GPUDirect RDMA, VRAM registered on the NIC as a
+#                   dmabuf, WRITE/READ VRAM<->VRAM and VRAM<->DRAM between
+#                   the two processes, checksummed (needs a kernel, NIC and
+#                   driver with dmabuf support, or nvidia-peermem)
+# and xp_bulk/xp_prepped (and the GPU case) once more with backend UCX
+# (NIXL's). Prints a table
 # with the date; exit status non-zero when one of our cases failed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,8 +41,11 @@ root=$(pwd)
 
 fake=0
 [ "${1:-}" = --fake ] && fake=1
+gpu=0
 if [ $fake = 1 ]; then
     export "$(scripts/build-fakes.sh | grep NIXL_MOONCAKE_IBVERBS_LIB)"
+    export "$(scripts/build-fakes.sh | grep NIXL_MOONCAKE_CUDA_LIB)"
+    gpu=1
     size_mib=64
 else
     unset NIXL_MOONCAKE_IBVERBS_LIB # the host's libibverbs.so.1
@@ -46,6 +55,7 @@ else
     fi
     command -v ibv_devinfo >/dev/null && ibv_devinfo -l 2>/dev/null | sed 's/^/rdma-check: /' >&2
     size_mib=2048
+    python3 -c 'import ctypes; ctypes.CDLL("libcuda.so.1")' 2>/dev/null && gpu=1
 fi
 
 plugin=${PLUGIN:-}
@@ -98,6 +108,10 @@ run Mooncake "SIGKILL of the target" scenarios.py xp_kill_target --protocol rdma
 run Mooncake "four threads, own handles" rdma.py threads
 run Mooncake "release in flight" rdma.py release --size-mib "$size_mib"
 run Mooncake "SIGKILL during a READ" rdma.py kill --size-mib "$size_mib"
+if [ $gpu = 1 ]; then
+    run Mooncake "GPUDirect RDMA, VRAM" gpu.py xp --protocol rdma --size-mib 256
+    [ $fake = 0 ] && run UCX "GPU memory, VRAM" gpu.py xp --protocol tcp --size-mib 256
+fi
 
 echo
 nic=$(ls /sys/class/infiniband/ 2>/dev/null | tr '\n' ' ')

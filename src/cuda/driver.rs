@@ -251,6 +251,54 @@ impl Vmm {
     }
 }
 
+/// `cuMemGetHandleForAddressRange(handle*, dptr, size, type, flags)`.
+type RangeHandle = unsafe extern "C" fn(*mut c_void, CuDevicePtr, usize, c_int, u64) -> CuResult;
+/// `cuDeviceGetAttribute(value*, attribute, device)`.
+type DeviceAttribute = unsafe extern "C" fn(*mut c_int, c_int, CuDevice) -> CuResult;
+/// `cuFlushGPUDirectRDMAWrites(target, scope)`.
+type FlushRdmaWrites = unsafe extern "C" fn(c_int, c_int) -> CuResult;
+
+/// `CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD`.
+pub const RANGE_HANDLE_DMA_BUF_FD: c_int = 1;
+/// `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`.
+pub const ATTRIBUTE_DMA_BUF_SUPPORTED: c_int = 124;
+/// `CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX`.
+pub const FLUSH_TARGET_CURRENT_CTX: c_int = 0;
+/// `CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER`.
+pub const FLUSH_TO_OWNER: c_int = 100;
+
+/// The entry points for GPUDirect RDMA (a NIC reading and writing GPU
+/// memory): optional, like [`Ipc`] (`cuMemGetHandleForAddressRange` came
+/// with CUDA 11.7, `cuFlushGPUDirectRDMAWrites` with 11.3).
+pub struct Gdr {
+    /// `cuMemGetHandleForAddressRange(handle*, dptr, size, type, flags)`.
+    pub range_handle: RangeHandle,
+    /// `cuDeviceGetAttribute(value*, attribute, device)`.
+    pub device_attribute: DeviceAttribute,
+    /// `cuFlushGPUDirectRDMAWrites(target, scope)`, when the driver has it.
+    pub flush: Option<FlushRdmaWrites>,
+}
+
+impl Gdr {
+    fn load(lib: &libloading::Library) -> Option<Gdr> {
+        let get = |name: &str| optional(lib, name, name);
+        let range_handle = get("cuMemGetHandleForAddressRange")?;
+        let device_attribute = get("cuDeviceGetAttribute")?;
+        let flush = get("cuFlushGPUDirectRDMAWrites");
+        // SAFETY: the pointers are the driver's entry points of these names
+        // for CUDA 12 (none has a versioned variant), whose signatures the
+        // field types declare.
+        unsafe {
+            use std::mem::transmute as t;
+            Some(Gdr {
+                range_handle: t::<*mut c_void, RangeHandle>(range_handle),
+                device_attribute: t::<*mut c_void, DeviceAttribute>(device_attribute),
+                flush: flush.map(|f| t::<*mut c_void, FlushRdmaWrites>(f)),
+            })
+        }
+    }
+}
+
 /// The CUDA version whose entry points `cuGetProcAddress` is asked for.
 const PROC_VERSION: c_int = 12000;
 
@@ -308,6 +356,8 @@ pub struct Driver {
     pub ipc: Option<Ipc>,
     /// The VMM sharing entry points, when the driver has them.
     pub vmm: Option<Vmm>,
+    /// The GPUDirect RDMA entry points, when the driver has them.
+    pub gdr: Option<Gdr>,
     /// Number of devices `cuDeviceGetCount` reported.
     pub devices: i32,
     /// The file that was loaded.
@@ -347,10 +397,12 @@ fn load(path: String, lib: libloading::Library) -> std::result::Result<Driver, S
     let api = Api::load(&lib).map_err(|e| format!("{path} is not a usable CUDA driver: {e}"))?;
     let ipc = Ipc::load(&lib);
     let vmm = Vmm::load(&lib);
+    let gdr = Gdr::load(&lib);
     let mut driver = Driver {
         api,
         ipc,
         vmm,
+        gdr,
         devices: 0,
         path,
         _lib: lib,

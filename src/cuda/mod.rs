@@ -11,6 +11,7 @@
 //!   events, with the right context current on the calling thread.
 //! - [`HostBuffer`]: pooled pinned host memory, to stage device data through
 //!   a socket.
+//! - [`gpudirect`]: GPU memory exported for the NICs (GPUDirect RDMA).
 //!
 //! This module sits beside [`crate::common`]: transports and the backend use
 //! it; it uses only the common error type and region descriptions.
@@ -18,6 +19,7 @@
 mod context;
 mod copy;
 pub mod driver;
+pub mod gpudirect;
 mod host;
 #[cfg(test)]
 pub mod testing;

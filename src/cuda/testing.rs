@@ -34,6 +34,8 @@ pub struct FakeGpu {
     shadow: unsafe extern "C" fn(CuDevicePtr) -> *mut c_void,
     set_copy_delay_us: unsafe extern "C" fn(c_uint),
     fail_after_copies: unsafe extern "C" fn(std::ffi::c_long, c_int),
+    rdma_flushes: unsafe extern "C" fn() -> u64,
+    refuse_dmabuf: unsafe extern "C" fn(c_int),
     pause_streams: unsafe extern "C" fn(c_int),
     copies: unsafe extern "C" fn() -> u64,
     pending_copies: unsafe extern "C" fn() -> u64,
@@ -75,6 +77,8 @@ pub fn fake() -> &'static FakeGpu {
             shadow: sym!("fake_cuda_shadow"),
             set_copy_delay_us: sym!("fake_cuda_set_copy_delay_us"),
             fail_after_copies: sym!("fake_cuda_fail_after_copies"),
+            rdma_flushes: sym!("fake_cuda_rdma_flushes"),
+            refuse_dmabuf: sym!("fake_cuda_refuse_dmabuf"),
             pause_streams: sym!("fake_cuda_pause_streams"),
             copies: sym!("fake_cuda_copies"),
             pending_copies: sym!("fake_cuda_pending_copies"),
@@ -223,6 +227,20 @@ impl FakeGpu {
         Armed(self)
     }
 
+    /// `cuFlushGPUDirectRDMAWrites` calls so far.
+    pub fn rdma_flushes(&self) -> u64 {
+        // SAFETY: a plain getter of the fake.
+        unsafe { (self.rdma_flushes)() }
+    }
+
+    /// Makes dmabuf exports fail (as on a driver without dmabuf support)
+    /// while the guard lives.
+    pub fn refuse_dmabuf(&'static self) -> NoDmabuf {
+        // SAFETY: a plain setter of the fake.
+        unsafe { (self.refuse_dmabuf)(1) };
+        NoDmabuf(self)
+    }
+
     /// While the guard lives, no stream starts another operation (dropping
     /// it resumes them, also when a test fails).
     pub fn pause_streams(&'static self) -> Paused {
@@ -257,6 +275,16 @@ impl Drop for Paused {
     fn drop(&mut self) {
         // SAFETY: a plain setter of the fake.
         unsafe { (self.0.pause_streams)(0) }
+    }
+}
+
+/// Dmabuf exports refused until dropped (see [`FakeGpu::refuse_dmabuf`]).
+pub struct NoDmabuf(&'static FakeGpu);
+
+impl Drop for NoDmabuf {
+    fn drop(&mut self) {
+        // SAFETY: a plain setter of the fake.
+        unsafe { (self.0.refuse_dmabuf)(0) }
     }
 }
 

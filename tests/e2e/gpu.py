@@ -508,7 +508,9 @@ def spawn_target(protocol: str, size: int, env: Optional[dict] = None, vmm: str 
 def case_xp(args) -> None:
     """Two processes: this one initiates, a child process is the target; its
     VRAM is reached over TCP with staging (protocol=tcp, and auto on this
-    host, where cross-memory attach cannot serve device memory)."""
+    host, where cross-memory attach cannot serve device memory), by CUDA IPC
+    (auto), or by the NICs directly (protocol=rdma: GPUDirect RDMA, the
+    memory registered as dmabufs)."""
     gpu = Gpu()
     size = args.size_mib * MiB
     # With --no-ipc the target publishes no IPC handle.
@@ -810,7 +812,7 @@ def main() -> None:
     sub.add_parser("bad").set_defaults(fn=case_bad)
     sub.add_parser("nodriver").set_defaults(fn=case_nodriver)
     s = sub.add_parser("xp")
-    s.add_argument("--protocol", choices=["auto", "tcp"], default="tcp")
+    s.add_argument("--protocol", choices=["auto", "tcp", "rdma"], default="tcp")
     s.add_argument("--size-mib", type=int, default=32)
     s.add_argument("--blocks", type=int, default=20000)
     s.add_argument("--no-ipc", action="store_true",

@@ -37,6 +37,16 @@ def fake_cuda() -> dict:
     return {"NIXL_MOONCAKE_CUDA_LIB": env["NIXL_MOONCAKE_CUDA_LIB"]}
 
 
+@pytest.fixture(scope="session")
+def fake_cuda_and_nic(fake_cuda) -> dict:
+    """The fake CUDA driver and the fake NIC (tests/fakes/ibverbs) together."""
+    out = subprocess.run([str(REPO / "scripts" / "build-fakes.sh")], check=True,
+                         capture_output=True, text=True).stdout
+    env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert "NIXL_MOONCAKE_IBVERBS_LIB" in env, out
+    return {**fake_cuda, "NIXL_MOONCAKE_IBVERBS_LIB": env["NIXL_MOONCAKE_IBVERBS_LIB"]}
+
+
 def run_case(runner, case: str, *args: str, env: dict, timeout: float = 120) -> str:
     cmd = [sys.executable, str(SCRIPT), case, *args]
     what = f"gpu {case} {' '.join(args)}".strip()
@@ -69,6 +79,16 @@ def test_two_processes_vram(runner, fake_cuda, protocol):
     # fake's count of mappings), cross-memory attach for DRAM. Both: a region
     # the target deregistered is refused afterwards, its bytes untouched.
     run_case(runner, "xp", "--protocol", protocol, env=fake_cuda)
+
+
+def test_two_processes_vram_over_rdma_with_gpudirect(runner, fake_cuda_and_nic):
+    # protocol=rdma on the fake NIC: the GPU regions are exported as dmabufs
+    # and registered on the NICs (ibv_reg_dmabuf_mr), which move the bytes
+    # between the processes; nothing is staged (rdma has no TCP fallback),
+    # the notification comes after the data, a deregistered region is
+    # refused by the NIC.
+    text = run_case(runner, "xp", "--protocol", "rdma", env=fake_cuda_and_nic)
+    assert "without GPUDirect RDMA" not in text, text
 
 
 def test_two_processes_vram_without_ipc_handles_is_staged_over_tcp(runner, fake_cuda):

@@ -296,6 +296,14 @@ impl Transport for RdmaTransport {
 }
 
 impl Shared {
+    /// True when GPU memory may go to our NICs directly (GPUDirect RDMA):
+    /// the verbs library registers dmabufs.
+    pub(crate) fn gpudirect(&self) -> bool {
+        self.workers
+            .first()
+            .is_some_and(|w| w.pd.context().verbs().api.reg_dmabuf_mr.is_some())
+    }
+
     /// Retires every target queue pair of the peer engine `token`.
     fn drop_peer(&self, token: u128) {
         self.peers.lock().remove(&token);
@@ -478,8 +486,9 @@ impl ControlService for Service {
     }
 }
 
-/// Registers host-memory regions on every NIC and publishes their keys;
-/// deregisters them after our posts in flight drained.
+/// Registers host-memory regions on every NIC and publishes their keys, and
+/// GPU regions too when the verbs library registers dmabufs (GPUDirect
+/// RDMA); deregisters them after our posts in flight drained.
 struct Watch(Weak<Shared>);
 
 impl RegionWatch for Watch {
@@ -487,13 +496,23 @@ impl RegionWatch for Watch {
         let Some(shared) = self.0.upgrade() else {
             return Ok(());
         };
-        if region.kind() != MemKind::Dram {
+        let gpu = matches!(region.kind(), MemKind::Vram { .. });
+        if !(region.kind() == MemKind::Dram || gpu && shared.gpudirect()) {
             return Ok(());
         }
         match RegionReg::register(region, &shared.workers) {
             Ok(reg) => {
                 let _ = region.rdma.set(Arc::new(reg.public_keys()));
                 shared.regs.write().insert(region.key, Arc::new(reg));
+                Ok(())
+            }
+            // GPU memory stays registered with NIXL: transfers of it are
+            // staged over TCP (protocol=auto) or refused (rdma).
+            Err(e) if gpu => {
+                log::warn!(
+                    "Mooncake: {e}; peers reach this GPU region without GPUDirect RDMA \
+                     (staged over TCP under protocol=auto)"
+                );
                 Ok(())
             }
             Err(e) if shared.config.required => Err(e),

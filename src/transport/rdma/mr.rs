@@ -8,6 +8,7 @@
 //! ([`RdmaKeys`](crate::wire::region::RdmaKeys)); transfers
 //! are cut at piece boundaries on both sides.
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use super::verbs::{Mr, Pd, sys};
@@ -65,6 +66,45 @@ impl RegionMrs {
         for (start, n) in pieces(addr, len, max_mr_size) {
             // SAFETY: a sub-range of what the caller keeps mapped.
             mrs.push(unsafe { pd.reg_mr(start, n as usize, DATA_ACCESS) }?);
+        }
+        Ok(RegionMrs {
+            addr,
+            piece_len: max_mr_size.min(len),
+            mrs,
+        })
+    }
+
+    /// Registers GPU memory `[addr, addr + len)` on `pd` in pieces as
+    /// [`Self::register`] does, through dmabuf `fd`, whose byte 0 is
+    /// address `fd_base` (GPUDirect RDMA; the addresses stay the iova peers
+    /// and work requests use).
+    ///
+    /// # Errors
+    /// When the NIC refuses a piece (those registered so far are
+    /// deregistered).
+    ///
+    /// # Safety
+    /// The memory must stay allocated until the result is dropped, and
+    /// peers holding the rkeys may read and write it until then.
+    pub unsafe fn register_dmabuf(
+        pd: &Arc<Pd>,
+        fd: BorrowedFd<'_>,
+        fd_base: u64,
+        addr: u64,
+        len: u64,
+        max_mr_size: u64,
+    ) -> Result<Self> {
+        if len == 0 || addr < fd_base {
+            return Err(Error::InvalidParam(format!(
+                "RDMA: cannot register {addr:#x}+{len} through a dmabuf from {fd_base:#x}"
+            )));
+        }
+        let mut mrs = Vec::new();
+        for (start, n) in pieces(addr, len, max_mr_size) {
+            // SAFETY: a sub-range of what the caller keeps allocated.
+            mrs.push(unsafe {
+                pd.reg_dmabuf_mr(fd, start - fd_base, n as usize, start, DATA_ACCESS)
+            }?);
         }
         Ok(RegionMrs {
             addr,

@@ -148,6 +148,11 @@ impl PassivePeer {
                 None
             }
         };
+        if done.is_some() {
+            // What the peer's NICs wrote into our GPU memory is visible to
+            // GPU work before the notification says it is there.
+            crate::cuda::gpudirect::flush_writes();
+        }
         if let Some(msg) = done
             && let Err(why) = self.endpoint.inbox.push(self.name.clone(), msg)
         {

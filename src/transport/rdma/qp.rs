@@ -635,7 +635,11 @@ impl QpConn {
                     } else {
                         sys::WR_RDMA_READ
                     },
-                    send_flags: if write && sl.len <= s.inline {
+                    // (Never GPU memory inline: the CPU would read it.)
+                    send_flags: if write
+                        && sl.len <= s.inline
+                        && !xfer.locals[sl.local as usize].device
+                    {
                         sys::SEND_INLINE
                     } else {
                         0

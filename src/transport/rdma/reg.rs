@@ -3,6 +3,7 @@
 //! after that count drained, so our NICs never touch memory after
 //! `deregisterMem` returned (a peer's access fails on the NIC from then on).
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::mr::RegionMrs;
 use super::nic::NicWorker;
+use crate::common::memory::DeviceAlloc;
 use crate::common::{Error, LocalRegion, Result};
 use crate::wire::region::{MAX_RDMA_PIECES, RdmaKeys};
 
@@ -17,6 +19,9 @@ use crate::wire::region::{MAX_RDMA_PIECES, RdmaKeys};
 pub struct RegionReg {
     /// Its first address.
     pub addr: u64,
+    /// GPU memory (registered for GPUDirect RDMA): the CPU must not touch
+    /// it, so no work request copies it inline.
+    pub device: bool,
     /// The registration on each NIC, in the order of the transport's NICs.
     mrs: Mutex<Option<Vec<RegionMrs>>>,
     /// The pieces' length (the same on every NIC).
@@ -32,6 +37,21 @@ pub struct RegionReg {
 /// How long a deregistration waits for posts in flight on the region
 /// (they end within the QP transport timeout even when a peer is gone).
 const DRAIN_BOUND: Duration = Duration::from_secs(10);
+
+/// The dmabuf of a GPU region's allocation, and the address of its byte 0
+/// (regions over several VMM chunks are not exported as one).
+fn gpu_dmabuf(region: &LocalRegion, d: &DeviceAlloc) -> Result<(OwnedFd, u64)> {
+    let [piece] = d.pieces.as_slice() else {
+        return Err(Error::NotSupported(format!(
+            "region {:#x}+{} spans {} allocations",
+            region.addr,
+            region.len,
+            d.pieces.len()
+        )));
+    };
+    let fd = crate::cuda::gpudirect::dmabuf(d.context, d.ordinal, piece)?;
+    Ok((fd, piece.base))
+}
 
 impl RegionReg {
     /// Registers `region` on every worker's NIC, in pieces no NIC refuses.
@@ -57,20 +77,47 @@ impl RegionReg {
                 region.len
             )));
         }
+        // GPU memory goes to the NICs as a dmabuf the driver exports, else
+        // (nvidia-peermem) by its address like host memory.
+        let dmabuf = region.device.as_ref().map(|d| gpu_dmabuf(region, d));
         let mut mrs = Vec::with_capacity(workers.len());
         for w in workers {
-            // SAFETY: NIXL's contract: registered memory stays mapped until
-            // deregisterMem, and our revoke drops these before it returns.
-            let m = unsafe { RegionMrs::register(&w.pd, region.addr, region.len, piece_len) }
-                .map_err(|e| {
-                    Error::Backend(format!(
-                        "RDMA: cannot register {:#x}+{} on {}: {e}",
+            // SAFETY: NIXL's contract: registered memory stays mapped (GPU
+            // memory allocated) until deregisterMem, and our revoke drops
+            // these before it returns.
+            let m = match &dmabuf {
+                Some(Ok((fd, base))) => unsafe {
+                    RegionMrs::register_dmabuf(
+                        &w.pd,
+                        fd.as_fd(),
+                        *base,
                         region.addr,
                         region.len,
-                        w.nic.name()
-                    ))
-                })?;
+                        piece_len,
+                    )
+                },
+                _ => unsafe { RegionMrs::register(&w.pd, region.addr, region.len, piece_len) },
+            };
+            let m = m.map_err(|e| {
+                let gpu = match &dmabuf {
+                    Some(Err(why)) => format!(
+                        " (GPU memory: no dmabuf: {}; by address, as nvidia-peermem allows)",
+                        why.message()
+                    ),
+                    Some(Ok(_)) => " (GPU memory, as a dmabuf)".into(),
+                    None => String::new(),
+                };
+                Error::Backend(format!(
+                    "RDMA: cannot register {:#x}+{} on {}{gpu}: {e}",
+                    region.addr,
+                    region.len,
+                    w.nic.name()
+                ))
+            })?;
             mrs.push(m);
+        }
+        if let Some(d) = &region.device {
+            crate::cuda::gpudirect::note_registered(d.context);
         }
         let keys = mrs
             .iter()
@@ -78,6 +125,7 @@ impl RegionReg {
             .collect();
         Ok(RegionReg {
             addr: region.addr,
+            device: region.device.is_some(),
             mrs: Mutex::new(Some(mrs)),
             piece_len,
             keys,

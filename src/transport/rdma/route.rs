@@ -544,9 +544,18 @@ impl Route for RdmaRoute {
         )
     }
 
-    /// Host memory on both sides.
+    /// Host memory on both sides, and GPU memory on either when our verbs
+    /// library registers dmabufs (GPUDirect RDMA; a GPU region that could
+    /// not be registered on either side goes over TCP under
+    /// `protocol=auto`, or fails the post with the reason).
     fn serves(&self, local: MemKind, remote: MemKind) -> bool {
-        local == MemKind::Dram && remote == MemKind::Dram
+        let gpudirect = self.inner.shared.gpudirect();
+        let ok = |k: MemKind| match k {
+            MemKind::Dram => true,
+            MemKind::Vram { .. } => gpudirect,
+            MemKind::Other(_) => false,
+        };
+        ok(local) && ok(remote)
     }
 
     fn connect(&self) -> Result<()> {

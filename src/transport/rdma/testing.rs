@@ -25,6 +25,7 @@ pub struct FakeNic {
     bytes: unsafe extern "C" fn(*const c_char, c_int) -> u64,
     live_qps: unsafe extern "C" fn() -> c_int,
     live_mrs: unsafe extern "C" fn() -> c_int,
+    live_dmabuf_mrs: unsafe extern "C" fn() -> c_int,
     drop_link: unsafe extern "C" fn(*const c_char, c_int),
     corrupt_rkeys: unsafe extern "C" fn(c_uint),
     set_delay_us: unsafe extern "C" fn(c_uint),
@@ -58,6 +59,7 @@ pub fn fake() -> &'static FakeNic {
             bytes: sym!("fake_ibv_bytes"),
             live_qps: sym!("fake_ibv_live_qps"),
             live_mrs: sym!("fake_ibv_live_mrs"),
+            live_dmabuf_mrs: sym!("fake_ibv_live_dmabuf_mrs"),
             drop_link: sym!("fake_ibv_drop_link"),
             corrupt_rkeys: sym!("fake_ibv_corrupt_rkeys"),
             set_delay_us: sym!("fake_ibv_set_delay_us"),
@@ -86,6 +88,12 @@ impl FakeNic {
     pub fn live_mrs(&self) -> i32 {
         // SAFETY: no arguments.
         unsafe { (self.live_mrs)() }
+    }
+
+    /// MRs of dmabufs (GPU memory) not yet deregistered in this process.
+    pub fn live_dmabuf_mrs(&self) -> i32 {
+        // SAFETY: no arguments.
+        unsafe { (self.live_dmabuf_mrs)() }
     }
 
     /// Cuts (or restores) every link of device `dev`.

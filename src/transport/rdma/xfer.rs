@@ -156,6 +156,12 @@ impl Xfer {
     }
 
     fn finish(&self) {
+        // A READ's data our NICs wrote into GPU memory is visible to GPU
+        // work before the READ is reported done (and before the region may
+        // be deregistered).
+        if self.plan.op == crate::transport::Op::Read && self.locals.iter().any(|r| r.device) {
+            crate::cuda::gpudirect::flush_writes();
+        }
         for r in &self.locals {
             r.leave();
         }

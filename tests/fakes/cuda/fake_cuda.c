@@ -85,7 +85,8 @@
  *    starts at the allocation's base, page-aligned in size, within it (the
  *    fake's limit: a real dmabuf may start anywhere page-aligned); other
  *    ranges, VMM memory and flags other than 0: CUDA_ERROR_INVALID_VALUE /
- *    NOT_SUPPORTED; while FAKE_CUDA_NO_DMABUF is set: NOT_SUPPORTED. A NIC
+ *    NOT_SUPPORTED; while FAKE_CUDA_NO_DMABUF is set or
+ *    fake_cuda_refuse_dmabuf(1) holds: NOT_SUPPORTED. A NIC
  *    fake (tests/fakes/ibverbs) maps it with ibv_reg_dmabuf_mr.
  *    cuFlushGPUDirectRDMAWrites(TARGET_CURRENT_CTX, TO_OWNER or
  *    TO_ALL_DEVICES) needs a context and is counted (fake_cuda_rdma_flushes).
@@ -119,6 +120,7 @@
  *  unsigned long long fake_cuda_live_vmm_imports(void)   mappings of imported VMM chunks
  *  unsigned long long fake_cuda_live_streams(void)       user-created streams
  *  unsigned long long fake_cuda_rdma_flushes(void)       cuFlushGPUDirectRDMAWrites calls
+ *  void fake_cuda_refuse_dmabuf(int refuse)              dmabuf exports fail while set
  *  unsigned long long fake_cuda_live_events(void)
  *  void *fake_cuda_shadow(unsigned long long dptr)
  *        TEST-ONLY escape hatch: the CPU-accessible shadow address of a device
@@ -2818,6 +2820,9 @@ FC_API unsigned long long fake_cuda_live_ipc_imports(void)
 /* GPUDirect RDMA                                                            */
 /* ------------------------------------------------------------------------ */
 static atomic_ullong g_rdma_flushes;
+static atomic_int g_no_dmabuf;
+
+FC_API void fake_cuda_refuse_dmabuf(int refuse) { atomic_store(&g_no_dmabuf, refuse); }
 
 FC_API CUresult cuMemGetHandleForAddressRange(void *handle, CUdeviceptr dptr, size_t size, int handleType,
                                               unsigned long long flags)
@@ -2826,7 +2831,7 @@ FC_API CUresult cuMemGetHandleForAddressRange(void *handle, CUdeviceptr dptr, si
     if (!handle || handleType != 1 /* CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD */ || flags || !size ||
         size % page_size())
         return CUDA_ERROR_INVALID_VALUE;
-    if (getenv("FAKE_CUDA_NO_DMABUF"))
+    if (getenv("FAKE_CUDA_NO_DMABUF") || atomic_load(&g_no_dmabuf))
         return CUDA_ERROR_NOT_SUPPORTED;
     CUresult rc;
     pthread_rwlock_rdlock(&g_rw);

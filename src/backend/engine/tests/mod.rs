@@ -5,6 +5,7 @@ use std::time::Instant;
 
 mod cma;
 mod conformance;
+mod gpudirect;
 mod hardening;
 mod rdma;
 mod tcp;

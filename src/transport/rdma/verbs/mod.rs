@@ -55,6 +55,12 @@ macro_rules! entry_points {
             pub reg_mr_iova2: Option<
                 unsafe extern "C" fn(*mut sys::Pd, *mut c_void, usize, u64, c_uint) -> *mut sys::Mr,
             >,
+            /// `ibv_reg_dmabuf_mr` (rdma-core 34 and later): registers a
+            /// dmabuf, e.g. GPU memory the CUDA driver exported (GPUDirect
+            /// RDMA).
+            pub reg_dmabuf_mr: Option<
+                unsafe extern "C" fn(*mut sys::Pd, u64, usize, u64, c_int, c_int) -> *mut sys::Mr,
+            >,
             /// `_ibv_query_gid_ex` (rdma-core 32 and later): the GID's type
             /// and network device.
             pub query_gid_ex: Option<
@@ -78,6 +84,8 @@ macro_rules! entry_points {
                     },)*
                     // SAFETY: as above, for the optional symbols.
                     reg_mr_iova2: unsafe { lib.get(b"ibv_reg_mr_iova2\0") }.ok().map(|f| *f),
+                    // SAFETY: as above.
+                    reg_dmabuf_mr: unsafe { lib.get(b"ibv_reg_dmabuf_mr\0") }.ok().map(|f| *f),
                     // SAFETY: as above.
                     query_gid_ex: unsafe { lib.get(b"_ibv_query_gid_ex\0") }.ok().map(|f| *f),
                 })
@@ -518,6 +526,55 @@ impl Pd {
             pd: self.clone(),
             ptr,
             addr,
+            len,
+            lkey,
+            rkey,
+        })
+    }
+
+    /// Registers `len` bytes of dmabuf `fd` from byte `offset` on, as
+    /// addresses `[iova, iova + len)` (`ibv_reg_dmabuf_mr`), with `access`.
+    /// The descriptor may be closed once this returned.
+    ///
+    /// # Errors
+    /// When the library has no `ibv_reg_dmabuf_mr`, or refuses (a kernel or
+    /// NIC without dmabuf support, a range past the buffer).
+    ///
+    /// # Safety
+    /// The buffer must stay allocated until the region is dropped; with
+    /// remote access flags, peers may write it whenever they hold the rkey.
+    pub unsafe fn reg_dmabuf_mr(
+        self: &Arc<Self>,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        access: c_int,
+    ) -> Result<Mr> {
+        let what = || {
+            format!(
+                "ibv_reg_dmabuf_mr({}, +{offset}, {len} bytes)",
+                self.ctx.name
+            )
+        };
+        let Some(f) = self.ctx.verbs.api.reg_dmabuf_mr else {
+            return Err(Error::NotSupported(format!(
+                "{}: the verbs library has no ibv_reg_dmabuf_mr",
+                what()
+            )));
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: a live PD and descriptor; the caller keeps the buffer.
+        let ptr = unsafe { f(self.ptr, offset, len, iova, fd.as_raw_fd(), access) };
+        if ptr.is_null() {
+            return Err(call_error(&what(), 0));
+        }
+        // SAFETY: a live MR the library returned.
+        let (lkey, rkey) = unsafe { ((*ptr).lkey, (*ptr).rkey) };
+        Ok(Mr {
+            pd: self.clone(),
+            ptr,
+            addr: iova,
             len,
             lkey,
             rkey,

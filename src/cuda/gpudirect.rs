@@ -1,0 +1,124 @@
+//! GPUDirect RDMA: GPU memory handed to the NICs, which then read and write
+//! it without the CPU.
+//!
+//! - [`dmabuf`]: an allocation exported as a dmabuf descriptor
+//!   (`cuMemGetHandleForAddressRange`), which a NIC registers
+//!   (`ibv_reg_dmabuf_mr`).
+//! - [`note_registered`] / [`flush_writes`]: data a NIC wrote into GPU
+//!   memory is made visible to the GPU's own work
+//!   (`cuFlushGPUDirectRDMAWrites`) before it is announced (a notification
+//!   delivered, a READ reported done).
+
+use std::ffi::c_int;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use parking_lot::Mutex;
+
+use super::context::Current;
+use super::driver::{self, driver};
+use crate::common::memory::DevicePiece;
+use crate::common::{Error, Result};
+
+/// The contexts with memory registered on a NIC for GPUDirect RDMA.
+static REGISTERED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// A dmabuf descriptor for the allocation `piece` of device `ordinal`, made
+/// with `context` current; it covers the allocation from its base, rounded
+/// up to whole pages, so byte `x - piece.base` of it is address `x`.
+///
+/// # Errors
+/// [`Error::NotSupported`] when the driver cannot export dmabufs (too old,
+/// or `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED` is 0, as with the proprietary
+/// kernel module: nvidia-peermem may serve then), else the driver's error.
+pub fn dmabuf(context: usize, ordinal: i32, piece: &DevicePiece) -> Result<OwnedFd> {
+    let driver = driver()?;
+    let gdr = driver.gdr.as_ref().ok_or_else(|| {
+        Error::NotSupported(format!(
+            "the CUDA driver {} has no cuMemGetHandleForAddressRange (CUDA 11.7 or later)",
+            driver.path
+        ))
+    })?;
+    let _current = Current::enter(driver, context)?;
+    let mut device = 0;
+    // SAFETY: the out-pointer is a live local.
+    let rc = unsafe { (driver.api.device_get)(&mut device, ordinal) };
+    driver.check(rc, &format!("cuDeviceGet({ordinal})"))?;
+    let mut supported: c_int = 0;
+    // SAFETY: as above.
+    let rc = unsafe {
+        (gdr.device_attribute)(&mut supported, driver::ATTRIBUTE_DMA_BUF_SUPPORTED, device)
+    };
+    driver.check(rc, "cuDeviceGetAttribute(DMA_BUF_SUPPORTED)")?;
+    if supported == 0 {
+        return Err(Error::NotSupported(format!(
+            "GPU {ordinal} exports no dmabuf (CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED is 0)"
+        )));
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .unwrap_or(4096)
+        .max(1);
+    let size = piece.size.div_ceil(page).saturating_mul(page);
+    let mut fd: c_int = -1;
+    // SAFETY: the handle out-pointer is a live int (a dmabuf handle is a
+    // file descriptor); the driver reads the range as numbers.
+    let rc = unsafe {
+        (gdr.range_handle)(
+            (&raw mut fd).cast(),
+            piece.base,
+            usize::try_from(size).unwrap_or(usize::MAX),
+            driver::RANGE_HANDLE_DMA_BUF_FD,
+            0,
+        )
+    };
+    driver.check(
+        rc,
+        &format!(
+            "cuMemGetHandleForAddressRange({:#x}, {size}, DMA_BUF_FD)",
+            piece.base
+        ),
+    )?;
+    if fd < 0 {
+        return Err(Error::Backend(format!(
+            "cuMemGetHandleForAddressRange({:#x}) gave no descriptor",
+            piece.base
+        )));
+    }
+    // SAFETY: the driver gave us this descriptor to own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Memory of `context` is registered on a NIC: data the NICs write is
+/// flushed for it by [`flush_writes`].
+pub fn note_registered(context: usize) {
+    let mut registered = REGISTERED.lock();
+    if !registered.contains(&context) {
+        registered.push(context);
+    }
+}
+
+/// Makes what our NICs wrote into GPU memory visible to work on the GPUs
+/// (`cuFlushGPUDirectRDMAWrites` to the owner, for each context with
+/// registered memory). Nothing when no GPU memory was ever registered on a
+/// NIC, or the driver has no such call; a failure is logged (the data is
+/// in place; only its ordering towards GPU work is in doubt).
+pub fn flush_writes() {
+    let contexts = REGISTERED.lock().clone();
+    if contexts.is_empty() {
+        return;
+    }
+    let Ok(driver) = driver() else { return };
+    let Some(flush) = driver.gdr.as_ref().and_then(|g| g.flush) else {
+        return;
+    };
+    for context in contexts {
+        let flushed = Current::enter(driver, context).and_then(|_current| {
+            // SAFETY: plain values; a context is current.
+            let rc = unsafe { flush(driver::FLUSH_TARGET_CURRENT_CTX, driver::FLUSH_TO_OWNER) };
+            driver.check(rc, "cuFlushGPUDirectRDMAWrites")
+        });
+        if let Err(e) = flushed {
+            log::warn!("Mooncake: {e}");
+        }
+    }
+}
