@@ -533,7 +533,8 @@ impl Pd {
     }
 
     /// Registers `len` bytes of dmabuf `fd` from byte `offset` on, as
-    /// addresses `[iova, iova + len)` (`ibv_reg_dmabuf_mr`), with `access`.
+    /// addresses `[iova, iova + len)` (`ibv_reg_dmabuf_mr`), with `access`
+    /// (again without relaxed ordering when the kernel refuses the flag).
     /// The descriptor may be closed once this returned.
     ///
     /// # Errors
@@ -565,7 +566,15 @@ impl Pd {
         };
         use std::os::fd::AsRawFd;
         // SAFETY: a live PD and descriptor; the caller keeps the buffer.
-        let ptr = unsafe { f(self.ptr, offset, len, iova, fd.as_raw_fd(), access) };
+        let mut ptr = unsafe { f(self.ptr, offset, len, iova, fd.as_raw_fd(), access) };
+        if ptr.is_null()
+            && access & sys::ACCESS_RELAXED_ORDERING != 0
+            && last_os_error().raw_os_error() == Some(libc::EINVAL)
+        {
+            let plain = access & !sys::ACCESS_RELAXED_ORDERING;
+            // SAFETY: as above.
+            ptr = unsafe { f(self.ptr, offset, len, iova, fd.as_raw_fd(), plain) };
+        }
         if ptr.is_null() {
             return Err(call_error(&what(), 0));
         }
