@@ -262,6 +262,11 @@ type FlushRdmaWrites = unsafe extern "C" fn(c_int, c_int) -> CuResult;
 pub const RANGE_HANDLE_DMA_BUF_FD: c_int = 1;
 /// `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`.
 pub const ATTRIBUTE_DMA_BUF_SUPPORTED: c_int = 124;
+/// `CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING` (a
+/// `CUGPUDirectRDMAWritesOrdering`: 0 none, 100 owner, 200 all devices).
+pub const ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING: c_int = 118;
+/// `CU_GPU_DIRECT_RDMA_WRITES_ORDERING_OWNER`.
+pub const ORDERING_OWNER: c_int = 100;
 /// `CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TARGET_CURRENT_CTX`.
 pub const FLUSH_TARGET_CURRENT_CTX: c_int = 0;
 /// `CU_FLUSH_GPU_DIRECT_RDMA_WRITES_TO_OWNER`.

@@ -19,18 +19,23 @@ use super::driver::{self, driver};
 use crate::common::memory::DevicePiece;
 use crate::common::{Error, Result};
 
-/// The contexts with memory registered on a NIC for GPUDirect RDMA.
+/// The contexts with memory registered on a NIC for GPUDirect RDMA, whose
+/// devices need NIC writes flushed.
 static REGISTERED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
 
+/// Set once a flush failed (logged once).
+static FLUSH_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// A dmabuf descriptor for the allocation `piece` of device `ordinal`, made
-/// with `context` current; it covers the allocation from its base, rounded
-/// up to whole pages, so byte `x - piece.base` of it is address `x`.
+/// with `context` current, and the address of its byte 0: it covers the
+/// allocation in whole pages (the driver takes page-aligned ranges only;
+/// small allocations share pages), so byte `x - start` of it is address `x`.
 ///
 /// # Errors
 /// [`Error::NotSupported`] when the driver cannot export dmabufs (too old,
 /// or `CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED` is 0, as with the proprietary
 /// kernel module: nvidia-peermem may serve then), else the driver's error.
-pub fn dmabuf(context: usize, ordinal: i32, piece: &DevicePiece) -> Result<OwnedFd> {
+pub fn dmabuf(context: usize, ordinal: i32, piece: &DevicePiece) -> Result<(OwnedFd, u64)> {
     let driver = driver()?;
     let gdr = driver.gdr.as_ref().ok_or_else(|| {
         Error::NotSupported(format!(
@@ -58,14 +63,20 @@ pub fn dmabuf(context: usize, ordinal: i32, piece: &DevicePiece) -> Result<Owned
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
         .unwrap_or(4096)
         .max(1);
-    let size = piece.size.div_ceil(page).saturating_mul(page);
+    let start = piece.base - piece.base % page;
+    let end = piece
+        .base
+        .saturating_add(piece.size)
+        .div_ceil(page)
+        .saturating_mul(page);
+    let size = end - start;
     let mut fd: c_int = -1;
     // SAFETY: the handle out-pointer is a live int (a dmabuf handle is a
     // file descriptor); the driver reads the range as numbers.
     let rc = unsafe {
         (gdr.range_handle)(
             (&raw mut fd).cast(),
-            piece.base,
+            start,
             usize::try_from(size).unwrap_or(usize::MAX),
             driver::RANGE_HANDLE_DMA_BUF_FD,
             0,
@@ -73,10 +84,7 @@ pub fn dmabuf(context: usize, ordinal: i32, piece: &DevicePiece) -> Result<Owned
     };
     driver.check(
         rc,
-        &format!(
-            "cuMemGetHandleForAddressRange({:#x}, {size}, DMA_BUF_FD)",
-            piece.base
-        ),
+        &format!("cuMemGetHandleForAddressRange({start:#x}, {size}, DMA_BUF_FD)"),
     )?;
     if fd < 0 {
         return Err(Error::Backend(format!(
@@ -85,16 +93,39 @@ pub fn dmabuf(context: usize, ordinal: i32, piece: &DevicePiece) -> Result<Owned
         )));
     }
     // SAFETY: the driver gave us this descriptor to own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok((unsafe { OwnedFd::from_raw_fd(fd) }, start))
 }
 
-/// Memory of `context` is registered on a NIC: data the NICs write is
-/// flushed for it by [`flush_writes`].
-pub fn note_registered(context: usize) {
+/// Memory of `context` (device `ordinal`) is registered on a NIC: data the
+/// NICs write is flushed for it by [`flush_writes`], unless the device
+/// orders NIC writes towards its own work already
+/// (`CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING` at least
+/// "owner").
+pub fn note_registered(context: usize, ordinal: i32) {
+    if ordered(ordinal) {
+        return;
+    }
     let mut registered = REGISTERED.lock();
     if !registered.contains(&context) {
         registered.push(context);
     }
+}
+
+/// True when device `ordinal` orders the writes of NICs into its memory
+/// before its own later work (no flush needed).
+fn ordered(ordinal: i32) -> bool {
+    let Ok(driver) = driver() else { return false };
+    let Some(gdr) = driver.gdr.as_ref() else {
+        return false;
+    };
+    let (mut device, mut order): (c_int, c_int) = (0, 0);
+    // SAFETY: live out-pointers.
+    let ok = unsafe { (driver.api.device_get)(&mut device, ordinal) } == 0
+        // SAFETY: as above.
+        && unsafe {
+            (gdr.device_attribute)(&mut order, driver::ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING, device)
+        } == 0;
+    ok && order >= driver::ORDERING_OWNER
 }
 
 /// Makes what our NICs wrote into GPU memory visible to work on the GPUs
@@ -117,8 +148,10 @@ pub fn flush_writes() {
             let rc = unsafe { flush(driver::FLUSH_TARGET_CURRENT_CTX, driver::FLUSH_TO_OWNER) };
             driver.check(rc, "cuFlushGPUDirectRDMAWrites")
         });
-        if let Err(e) = flushed {
-            log::warn!("Mooncake: {e}");
+        if let Err(e) = flushed
+            && !FLUSH_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            log::warn!("Mooncake: {e} (said once; the data is in place)");
         }
     }
 }

@@ -11,8 +11,9 @@
 //!   cross-memory attach on the same host when the probe succeeds, then CUDA
 //!   IPC for the peer's GPU memory, then TCP for the rest (GPU memory
 //!   without IPC, our GPU memory to its host memory) (without the probe TCP,
-//!   with one log line saying why), RDMA for host memory of a peer on
-//!   another host whose NICs ours reach (then TCP for the rest), TCP
+//!   with one log line saying why), RDMA for a peer on another host whose
+//!   NICs ours reach (host memory, and GPU memory by GPUDirect RDMA when
+//!   the verbs library registers dmabufs; then TCP for the rest), TCP
 //!   otherwise; `tcp`, `cma` and `rdma` force that transport. Routes come
 //!   in order of preference.
 //! - Per plan ([`choose`], at `prepXfer`): the first route that serves the
@@ -342,7 +343,8 @@ impl Transports {
                              not possible ({why}); using TCP"
                         );
                     } else if let Ok(route) = rdma() {
-                        // Host memory by RDMA, the rest (GPU memory) over TCP.
+                        // Host memory (and GPU memory, by GPUDirect) by
+                        // RDMA, the rest over TCP.
                         let mut routes = vec![route];
                         routes.extend(link.clone());
                         return Ok(chosen(
@@ -434,7 +436,8 @@ pub fn choose<'a>(
             .join(", ");
         Error::NotSupported(format!(
             "prepXfer: no transport to agent {agent} moves {wanted} (tried: {tried}); \
-             GPU memory moves in one process and over TCP, other memory types not at all"
+             GPU memory moves in one process, by CUDA IPC, by GPUDirect RDMA and over TCP, \
+             other memory types not at all"
         ))
     })
 }

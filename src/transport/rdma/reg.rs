@@ -49,8 +49,7 @@ fn gpu_dmabuf(region: &LocalRegion, d: &DeviceAlloc) -> Result<(OwnedFd, u64)> {
             d.pieces.len()
         )));
     };
-    let fd = crate::cuda::gpudirect::dmabuf(d.context, d.ordinal, piece)?;
-    Ok((fd, piece.base))
+    crate::cuda::gpudirect::dmabuf(d.context, d.ordinal, piece)
 }
 
 impl RegionReg {
@@ -85,7 +84,11 @@ impl RegionReg {
             // SAFETY: NIXL's contract: registered memory stays mapped (GPU
             // memory allocated) until deregisterMem, and our revoke drops
             // these before it returns.
+            let by_address =
+                || unsafe { RegionMrs::register(&w.pd, region.addr, region.len, piece_len) };
             let m = match &dmabuf {
+                // A NIC that refuses the dmabuf may still take the address
+                // (nvidia-peermem).
                 Some(Ok((fd, base))) => unsafe {
                     RegionMrs::register_dmabuf(
                         &w.pd,
@@ -95,8 +98,17 @@ impl RegionReg {
                         region.len,
                         piece_len,
                     )
-                },
-                _ => unsafe { RegionMrs::register(&w.pd, region.addr, region.len, piece_len) },
+                }
+                .or_else(|as_dmabuf| {
+                    by_address().map_err(|e| {
+                        Error::Backend(format!(
+                            "as a dmabuf: {}; by address: {}",
+                            as_dmabuf.message(),
+                            e.message()
+                        ))
+                    })
+                }),
+                _ => by_address(),
             };
             let m = m.map_err(|e| {
                 let gpu = match &dmabuf {
@@ -104,7 +116,7 @@ impl RegionReg {
                         " (GPU memory: no dmabuf: {}; by address, as nvidia-peermem allows)",
                         why.message()
                     ),
-                    Some(Ok(_)) => " (GPU memory, as a dmabuf)".into(),
+                    Some(Ok(_)) => " (GPU memory)".into(),
                     None => String::new(),
                 };
                 Error::Backend(format!(
@@ -117,7 +129,7 @@ impl RegionReg {
             mrs.push(m);
         }
         if let Some(d) = &region.device {
-            crate::cuda::gpudirect::note_registered(d.context);
+            crate::cuda::gpudirect::note_registered(d.context, d.ordinal);
         }
         let keys = mrs
             .iter()

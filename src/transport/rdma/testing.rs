@@ -26,6 +26,8 @@ pub struct FakeNic {
     live_qps: unsafe extern "C" fn() -> c_int,
     live_mrs: unsafe extern "C" fn() -> c_int,
     live_dmabuf_mrs: unsafe extern "C" fn() -> c_int,
+    refuse_dmabuf: unsafe extern "C" fn(c_int),
+    refused_registrations: unsafe extern "C" fn() -> c_int,
     drop_link: unsafe extern "C" fn(*const c_char, c_int),
     corrupt_rkeys: unsafe extern "C" fn(c_uint),
     set_delay_us: unsafe extern "C" fn(c_uint),
@@ -60,6 +62,8 @@ pub fn fake() -> &'static FakeNic {
             live_qps: sym!("fake_ibv_live_qps"),
             live_mrs: sym!("fake_ibv_live_mrs"),
             live_dmabuf_mrs: sym!("fake_ibv_live_dmabuf_mrs"),
+            refuse_dmabuf: sym!("fake_ibv_refuse_dmabuf"),
+            refused_registrations: sym!("fake_ibv_refused_registrations"),
             drop_link: sym!("fake_ibv_drop_link"),
             corrupt_rkeys: sym!("fake_ibv_corrupt_rkeys"),
             set_delay_us: sym!("fake_ibv_set_delay_us"),
@@ -94,6 +98,19 @@ impl FakeNic {
     pub fn live_dmabuf_mrs(&self) -> i32 {
         // SAFETY: no arguments.
         unsafe { (self.live_dmabuf_mrs)() }
+    }
+
+    /// Makes `ibv_reg_dmabuf_mr` fail (as a NIC or kernel without dmabuf
+    /// support) while `refuse` holds.
+    pub fn refuse_dmabuf(&self, refuse: bool) {
+        // SAFETY: plain value.
+        unsafe { (self.refuse_dmabuf)(refuse as c_int) }
+    }
+
+    /// Memory registrations that failed in this process.
+    pub fn refused_registrations(&self) -> i32 {
+        // SAFETY: no arguments.
+        unsafe { (self.refused_registrations)() }
     }
 
     /// Cuts (or restores) every link of device `dev`.

@@ -246,6 +246,77 @@ fn write_read_and_send_after_data_through_our_ffi() {
 }
 
 #[test]
+fn a_dmabuf_registered_through_our_ffi_takes_writes_at_its_iova() {
+    let _alone = exclusive();
+    let p = pair();
+    // A dmabuf stand-in: a memfd of 3 pages (the fake NIC maps the
+    // descriptor, as a NIC maps a dmabuf the CUDA driver exported).
+    // SAFETY: a fresh memfd we own.
+    let fd = unsafe {
+        let name = c"dmabuf-test";
+        let raw = libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC);
+        assert!(raw >= 0);
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw)
+    };
+    let page = 4096u64;
+    use std::os::fd::{AsFd, AsRawFd};
+    // SAFETY: our own descriptor.
+    assert_eq!(
+        unsafe { libc::ftruncate(fd.as_raw_fd(), 3 * page as i64) },
+        0
+    );
+    let (offset, len, iova) = (page + 64, 1000usize, 0x5a00_0000_0000u64 + page + 64);
+    // SAFETY: the memfd stays open until the region is dropped below.
+    let mr =
+        unsafe { p.pds[1].reg_dmabuf_mr(fd.as_fd(), offset, len, iova, super::mr::DATA_ACCESS) }
+            .unwrap();
+    assert_eq!(mr.addr, iova, "addressed by its iova");
+    let mut a = vec![0u8; len];
+    for (i, x) in a.iter_mut().enumerate() {
+        *x = (i % 239) as u8 + 1;
+    }
+    let max = p.nics[0].limits.max_mr_size;
+    // SAFETY: `a` outlives its registration (dropped first below).
+    let ma =
+        unsafe { RegionMrs::register(&p.pds[0], a.as_mut_ptr() as u64, len as u64, max) }.unwrap();
+    let a0 = a.as_ptr() as u64;
+    post(
+        &p.qps[0],
+        1,
+        sys::WR_RDMA_WRITE,
+        (a0, len as u32, ma.lkey(a0, len as u64).unwrap()),
+        (iova, mr.rkey),
+        0,
+    );
+    post(
+        &p.qps[0],
+        2,
+        sys::WR_RDMA_WRITE,
+        (a0, 16, ma.lkey(a0, 16).unwrap()),
+        (iova + len as u64 - 8, mr.rkey),
+        0,
+    );
+    let wc = completions(&p.cqs[0], 2);
+    assert_eq!(wc[0].status, sys::WC_SUCCESS);
+    assert_ne!(wc[1].status, sys::WC_SUCCESS, "past the region's end");
+    // What landed is in the buffer at `offset`.
+    let mut got = vec![0u8; len];
+    // SAFETY: reads our own memfd into our own buffer.
+    let n = unsafe {
+        libc::pread(
+            fd.as_raw_fd(),
+            got.as_mut_ptr().cast(),
+            len,
+            offset as libc::off_t,
+        )
+    };
+    assert_eq!(n, len as isize);
+    assert!(got == a, "the bytes are in the dmabuf at its offset");
+    drop(ma);
+    drop(mr);
+}
+
+#[test]
 fn remote_access_errors_then_flush() {
     let _alone = exclusive();
     let p = pair();

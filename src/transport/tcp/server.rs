@@ -674,7 +674,12 @@ fn serve_one(
                     io::read_exact(stream, &mut msg).map_err(|e| e.to_string())?;
                     // Checked again with the delivery, at once: an older
                     // connection of the sender may carry the same number.
-                    let deliver = || room.deliver(msg);
+                    // (What our NICs wrote into GPU memory before it, e.g.
+                    // WRITEs over RDMA, is visible to GPU work first.)
+                    let deliver = || {
+                        crate::cuda::gpudirect::flush_writes();
+                        room.deliver(msg)
+                    };
                     server
                         .delivered
                         .deliver_once(peer_token, link, seq, deliver);

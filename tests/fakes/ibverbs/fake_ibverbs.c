@@ -60,7 +60,8 @@
  *    device memory, is mapped by the fake NIC itself, so the owner's view of
  *    the memory may be inaccessible to the CPU; mr->addr reports the offset,
  *    as rdma-core does; EINVAL when offset+length passes the fd's size,
- *    EOPNOTSUPP while FAKE_IBV_NO_DMABUF is set). All addresses
+ *    EOPNOTSUPP while FAKE_IBV_NO_DMABUF is set or fake_ibv_refuse_dmabuf(1)
+ *    holds). All addresses
  *    through an MR, local SGEs included, are in its iova space, as on mlx5.
  *    Length 0 or > max_mr_size, REMOTE_WRITE/REMOTE_ATOMIC without
  *    LOCAL_WRITE, ON_DEMAND/ZERO_BASED or unknown flags: EINVAL. Optional
@@ -201,6 +202,8 @@
  *        payload bytes of successful requests this process's device
  *        initiated (served = 0: WRITE/SEND sent, READ received) or executed
  *        as responder (served = 1); unknown device: 0.
+ *  void fake_ibv_refuse_dmabuf(int refuse)   ibv_reg_dmabuf_mr fails while set.
+ *  int fake_ibv_refused_registrations(void)  ibv_reg_*mr* calls that failed.
  *  int fake_ibv_live_qps(void), fake_ibv_live_mrs(void), fake_ibv_live_dmabuf_mrs(void),
  *      fake_ibv_live_cqs(void), fake_ibv_live_pds(void),
  *      fake_ibv_live_contexts(void)
@@ -496,6 +499,8 @@ static atomic_uint g_delay_us;
 static atomic_uint g_corrupt;
 static atomic_ullong g_overruns;
 static atomic_int g_live_qps, g_live_mrs, g_live_cqs, g_live_pds, g_live_ctx, g_live_dmabuf_mrs;
+static atomic_int g_no_dmabuf; /* fake_ibv_refuse_dmabuf */
+static atomic_int g_reg_refused; /* registrations that failed */
 static char g_dir[PATH_MAX];
 static pid_t g_dir_pid;
 static atomic_uchar g_fdreg[FV_FDS]; /* fds owned by the fake (closed in a fork child) */
@@ -2673,20 +2678,27 @@ static struct ibv_mr *reg_mr_at(struct ibv_pd *ibpd, void *addr, size_t length, 
     return &m->mr;
 }
 
+static struct ibv_mr *counted(struct ibv_mr *mr)
+{
+    if (!mr)
+        atomic_fetch_add(&g_reg_refused, 1);
+    return mr;
+}
+
 FV_API struct ibv_mr *ibv_reg_mr(struct ibv_pd *pd, void *addr, size_t length, int access)
 {
-    return reg_mr(pd, addr, length, (uintptr_t)addr, (unsigned)access);
+    return counted(reg_mr(pd, addr, length, (uintptr_t)addr, (unsigned)access));
 }
 
 FV_API struct ibv_mr *ibv_reg_mr_iova(struct ibv_pd *pd, void *addr, size_t length, uint64_t iova, int access)
 {
-    return reg_mr(pd, addr, length, iova, (unsigned)access);
+    return counted(reg_mr(pd, addr, length, iova, (unsigned)access));
 }
 
 FV_API struct ibv_mr *ibv_reg_mr_iova2(struct ibv_pd *pd, void *addr, size_t length, uint64_t iova,
                                        unsigned int access)
 {
-    return reg_mr(pd, addr, length, iova, access);
+    return counted(reg_mr(pd, addr, length, iova, access));
 }
 
 FV_API struct ibv_mr *ibv_reg_dmabuf_mr(struct ibv_pd *pd, uint64_t offset, size_t length, uint64_t iova, int fd,
@@ -2694,11 +2706,11 @@ FV_API struct ibv_mr *ibv_reg_dmabuf_mr(struct ibv_pd *pd, uint64_t offset, size
 {
     if (!pd || fd < 0 || length == 0 || offset + length < offset) {
         errno = EINVAL;
-        return NULL;
+        return counted(NULL);
     }
-    if (getenv("FAKE_IBV_NO_DMABUF")) {
+    if (getenv("FAKE_IBV_NO_DMABUF") || atomic_load(&g_no_dmabuf)) {
         errno = EOPNOTSUPP; /* a kernel or NIC without dmabuf support */
-        return NULL;
+        return counted(NULL);
     }
     /* The NIC's view of the buffer: the fd mapped into no one's sight (the
      * owner's own mapping of it, e.g. fake CUDA device memory, may be
@@ -2706,7 +2718,7 @@ FV_API struct ibv_mr *ibv_reg_dmabuf_mr(struct ibv_pd *pd, uint64_t offset, size
     struct stat st;
     if (fstat(fd, &st) || (uint64_t)st.st_size < offset + length) {
         errno = EINVAL;
-        return NULL;
+        return counted(NULL);
     }
     long pg = sysconf(_SC_PAGESIZE);
     uint64_t start = offset & ~(uint64_t)(pg - 1);
@@ -2715,7 +2727,7 @@ FV_API struct ibv_mr *ibv_reg_dmabuf_mr(struct ibv_pd *pd, uint64_t offset, size
     char *map = mmap(NULL, map_len, prot, MAP_SHARED, fd, (off_t)start);
     if (map == MAP_FAILED) {
         errno = EFAULT;
-        return NULL;
+        return counted(NULL);
     }
     struct ibv_mr *mr = reg_mr_at(pd, map + (offset - start), length, iova, (unsigned)access, map, map_len,
                                   (void *)(uintptr_t)offset);
@@ -2724,7 +2736,7 @@ FV_API struct ibv_mr *ibv_reg_dmabuf_mr(struct ibv_pd *pd, uint64_t offset, size
         munmap(map, map_len);
         errno = e;
     }
-    return mr;
+    return counted(mr);
 }
 
 static void dereg_mr(struct fmr *m)
@@ -3468,6 +3480,8 @@ FV_API uint64_t fake_ibv_bytes(const char *dev, int served)
 FV_API int fake_ibv_live_qps(void) { return atomic_load(&g_live_qps); }
 FV_API int fake_ibv_live_mrs(void) { return atomic_load(&g_live_mrs); }
 FV_API int fake_ibv_live_dmabuf_mrs(void) { return atomic_load(&g_live_dmabuf_mrs); }
+FV_API void fake_ibv_refuse_dmabuf(int refuse) { atomic_store(&g_no_dmabuf, refuse); }
+FV_API int fake_ibv_refused_registrations(void) { return atomic_load(&g_reg_refused); }
 FV_API int fake_ibv_live_cqs(void) { return atomic_load(&g_live_cqs); }
 FV_API int fake_ibv_live_pds(void) { return atomic_load(&g_live_pds); }
 FV_API int fake_ibv_live_contexts(void) { return atomic_load(&g_live_ctx); }

@@ -173,6 +173,16 @@ fn gpu_memory_crosses_the_nic_directly() {
         assert!(g.read(dst.ptr + 7, n) == data[100..100 + n], "{n} bytes");
     }
 
+    // A notification sent apart from the data (genNotif, over the TCP
+    // link) is flushed for too.
+    let flushes = g.rdma_flushes();
+    a.gen_notif(b"GB", b"apart").unwrap();
+    assert_eq!(notifs_until(&b, 1)[0].1, b"apart");
+    assert!(
+        g.rdma_flushes() > flushes,
+        "flushed before genNotif's notification"
+    );
+
     // Deregistered: the NIC refuses it, and the dmabuf registrations go.
     b.deregister_mem(dmd).unwrap();
     assert!(
@@ -192,6 +202,42 @@ fn gpu_memory_crosses_the_nic_directly() {
         dmabufs,
         "every dmabuf MR deregistered"
     );
+}
+
+#[test]
+fn a_nic_that_refuses_the_dmabuf_is_given_the_address() {
+    // (The way nvidia-peermem serves; the fake NIC, like a kernel without
+    // peermem, cannot pin device memory by address: both are tried, and the
+    // region stays registered with NIXL, refused under rdma.)
+    let g = gpu();
+    let _alone = g.exclusive();
+    let _nic = testing::exclusive();
+    let (a, b) = (engine_with("GA", true, RDMA), engine_with("GB", true, RDMA));
+    a.load_remote_conn_info(b"GB", b.conn_info()).unwrap();
+    let len = 1 << 20;
+    let src = device_with(0, &pattern(len, 1));
+    testing::fake().refuse_dmabuf(true);
+    let refused = testing::fake().refused_registrations();
+    let smd = a.register_mem(src.ptr, len as u64, VRAM_SEG, 0);
+    testing::fake().refuse_dmabuf(false);
+    assert_eq!(
+        testing::fake().refused_registrations() - refused,
+        2,
+        "the dmabuf, then the address"
+    );
+    let smd = smd.expect("registered with NIXL without the NIC");
+    let dst = vec![0u8; len];
+    let (_, dremote) = share(&a, &b, b"GB", dst.as_ptr() as u64, len, DRAM_SEG, 0);
+    let e = moved(
+        &a,
+        Op::Write,
+        d(src.ptr, len, smd),
+        d(dst.as_ptr() as u64, len, dremote),
+        None,
+    )
+    .expect_err("not on the NIC, refused under rdma");
+    assert!(e.message().contains("local region"), "{e:?}");
+    assert!(dst.iter().all(|&x| x == 0));
 }
 
 #[test]
