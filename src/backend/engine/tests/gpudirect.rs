@@ -3,9 +3,10 @@
 //! engines without staging, never the CPU; without dmabuf support GPU
 //! memory is refused under `protocol=rdma` and staged over TCP under `auto`.
 
+use super::vram::{desc as d, device_with, pattern, share};
 use super::*;
 use crate::common::memory::{DRAM_SEG, VRAM_SEG};
-use crate::cuda::testing::{DeviceBuffer, fake as gpu};
+use crate::cuda::testing::fake as gpu;
 use crate::transport::rdma::testing;
 
 const RDMA: &[(&str, &str)] = &[
@@ -13,45 +14,6 @@ const RDMA: &[(&str, &str)] = &[
     ("ip_addr", "127.0.0.1"),
     ("device_name", "fake_mlx5_0"),
 ];
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed))
-        .collect()
-}
-
-fn device_with(ordinal: i32, data: &[u8]) -> DeviceBuffer {
-    let buf = gpu().alloc(ordinal, data.len());
-    gpu().write(buf.ptr, data);
-    buf
-}
-
-fn d(addr: u64, len: usize, md: MdId) -> Desc {
-    Desc {
-        addr,
-        len: len as u64,
-        md,
-    }
-}
-
-/// Registers `[addr, addr+len)` of `mem` on `owner` and loads it on `a`:
-/// (owner's id, `a`'s id).
-fn share(
-    a: &Engine,
-    owner: &Engine,
-    name: &[u8],
-    addr: u64,
-    len: usize,
-    mem: u32,
-    dev: u64,
-) -> (MdId, MdId) {
-    let md = owner.register_mem(addr, len as u64, mem, dev).unwrap();
-    let blob = owner.public_data(md).unwrap();
-    let remote = a
-        .load_remote_md(addr, len as u64, mem, &blob, name)
-        .unwrap();
-    (md, remote)
-}
 
 fn moved(a: &Engine, op: Op, local: Desc, remote: Desc, notif: Option<&[u8]>) -> Result<Status> {
     let id = a.prep_xfer(op, &[local], &[remote], b"GB")?;

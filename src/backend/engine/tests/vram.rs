@@ -50,14 +50,14 @@ fn connected(a: &str, b: &str, path: &[(&str, &str)]) -> (Engine, Engine) {
     (ea, eb)
 }
 
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
+pub(super) fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
 
 /// Device memory of `ordinal` holding `data`.
-fn device_with(ordinal: i32, data: &[u8]) -> DeviceBuffer {
+pub(super) fn device_with(ordinal: i32, data: &[u8]) -> DeviceBuffer {
     let buf = fake().alloc(ordinal, data.len());
     fake().write(buf.ptr, data);
     buf
@@ -65,7 +65,7 @@ fn device_with(ordinal: i32, data: &[u8]) -> DeviceBuffer {
 
 /// Registers `[addr, addr+len)` of `mem_type` on `owner` (agent `name`)
 /// and loads it on `a`: returns (owner's id, `a`'s remote id).
-fn share(
+pub(super) fn share(
     a: &Engine,
     owner: &Engine,
     name: &[u8],
@@ -82,7 +82,7 @@ fn share(
     (md, remote)
 }
 
-fn desc(addr: u64, len: usize, md: MdId) -> Desc {
+pub(super) fn desc(addr: u64, len: usize, md: MdId) -> Desc {
     Desc {
         addr,
         len: len as u64,
