@@ -39,7 +39,7 @@ mod tests;
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,10 @@ pub(crate) struct Shared {
     passive: Mutex<HashMap<PassiveKey, VecDeque<Generation>>>,
     /// Ids of the notifications we send.
     next_notif: AtomicU64,
+    /// Set once a GPU region could not be registered on our NICs (said
+    /// once as a warning; the next ones at info level, as a model's many
+    /// regions would repeat it).
+    gpu_refused: AtomicBool,
 }
 
 /// The RDMA transport of one engine.
@@ -165,6 +169,7 @@ impl RdmaTransport {
             peers: Mutex::new(HashMap::new()),
             passive: Mutex::new(HashMap::new()),
             next_notif: AtomicU64::new(u64::from_le_bytes(first) >> 1),
+            gpu_refused: AtomicBool::new(false),
         });
         tcp.offer(SERVICE, Arc::new(Service(Arc::downgrade(&shared))));
         endpoint
@@ -509,7 +514,13 @@ impl RegionWatch for Watch {
             // GPU memory stays registered with NIXL: transfers of it are
             // staged over TCP (protocol=auto) or refused (rdma).
             Err(e) if gpu => {
-                log::warn!(
+                let level = if shared.gpu_refused.swap(true, Ordering::Relaxed) {
+                    log::Level::Info
+                } else {
+                    log::Level::Warn
+                };
+                log::log!(
+                    level,
                     "Mooncake: {e}; peers reach this GPU region without GPUDirect RDMA \
                      (staged over TCP under protocol=auto)"
                 );
