@@ -712,7 +712,7 @@ impl Engine {
             // copies, the same bytes in the same places. Not when the two
             // sides of the joined segment would overlap in one address space
             // (a copy onto itself behaves per descriptor).
-            let continues = segments.last().is_some_and(|p: &Segment| {
+            let continues = |p: &Segment| {
                 let joined = p.len.saturating_add(l.len);
                 p.local == li
                     && p.remote == ri
@@ -721,9 +721,9 @@ impl Engine {
                     && !(same_space
                         && p.local_addr < p.remote_addr.saturating_add(joined)
                         && p.remote_addr < p.local_addr.saturating_add(joined))
-            });
+            };
             match segments.last_mut() {
-                Some(p) if continues => p.len += l.len,
+                Some(p) if continues(p) => p.len += l.len,
                 _ => segments.push(Segment {
                     local: li,
                     remote: ri,

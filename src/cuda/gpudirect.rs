@@ -44,17 +44,7 @@ pub fn dmabuf(context: usize, ordinal: i32, piece: &DevicePiece) -> Result<(Owne
         ))
     })?;
     let _current = Current::enter(driver, context)?;
-    let mut device = 0;
-    // SAFETY: the out-pointer is a live local.
-    let rc = unsafe { (driver.api.device_get)(&mut device, ordinal) };
-    driver.check(rc, &format!("cuDeviceGet({ordinal})"))?;
-    let mut supported: c_int = 0;
-    // SAFETY: as above.
-    let rc = unsafe {
-        (gdr.device_attribute)(&mut supported, driver::ATTRIBUTE_DMA_BUF_SUPPORTED, device)
-    };
-    driver.check(rc, "cuDeviceGetAttribute(DMA_BUF_SUPPORTED)")?;
-    if supported == 0 {
+    if device_attribute(driver, gdr, ordinal, driver::ATTRIBUTE_DMA_BUF_SUPPORTED)? == 0 {
         return Err(Error::NotSupported(format!(
             "GPU {ordinal} exports no dmabuf (CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED is 0)"
         )));
@@ -118,14 +108,36 @@ fn ordered(ordinal: i32) -> bool {
     let Some(gdr) = driver.gdr.as_ref() else {
         return false;
     };
-    let (mut device, mut order): (c_int, c_int) = (0, 0);
-    // SAFETY: live out-pointers.
-    let ok = unsafe { (driver.api.device_get)(&mut device, ordinal) } == 0
-        // SAFETY: as above.
-        && unsafe {
-            (gdr.device_attribute)(&mut order, driver::ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING, device)
-        } == 0;
-    ok && order >= driver::ORDERING_OWNER
+    let order = device_attribute(
+        driver,
+        gdr,
+        ordinal,
+        driver::ATTRIBUTE_GPU_DIRECT_RDMA_WRITES_ORDERING,
+    );
+    order.is_ok_and(|o| o >= driver::ORDERING_OWNER)
+}
+
+/// Attribute `attribute` of device `ordinal`.
+///
+/// # Errors
+/// The driver's error.
+fn device_attribute(
+    driver: &driver::Driver,
+    gdr: &driver::Gdr,
+    ordinal: i32,
+    attribute: c_int,
+) -> Result<c_int> {
+    let (mut device, mut value): (c_int, c_int) = (0, 0);
+    // SAFETY: the out-pointer is a live local.
+    let rc = unsafe { (driver.api.device_get)(&mut device, ordinal) };
+    driver.check(rc, &format!("cuDeviceGet({ordinal})"))?;
+    // SAFETY: as above.
+    let rc = unsafe { (gdr.device_attribute)(&mut value, attribute, device) };
+    driver.check(
+        rc,
+        &format!("cuDeviceGetAttribute({attribute}, device {ordinal})"),
+    )?;
+    Ok(value)
 }
 
 /// Makes what our NICs wrote into GPU memory visible to work on the GPUs

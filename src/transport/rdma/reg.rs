@@ -86,10 +86,11 @@ impl RegionReg {
             // these before it returns.
             let by_address =
                 || unsafe { RegionMrs::register(&w.pd, region.addr, region.len, piece_len) };
-            let m = match &dmabuf {
-                // A NIC that refuses the dmabuf may still take the address
-                // (nvidia-peermem).
-                Some(Ok((fd, base))) => unsafe {
+            // GPU memory: why the dmabuf did not serve, when the address
+            // (nvidia-peermem) is tried instead.
+            let (m, no_dmabuf) = match &dmabuf {
+                // SAFETY: as above; the dmabuf is that same memory.
+                Some(Ok((fd, base))) => match unsafe {
                     RegionMrs::register_dmabuf(
                         &w.pd,
                         fd.as_fd(),
@@ -98,32 +99,23 @@ impl RegionReg {
                         region.len,
                         piece_len,
                     )
-                }
-                .or_else(|as_dmabuf| {
-                    by_address().map_err(|e| {
-                        Error::Backend(format!(
-                            "as a dmabuf: {}; by address: {}",
-                            as_dmabuf.message(),
-                            e.message()
-                        ))
-                    })
-                }),
-                _ => by_address(),
+                } {
+                    Ok(m) => (Ok(m), None),
+                    Err(e) => (by_address(), Some(e)),
+                },
+                Some(Err(e)) => (by_address(), Some(e.clone())),
+                None => (by_address(), None),
             };
             let m = m.map_err(|e| {
-                let gpu = match &dmabuf {
-                    Some(Err(why)) => format!(
-                        " (GPU memory: no dmabuf: {}; by address, as nvidia-peermem allows)",
-                        why.message()
-                    ),
-                    Some(Ok(_)) => " (GPU memory)".into(),
-                    None => String::new(),
-                };
+                let gpu = no_dmabuf.map_or(String::new(), |why| {
+                    format!(" (GPU memory: as a dmabuf: {}; by address)", why.message())
+                });
                 Error::Backend(format!(
-                    "RDMA: cannot register {:#x}+{} on {}{gpu}: {e}",
+                    "RDMA: cannot register {:#x}+{} on {}{gpu}: {}",
                     region.addr,
                     region.len,
-                    w.nic.name()
+                    w.nic.name(),
+                    e.message()
                 ))
             })?;
             mrs.push(m);

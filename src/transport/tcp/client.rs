@@ -145,6 +145,11 @@ pub struct TcpPost {
 
 const NO_STREAM: usize = usize::MAX;
 
+/// Why a post stopped moving a frame of a local region.
+fn deregistered() -> Error {
+    Error::InvalidParam("a local region was deregistered during the transfer".into())
+}
+
 /// Generations of connection sets (sent in the Hello header's `aux`),
 /// increasing across the process (so across every link and every
 /// reconnection of one).
@@ -314,15 +319,19 @@ impl TcpPost {
         if self.is_stopped() {
             return Access::Zeros;
         }
-        match self.pin_local(i) {
+        match self.pin_or_fail(i) {
             Some(pins) => Access::Memory((moving, pins)),
-            None => {
-                self.fail(Error::InvalidParam(
-                    "a local region was deregistered during the transfer".into(),
-                ));
-                Access::Zeros
-            }
+            None => Access::Zeros,
         }
+    }
+
+    /// [`TcpPost::pin_local`], failing the post when a region went.
+    fn pin_or_fail(&self, i: usize) -> Option<Vec<Pin<'_>>> {
+        let pins = self.pin_local(i);
+        if pins.is_none() {
+            self.fail(deregistered());
+        }
+        pins
     }
 
     /// Whether frame `i`'s staged bytes may still go, asked by a thread that
@@ -331,16 +340,8 @@ impl TcpPost {
     /// post stopped, a release waits for the lock, or a local region's
     /// deregistration started (which fails the post).
     fn may_send_held(&self, i: usize) -> bool {
-        if self.is_stopped() || self.cancelling.load(Ordering::Acquire) {
-            return false;
-        }
-        if self.pin_local(i).is_none() {
-            self.fail(Error::InvalidParam(
-                "a local region was deregistered during the transfer".into(),
-            ));
-            return false;
-        }
-        true
+        !(self.is_stopped() || self.cancelling.load(Ordering::Acquire))
+            && self.pin_or_fail(i).is_some()
     }
 }
 
@@ -1621,9 +1622,7 @@ fn send(conns: &Conns, sock: &TcpStream, o: &mut Outgoing, wait: bool) -> std::i
                 let skip = if post.is_stopped() {
                     Some(Ok(()))
                 } else if post.plan.op == Op::Write && post.pin_local(*frame).is_none() {
-                    Some(Err(Error::InvalidParam(
-                        "a local region was deregistered during the transfer".into(),
-                    )))
+                    Some(Err(deregistered()))
                 } else {
                     None
                 };
@@ -1789,11 +1788,7 @@ fn send_pipelined_write(
     // already; otherwise each system call takes them, as for host memory.
     let mut may_go = |step: staging::Step| {
         if !step.held {
-            return match post.access(frame) {
-                Access::Memory(g) => Access::Memory(Some(g)),
-                Access::Zeros => Access::Zeros,
-                Access::Stop => Access::Stop,
-            };
+            return post.access(frame).map(Some);
         }
         match post.may_send_held(frame) {
             true => Access::Memory(None),
@@ -1812,12 +1807,7 @@ fn send_pipelined_write(
         result
     };
     // Stopped (released, failed, a region deregistered): the rest is zeros.
-    let mut hold = || {
-        Ok(match post.access(frame) {
-            Access::Memory(guard) => Some(guard),
-            _ => None,
-        })
-    };
+    let mut hold = || Ok(post.access(frame).memory());
     // Asked with the guard held before each further copy: once a release or
     // deregistration started, nothing more is copied out of the memory.
     let mut still = || post.may_send_held(frame);
@@ -2090,12 +2080,7 @@ fn receive_staged(
     let mut recv = staging::socket_step(sock.as_raw_fd(), &bounce, waits, true, staging::always);
     let frame = p.frame;
     // Cancelled or failed: the data is thrown away.
-    let mut hold = || {
-        Ok(match p.post.access(frame) {
-            Access::Memory(guard) => Some(guard),
-            _ => None,
-        })
-    };
+    let mut hold = || Ok(p.post.access(frame).memory());
     let ranges = p.post.local_ranges(frame);
     // SAFETY: the local ranges lie in regions checked at prep time, pinned
     // (with the cancel lock) by `hold`'s guard while copies into them run,

@@ -113,6 +113,25 @@ pub enum Access<G> {
     Stop,
 }
 
+impl<G> Access<G> {
+    /// The guard of [`Access::Memory`], `None` otherwise.
+    pub fn memory(self) -> Option<G> {
+        match self {
+            Access::Memory(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// The same access with `f` applied to the guard.
+    pub fn map<H>(self, f: impl FnOnce(G) -> H) -> Access<H> {
+        match self {
+            Access::Memory(g) => Access::Memory(f(g)),
+            Access::Zeros => Access::Zeros,
+            Access::Stop => Access::Stop,
+        }
+    }
+}
+
 fn stopped() -> io::Error {
     io::Error::other("the memory of the frame went away in the middle of it")
 }

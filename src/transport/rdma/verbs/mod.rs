@@ -520,16 +520,26 @@ impl Pd {
                 0,
             ));
         }
-        // SAFETY: a live MR the library returned.
+        // SAFETY: a live MR the library just returned.
+        Ok(unsafe { self.mr(ptr, addr, len) })
+    }
+
+    /// Our handle of `ptr`, an MR registered on this PD for addresses
+    /// `[addr, addr + len)`.
+    ///
+    /// # Safety
+    /// `ptr` is a live MR the library returned, owned by the result.
+    unsafe fn mr(self: &Arc<Self>, ptr: *mut sys::Mr, addr: u64, len: usize) -> Mr {
+        // SAFETY: a live MR (the caller's promise).
         let (lkey, rkey) = unsafe { ((*ptr).lkey, (*ptr).rkey) };
-        Ok(Mr {
+        Mr {
             pd: self.clone(),
             ptr,
             addr,
             len,
             lkey,
             rkey,
-        })
+        }
     }
 
     /// Registers `len` bytes of dmabuf `fd` from byte `offset` on, as
@@ -578,16 +588,8 @@ impl Pd {
         if ptr.is_null() {
             return Err(call_error(&what(), 0));
         }
-        // SAFETY: a live MR the library returned.
-        let (lkey, rkey) = unsafe { ((*ptr).lkey, (*ptr).rkey) };
-        Ok(Mr {
-            pd: self.clone(),
-            ptr,
-            addr: iova,
-            len,
-            lkey,
-            rkey,
-        })
+        // SAFETY: a live MR the library just returned.
+        Ok(unsafe { self.mr(ptr, iova, len) })
     }
 
     /// An RC queue pair on `send_cq`/`recv_cq` with capacities `cap`
